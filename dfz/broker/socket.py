@@ -1,0 +1,277 @@
+"""A trio-native wrapper around one pyzmq socket.
+
+Rules of this file (see ../shared/MEASURED.md for the measurements behind them):
+
+* ``ZMQ_FD`` is edge-triggered and *any* call on the socket (send, recv, reading ``EVENTS``) may consume
+  the edge. So after every call we re-read ``EVENTS`` and wake exactly the waiters whose condition now
+  holds: one receiver when ``POLLIN`` is set, one sender when ``POLLOUT`` is set. A woken task always
+  makes its call next (nothing can cancel it between the wake-up and the call), and that call re-reads
+  ``EVENTS`` in turn, so wake-ups travel down the queue of waiters like a baton.
+* trio allows one task per fd in ``wait_readable``. The first waiter becomes the *fd owner* and sleeps on
+  the fd inside a cancel scope that ``_refresh`` cancels when the owner's own condition holds. Every other
+  waiter parks in a ``ParkingLot`` per direction. When the owner leaves and others are still parked, one
+  of them is woken to take the fd over, so there is never a parked task with nobody watching the fd.
+* Cancellation: non-blocking send and recv are all-or-nothing, multipart included. An operation checks for
+  cancellation before its call, and after a successful call it only passes a *shielded* checkpoint: a
+  received message is never lost and a sent one is never reported as cancelled.
+* Close: ``notify_closing(fd)`` before ``close()`` so that a task sleeping on the fd gets
+  ``trio.ClosedResourceError``; parked tasks are woken and get the same. LINGER is always 0.
+* Sockets are not thread-safe. Every call happens on the trio thread; received frames' buffers may be
+  handed to threads (hashing, ``pwrite``) while the frame object is kept alive.
+* A ROUTER with ``ROUTER_MANDATORY`` reports EAGAIN for *one* full peer while ``POLLOUT`` stays set if any
+  other peer has room, so waiting for ``POLLOUT`` would spin. ``send(..., wait=False)`` raises
+  :class:`WouldBlock` instead; the caller's protocol bounds what is in flight so this does not happen.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+import zmq
+
+Buffer = bytes | bytearray | memoryview | zmq.Frame
+
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+
+
+class WouldBlock(Exception):
+    """A non-waiting send found the peer's queue full (EAGAIN)."""
+
+
+class HostUnreachable(Exception):
+    """A ROUTER send named a peer that is not connected (EHOSTUNREACH with ``ROUTER_MANDATORY``)."""
+
+
+class Socket:
+    """One ZeroMQ socket driven from trio tasks.
+
+    Any number of tasks may send and receive concurrently. Messages are whole multipart messages: a
+    receiver gets all frames of one message or nothing.
+    """
+
+    __slots__ = ("_closed", "_fd", "_lots", "_owner_flag", "_owner_scope", "_z", "socket_type")
+
+    def __init__(self, zsock: zmq.Socket[Any]) -> None:
+        self._z = zsock
+        self._fd = int(zsock.getsockopt(zmq.FD))
+        self._lots: dict[int, trio.lowlevel.ParkingLot] = {
+            _POLLIN: trio.lowlevel.ParkingLot(),
+            _POLLOUT: trio.lowlevel.ParkingLot(),
+        }
+        self._owner_flag = 0
+        self._owner_scope: trio.CancelScope | None = None
+        self._closed = False
+        self.socket_type = int(zsock.getsockopt(zmq.TYPE))
+        zsock.setsockopt(zmq.LINGER, 0)
+
+    @classmethod
+    def create(
+        cls,
+        ctx: zmq.Context[Any],
+        socket_type: int,
+        *,
+        hwm: int = 16,
+        max_msg_size: int = -1,
+        options: dict[int, int | bytes] | None = None,
+    ) -> Socket:
+        """Make a socket with dfz's defaults: LINGER 0, small high-water marks, MAXMSGSIZE, and
+        ``ROUTER_MANDATORY`` on a ROUTER so that no message is ever dropped silently."""
+        z = ctx.socket(socket_type)
+        try:
+            z.setsockopt(zmq.LINGER, 0)
+            z.setsockopt(zmq.SNDHWM, hwm)
+            z.setsockopt(zmq.RCVHWM, hwm)
+            z.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
+            if socket_type == zmq.ROUTER:
+                z.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            for opt, value in (options or {}).items():
+                z.setsockopt(opt, value)
+        except BaseException:
+            z.close(linger=0)
+            raise
+        return cls(z)
+
+    @property
+    def zmq_socket(self) -> zmq.Socket[Any]:
+        """The underlying socket, for options and bind/connect only; never call send/recv on it."""
+        return self._z
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def bind(self, endpoint: str) -> str:
+        """Bind and return the resolved endpoint (a ``tcp://127.0.0.1:0`` becomes its real port)."""
+        self._check_open()
+        self._z.bind(endpoint)
+        return str(self._z.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def connect(self, endpoint: str) -> None:
+        self._check_open()
+        self._z.connect(endpoint)
+
+    # -- the edge-triggered fd ------------------------------------------------------------------------
+
+    def _refresh(self, promote: bool = True) -> int:
+        """Re-read EVENTS (which may consume the fd's edge) and wake whoever can now proceed."""
+        ev = int(self._z.getsockopt(zmq.EVENTS))
+        woke = False
+        for flag in (_POLLIN, _POLLOUT):
+            if ev & flag:
+                if self._owner_flag == flag:
+                    assert self._owner_scope is not None
+                    self._owner_scope.cancel()
+                    woke = True
+                elif self._lots[flag]:
+                    self._lots[flag].unpark()
+                    woke = True
+        if promote and not woke and self._owner_flag == 0:
+            # Nobody watches the fd and nobody was woken: promote a parked task to watch it.
+            self._handoff()
+        return ev
+
+    def _handoff(self) -> None:
+        for lot in self._lots.values():
+            if lot:
+                lot.unpark()
+                return
+
+    async def _wait(self, flag: int) -> None:
+        """Wait until a call for ``flag`` may succeed. Called after that call raised EAGAIN.
+
+        Returns without a guarantee: the caller retries its call and comes back here on EAGAIN.
+        Raises ``trio.Cancelled`` (nothing was consumed) or ``trio.ClosedResourceError``.
+        """
+        if self._refresh(promote=False) & flag:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._owner_flag == 0:
+            self._owner_flag = flag
+            scope = self._owner_scope = trio.CancelScope()
+            try:
+                with scope:
+                    await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._owner_flag = 0
+                self._owner_scope = None
+                if not self._closed:
+                    self._handoff()
+        else:
+            await self._lots[flag].park()
+        self._check_open()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("socket was closed")
+
+    # -- operations -------------------------------------------------------------------------------------
+
+    async def send(self, frames: Sequence[Buffer], *, wait: bool = True) -> None:
+        """Send one multipart message; frames are sent zero-copy (large ones) and must not change after.
+
+        With ``wait=False`` a full queue raises :class:`WouldBlock` instead of waiting for room. A ROUTER
+        with ``ROUTER_MANDATORY`` raises :class:`HostUnreachable` for an unknown peer. Once this returns
+        or is cancelled, the outcome is unambiguous: cancelled means nothing was sent.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        z = self._z
+        last = len(frames) - 1
+        while True:
+            try:
+                # libzmq queues a multipart message atomically: once its first frame is accepted the
+                # rest never block, so EAGAIN can only come from the first frame.
+                for i, frame in enumerate(frames):
+                    z.send(frame, zmq.NOBLOCK | (zmq.SNDMORE if i < last else 0), copy=False)
+            except zmq.Again:
+                if not wait:
+                    self._refresh()
+                    raise WouldBlock() from None
+                await self._wait(_POLLOUT)
+                continue
+            except zmq.ZMQError as e:
+                if not self._closed:
+                    self._refresh()
+                if e.errno == errno.EHOSTUNREACH:
+                    raise HostUnreachable() from None
+                if e.errno in (zmq.ENOTSOCK, zmq.ETERM):
+                    raise trio.ClosedResourceError("socket was closed") from None
+                raise
+            self._refresh()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+
+    async def recv(self) -> list[zmq.Frame]:
+        """Receive one whole multipart message as zero-copy frames.
+
+        Cancelled means nothing was received: a message taken off the socket is always returned.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        z = self._z
+        while True:
+            try:
+                frames: list[zmq.Frame] = z.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                await self._wait(_POLLIN)
+                continue
+            except zmq.ZMQError as e:
+                if e.errno in (zmq.ENOTSOCK, zmq.ETERM):
+                    raise trio.ClosedResourceError("socket was closed") from None
+                raise
+            self._refresh()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return frames
+
+    def try_send(self, frames: Sequence[Buffer]) -> bool:
+        """Send now if the queue has room, without yielding; False if it has none (or the peer is
+        unknown to a ROUTER). For heartbeats and goodbyes, which are worth nothing late."""
+        if self._closed:
+            return False
+        last = len(frames) - 1
+        try:
+            for i, frame in enumerate(frames):
+                self._z.send(frame, zmq.NOBLOCK | (zmq.SNDMORE if i < last else 0), copy=False)
+        except zmq.ZMQError:
+            return False
+        finally:
+            self._refresh()
+        return True
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close now. Tasks blocked in send or recv get ``trio.ClosedResourceError``. With the default
+        LINGER of 0 unsent messages are dropped; a short linger lets a last goodbye leave."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+        except RuntimeError:  # closed from outside trio (interpreter shutdown, sync cleanup)
+            pass
+        for lot in self._lots.values():
+            lot.unpark_all()
+        self._z.close(linger=linger_ms)
+
+    def __enter__(self) -> Socket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_context: zmq.Context[Any] | None = None
+
+
+def default_context() -> zmq.Context[Any]:
+    """The process-wide context for fabric sockets, with room for many sockets (the libzmq default
+    refuses the 1,024th)."""
+    global _context
+    if _context is None or _context.closed:
+        ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
+        ctx.set(zmq.MAX_SOCKETS, 65536)
+        _context = ctx
+    return _context
