@@ -257,6 +257,22 @@ class Client:
             except Exception as e:
                 event(log, 40, "state_handler_failed", error=repr(e))
 
+    async def push(self, msg: Message, payload: Sequence[Buffer] = ()) -> None:
+        """Send a client push (no answer). Waits for a session; raises :class:`ConnectionLost` if the
+        session ends before the push could be handed to the socket."""
+        if msg.KIND not in (Kind.PUSH, Kind.CLIENT_PUSH):
+            raise ValueError(f"{msg.wire_name()} is not a push a client may send")
+        msg.id = 0
+        frames = self.catalogue.encode(msg, payload)
+        await self.wait_connected()
+        session = self._session
+        assert session is not None
+        try:
+            await session.sock.send(frames)
+        except trio.ClosedResourceError:
+            raise ConnectionLost(f"session to {self.endpoint} ended") from None
+        session.last_send = trio.current_time()
+
     # -- requests -------------------------------------------------------------------------------------
 
     async def request(
@@ -352,6 +368,9 @@ class Client:
     def _deliver(self, session: _Session, msg: Message, payload: list[Any]) -> None:
         kind = msg.KIND
         if kind is Kind.REPLY and msg.id:
+            if isinstance(msg, Error) and msg.code == ErrorCode.UNKNOWN_PEER:
+                # The server forgot us (it restarted): this request fails and the session ends (§5.5).
+                self._lose(session, "server has no session for us")
             pending = self._pending.pop(msg.id, None)
             if pending is None:
                 self.stats.late_replies += 1

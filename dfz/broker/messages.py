@@ -175,13 +175,16 @@ class Catalogue:
         if len(buf) > MAX_HEADER_BYTES:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"header frame of {len(buf)} bytes > {MAX_HEADER_BYTES}")
         if len(frames) > self.max_frames:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(frames)} frames > {self.max_frames}")
+            # The header is small enough to read: answer with its id where it has one (protocol.md §6.2).
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(frames)} frames > {self.max_frames}", self._explain(buf, "").corr)
         try:
             msg = self._decoder.decode(buf)
+        except msgspec.ValidationError as e:  # first: ValidationError is a subclass of DecodeError
+            raise self._explain(buf, str(e)) from None
         except msgspec.DecodeError as e:
             raise ProtocolError(ErrorCode.MALFORMED, f"header is not MessagePack: {e}") from None
-        except msgspec.ValidationError as e:
-            raise self._explain(buf, str(e)) from None
+        except RecursionError:  # msgspec bounds nesting with Python's recursion limit
+            raise ProtocolError(ErrorCode.MALFORMED, "header nested too deeply") from None
         if msg.v != PROTOCOL_VERSION:
             raise ProtocolError(ErrorCode.VERSION, f"protocol version {msg.v}, this side speaks {PROTOCOL_VERSION}", msg.id)
         payload = list(frames[1:])
@@ -196,9 +199,10 @@ class Catalogue:
         return msg, payload
 
     def _explain(self, buf: Any, detail: str) -> ProtocolError:
+        detail = detail[:1024]  # msgspec quotes bad enum/literal values whole; an Error's reason is a Text
         try:
             probe = _probe_decoder.decode(buf)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, RecursionError):
             return ProtocolError(ErrorCode.MALFORMED, f"header is not a map with the envelope keys: {detail}")
         corr = probe.id if isinstance(probe.id, int) and not isinstance(probe.id, bool) and 0 < probe.id < 2**63 else 0
         if isinstance(probe.v, int) and probe.v != PROTOCOL_VERSION:

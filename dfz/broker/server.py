@@ -48,6 +48,7 @@ class PeerSession:
     last_recv: float
     last_send: float
     in_flight: int = 0
+    handlers: set[trio.CancelScope] = field(default_factory=set)  # of requests still being served
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         own_ctx = self.curve is not None
         ctx: zmq.Context[Any] = zmq.Context(io_threads=1) if own_ctx else (self._ctx or default_context())
+        sock: Socket | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -167,18 +169,18 @@ class Server:
                     max_msg_size=self.config.max_payload + 65536,
                     options=options,
                 )
-                try:
-                    for ep in self._want_endpoints:
-                        self.endpoints.append(sock.bind(ep))
-                    nursery.start_soon(self._keepalive)
-                    event(log, 20, "server_started", name=self.name, endpoints=",".join(self.endpoints))
-                    task_status.started(self)
-                    await self._receive_loop(sock, nursery)
-                finally:
-                    nursery.cancel_scope.cancel()
-                    sock.close()
+                for ep in self._want_endpoints:
+                    self.endpoints.append(sock.bind(ep))
+                nursery.start_soon(self._keepalive)
+                event(log, 20, "server_started", name=self.name, endpoints=",".join(self.endpoints))
+                task_status.started(self)
+                await self._receive_loop(sock, nursery)
         finally:
+            # Closed only after the handlers have ended, so those cancelled by a shutdown could still
+            # answer UNAVAILABLE; a short linger lets those last answers leave.
             self._nursery = None
+            if sock is not None:
+                sock.close(linger_ms=100)
             if own_ctx:
                 ctx.term()
 
@@ -303,27 +305,38 @@ class Server:
     async def _serve(self, handler: Handler, req: Request) -> None:
         reply: Message
         frames: Sequence[Buffer] = ()
+        peer = req.peer
+        # Cancelled at the request's deadline, or at once when its session ends (see _gone).
+        scope = trio.CancelScope(deadline=req.deadline)
+        peer.handlers.add(scope)
         try:
-            with trio.move_on_at(req.deadline):
+            with scope:
                 result = await handler(req)
                 if isinstance(result, tuple):
                     reply, frames = result
                 else:
                     reply = result
                 reply.id = req.msg.id
-                await self._send(req.peer.routing_id, self.catalogue.encode(reply, frames))
+                await self._send(peer.routing_id, self.catalogue.encode(reply, frames))
                 return
+            if self.peers.get(peer.routing_id) is not peer:
+                return  # the session ended: nobody is waiting for an answer
             reply = Error(id=req.msg.id, code=ErrorCode.DEADLINE, reason="deadline passed")
         except RemoteError as e:
             reply = Error(id=req.msg.id, code=e.code, reason=e.reason[:4096])
         except PeerGone:
             return
+        except trio.Cancelled:
+            # The server is shutting down: tell the client now rather than let it time out.
+            self._send_now(req.peer.routing_id, Error(id=req.msg.id, code=ErrorCode.UNAVAILABLE, reason="server stopping"))
+            raise
         except Exception as e:
             event(log, 40, "handler_failed", type=req.msg.wire_name(), peer=req.peer.name, error=repr(e))
             self.stats.bad_frames["handler"] += 1
             reply = Error(id=req.msg.id, code=ErrorCode.INTERNAL, reason=f"{type(e).__name__} in handler")
         finally:
-            req.peer.in_flight -= 1
+            peer.in_flight -= 1
+            peer.handlers.discard(scope)
         try:
             await self._send(req.peer.routing_id, self.catalogue.encode(reply))
         except PeerGone:
@@ -398,6 +411,8 @@ class Server:
     def _gone(self, peer: PeerSession, reason: str) -> None:
         if self.peers.get(peer.routing_id) is peer:
             del self.peers[peer.routing_id]
+            for scope in peer.handlers:
+                scope.cancel()
             event(log, 20, "peer_gone", peer=peer.name, session=peer.session, reason=reason)
             self._emit(PeerEvent("gone", peer, reason))
 

@@ -155,11 +155,16 @@ class Socket:
             try:
                 with scope:
                     await trio.lowlevel.wait_readable(self._fd)
-            finally:
+            except BaseException:
+                # Leaving without making a call (cancelled, closed): someone else must watch the fd.
                 self._owner_flag = 0
                 self._owner_scope = None
                 if not self._closed:
                     self._handoff()
+                raise
+            # Leaving to make a call: that call's _refresh promotes a parked task if nobody watches.
+            self._owner_flag = 0
+            self._owner_scope = None
         else:
             await self._lots[flag].park()
         self._check_open()
@@ -177,6 +182,8 @@ class Socket:
         with ``ROUTER_MANDATORY`` raises :class:`HostUnreachable` for an unknown peer. Once this returns
         or is cancelled, the outcome is unambiguous: cancelled means nothing was sent.
         """
+        if not frames:
+            raise ValueError("a message has at least one frame")
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         z = self._z
@@ -222,6 +229,7 @@ class Socket:
             except zmq.ZMQError as e:
                 if e.errno in (zmq.ENOTSOCK, zmq.ETERM):
                     raise trio.ClosedResourceError("socket was closed") from None
+                self._refresh()
                 raise
             self._refresh()
             await trio.lowlevel.cancel_shielded_checkpoint()
