@@ -60,7 +60,6 @@ class ClientConfig:
     liveness: int = 3
     max_in_flight: int = 16
     hwm: int = 64
-    max_payload: int = 64 * 1024 * 1024
     timeout: float = 10.0
     """Default deadline of a request, waiting for a session included."""
     reconnect_min: float = 0.05
@@ -166,7 +165,7 @@ class Client:
                     ctx,
                     zmq.DEALER,
                     hwm=cfg.hwm,
-                    max_msg_size=cfg.max_payload + 65536,
+                    max_msg_size=self.catalogue.max_payload + 65536,
                     options=self.curve.socket_options() if self.curve else None,
                 )
                 session = _Session(sock)

@@ -205,7 +205,7 @@ class Catalogue:
         except (msgspec.DecodeError, RecursionError):
             return ProtocolError(ErrorCode.MALFORMED, f"header is not a map with the envelope keys: {detail}")
         corr = probe.id if isinstance(probe.id, int) and not isinstance(probe.id, bool) and 0 < probe.id < 2**63 else 0
-        if isinstance(probe.v, int) and probe.v != PROTOCOL_VERSION:
+        if isinstance(probe.v, int) and not isinstance(probe.v, bool) and probe.v != PROTOCOL_VERSION:
             return ProtocolError(ErrorCode.VERSION, f"protocol version {probe.v}, this side speaks {PROTOCOL_VERSION}", corr)
         if not isinstance(probe.t, str):
             return ProtocolError(ErrorCode.MALFORMED, "header has no string `t` (message type)", corr)

@@ -83,7 +83,6 @@ class ServerConfig:
     """Requests a client may have open at once (its credit)."""
     hwm: int = 64
     """Socket high-water mark in messages; above what credit allows, never reached."""
-    max_payload: int = 64 * 1024 * 1024
     send_timeout: float = 2.0
     """How long a reply or push waits for room at a full peer before it is given up."""
 
@@ -166,7 +165,7 @@ class Server:
                     ctx,
                     zmq.ROUTER,
                     hwm=self.config.hwm,
-                    max_msg_size=self.config.max_payload + 65536,
+                    max_msg_size=self.catalogue.max_payload + 65536,
                     options=options,
                 )
                 for ep in self._want_endpoints:
@@ -248,9 +247,9 @@ class Server:
         if not msg.id:
             self._bad(rid, ProtocolError(ErrorCode.INVALID, "hello is a request and needs an id"))
             return
-        old = self.peers.pop(rid, None)
+        old = self.peers.get(rid)
         if old is not None:
-            self._emit(PeerEvent("gone", old, "rejoined"))
+            self._gone(old, "rejoined")
         user_id = None
         if self.curve is not None:
             try:
@@ -277,7 +276,7 @@ class Server:
                 heartbeat_ms=max(10, round(cfg.heartbeat * 1000)),
                 liveness=cfg.liveness,
                 max_in_flight=cfg.max_in_flight,
-                max_payload=cfg.max_payload,
+                max_payload=self.catalogue.max_payload,
                 types=self.catalogue.versions(),
             ),
         )
