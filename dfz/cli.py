@@ -49,5 +49,48 @@ def keygen(name: str, directory: Path, force: bool) -> None:
     click.echo(f"wrote {public} and {secret} (keep {secret.name} private)")
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file of settings: name, listen, heartbeat, ... and a [scheduler] table (see dfz/sched/service.py).",
+)
+@click.option(
+    "--listen",
+    multiple=True,
+    metavar="ENDPOINT",
+    help="Endpoint to bind, e.g. tcp://0.0.0.0:8002 (repeatable; replaces the config's `listen`). Port 0 picks a free one.",
+)
+@click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
+def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> None:
+    """Run the scheduler until SIGTERM or SIGINT.
+
+    Prints one line `listening ENDPOINT` per bound endpoint once it serves, then exits 0 when stopped.
+    """
+    import dataclasses
+    import functools
+
+    import trio
+
+    from .broker import default_context
+    from .sched.service import ConfigError, ListenError, ServiceConfig, serve
+
+    def listening(endpoints: list[str]) -> None:
+        for endpoint in endpoints:
+            click.echo(f"listening {endpoint}")
+
+    if verbose:
+        setup(verbose)
+    try:
+        config = ServiceConfig.load(config_file) if config_file is not None else ServiceConfig()
+        if listen:
+            config = dataclasses.replace(config, listen=listen)
+        trio.run(functools.partial(serve, config, on_listening=listening))
+    except (ConfigError, ListenError) as e:
+        raise click.ClickException(str(e)) from None
+    default_context().term()
+
+
 if __name__ == "__main__":
     main()

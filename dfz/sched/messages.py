@@ -1,0 +1,344 @@
+"""The scheduler's wire protocol: the ``sched.*`` message types and the scheduler's error codes.
+
+Rules of this file:
+
+* One message type per thing a daemon tells the scheduler and per thing the scheduler tells a daemon.
+  ``protocol.md`` ("Scheduler protocol (sched.*)") documents each of them; the two must agree.
+* Every field has a bound: ids are short visible ASCII, task ids and digests are exactly 64 lowercase hex
+  digits (the rules of ``dfz/tasks.py``), lists and maps have a maximum length, and the largest message
+  the scheduler builds fits the fabric's 64 KiB header frame (``tests/test_sched_service.py`` checks it).
+* A daemon's host is its fabric session: no message after ``sched.announce_host`` names the sender's
+  host, and a message that names a peer is refused unless the peer is on the sender's host.
+* Only joining is a request (``sched.announce_host``, ``sched.register_peer``): a daemon waits for their
+  answer before it says anything more about that host or peer, so the requests' answers and the reports
+  that follow are applied in the order they were sent. Every report after that is a client push, applied
+  in arrival order; one that cannot be applied is answered by the push ``sched.refused``.
+* This file does no I/O; ``service.py`` turns these messages into core events and actions into these.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ..broker import U16, U32, U63, Catalogue, Kind, Message, Name, Text
+from ..tasks import MAX_PIECE_LENGTH, MAX_PIECES, MIN_FIXED_PIECE_LENGTH
+
+# --- field types ----------------------------------------------------------------------------------------
+
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+"""A host id, boot id or peer id: 1 to 128 visible ASCII characters (no spaces; they go into logs)."""
+
+Hex64 = Annotated[str, Meta(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+"""A task id or a BLAKE3 digest: exactly 64 lowercase hex digits (``dfz/tasks.py``)."""
+
+Url = Annotated[str, Meta(min_length=1, max_length=8192)]
+PieceIndex = Annotated[int, Meta(ge=0, lt=MAX_PIECES)]
+PieceLength = Annotated[int, Meta(ge=MIN_FIXED_PIECE_LENGTH, le=MAX_PIECE_LENGTH)]
+"""A piece length on the wire; it must also be a power of two (checked by the scheduler)."""
+PieceSize = Annotated[int, Meta(ge=0, le=MAX_PIECE_LENGTH)]
+ShortText = Annotated[str, Meta(max_length=256)]
+HeaderName = Annotated[str, Meta(min_length=1, max_length=256)]
+Headers = Annotated[list[tuple[HeaderName, Text]], Meta(max_length=64)]
+"""Request headers for the origin, as ``[name, value]`` pairs in order (a name may repeat)."""
+
+MAX_PARENTS = 16
+"""Most parents in one assignment; the scheduler's ``candidate_parent_limit`` may not exceed it."""
+MAX_FINISHED_PER_REPORT = 128
+MAX_FAILED_PER_REPORT = 32
+MAX_DIGESTS_PER_MESSAGE = 512
+MAX_PEERS_PER_MESSAGE = 64
+MAX_AVOID = 64
+
+DigestList = Annotated[list[tuple[PieceIndex, Hex64]], Meta(max_length=MAX_DIGESTS_PER_MESSAGE)]
+"""Piece digests as ``[piece, digest]`` pairs in piece order (the header's map keys must be strings)."""
+PeerIds = Annotated[list[Id], Meta(min_length=1, max_length=MAX_PEERS_PER_MESSAGE)]
+
+
+class SchedErrorCode(IntEnum):
+    """Error codes of the scheduler (range 1100-1199), in ``error`` replies and ``sched.refused`` pushes."""
+
+    NOT_ANNOUNCED = 1100  # this session has not announced a host (or its host was removed): announce it
+    HOST_MISMATCH = 1101  # this session is another host (or boot): one session announces one host
+    HOST_TAKEN = 1102  # the host id is held by a live session of another authenticated client
+    NOT_YOUR_PEER = 1103  # the peer is registered on another host than this session's
+    UNKNOWN_PEER = 1104  # the peer is not registered (never, or it left, or its host was removed)
+    WRONG_STATE = 1105  # the peer's or task's state does not allow this report
+    REFUSED = 1106  # the report does not fit what the scheduler knows (see the reason)
+
+
+# --- nested records -------------------------------------------------------------------------------------
+
+
+class SchedParent(msgspec.Struct, kw_only=True):
+    """One parent to download from: its peer id and where its host's piece server listens."""
+
+    peer_id: Id
+    host_id: Id
+    ip: Name
+    port: U16
+
+
+class FinishedPiece(msgspec.Struct, kw_only=True):
+    """A piece the peer has, verified: from ``parent`` (a peer id), or from the origin when ``None``."""
+
+    piece: PieceIndex
+    digest: Hex64
+    size: PieceSize
+    cost_ms: U32 = 0
+    parent: Id | None = None
+
+
+class FailedPiece(msgspec.Struct, kw_only=True):
+    """A piece the peer could not get from ``parent`` (timeout, refused, digest mismatch, ...)."""
+
+    piece: PieceIndex
+    parent: Id
+    reason: ShortText = ""
+
+
+# --- requests and their replies -------------------------------------------------------------------------
+
+
+class SchedAnnounceHost(Message, tag="sched.announce_host"):
+    """A daemon's first message: binds this session to the host. Answered by :class:`SchedHostAnnounced`.
+
+    Announcing again on the same session updates the host's values. A new session with the same host id
+    and ``boot`` takes the host over with its peers (a reconnect); with another ``boot`` the old host
+    leaves first, with its peers (the daemon restarted).
+    """
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    host_id: Id
+    boot: Id
+    """Unique per start of the daemon's process."""
+    hostname: Name
+    ip: Name
+    """Where the host's piece server is reached (an address, or a name that resolves)."""
+    port: U16
+    type: Literal["normal", "seed"] = "normal"
+    idc: Name = ""
+    location: Name = ""
+    upload_capacity: U63 = 0
+    """Upload bandwidth in bytes/s (0: unknown)."""
+    upload_slots: U16 = 4
+    """Children the host serves at once, over all its peers."""
+
+
+class SchedHostAnnounced(Message, tag="sched.host_announced"):
+    """Reply to :class:`SchedAnnounceHost`."""
+
+    KIND: ClassVar[Kind] = Kind.REPLY
+    host_id: Id
+    session: Annotated[str, Meta(max_length=64)]
+    """The fabric session the host is bound to (its ``welcome.session``)."""
+    scheduler: Name
+    resumed: bool = False
+    """True when the host was kept from an earlier session (same boot): its peers are still registered."""
+    peers: U32 = 0
+    """Peers of this host the scheduler holds; 0 after a fresh announce (register your downloads again)."""
+
+
+class SchedRegisterPeer(Message, tag="sched.register_peer"):
+    """A daemon starts downloading a task on this session's host. Answered by :class:`SchedPeerRegistered`.
+
+    Registering the same peer id again (a retry) answers with the peer's current assignment.
+    """
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    peer_id: Id
+    task_id: Hex64
+    url: Url
+    tag: Name = ""
+    application: Name = ""
+    piece_length: PieceLength | None = None
+    """The fixed piece length asked for (part of the task id), or absent for the automatic rule."""
+    back_to_source: bool = True
+    """Whether this download may fetch from the origin."""
+    headers: Headers = []
+
+
+Assignment = Literal["parents", "back_to_source", "wait", "failed"]
+
+
+class SchedPeerRegistered(Message, tag="sched.peer_registered"):
+    """Reply to :class:`SchedRegisterPeer`: the peer's assignment and what is known of the task.
+
+    ``assignment``: ``parents`` (download from ``parents``), ``back_to_source`` (fetch from the origin
+    and report the digests), ``wait`` (parents will be pushed), ``failed`` (see ``reason``). When the task
+    has more digests than fit, ``more_digests`` is set and the rest follow as ``sched.digests`` pushes.
+    """
+
+    KIND: ClassVar[Kind] = Kind.REPLY
+    peer_id: Id
+    task_id: Hex64
+    assignment: Assignment
+    parents: Annotated[list[SchedParent], Meta(max_length=MAX_PARENTS)] = []
+    reason: Text = ""
+    content_length: U63 | None = None
+    piece_length: U32 | None = None
+    piece_count: U32 | None = None
+    digest: Hex64 | None = None
+    digests: DigestList = []
+    more_digests: bool = False
+
+
+# --- client pushes: reports ------------------------------------------------------------------------------
+
+
+class SchedTaskMetadata(Message, tag="sched.task_metadata"):
+    """The peer fetching from the origin learned the file's size (absent: the origin does not say) and
+    chose the piece length (the rule of ``dfz/tasks.py``)."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    peer_id: Id
+    piece_length: PieceLength
+    content_length: U63 | None = None
+
+
+class SchedPieces(Message, tag="sched.pieces"):
+    """A batch of piece results of one peer, applied in order: ``finished`` first, then ``failed``. The
+    batch is applied up to the first report that is refused (``sched.refused`` names its piece)."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    peer_id: Id
+    finished: Annotated[list[FinishedPiece], Meta(max_length=MAX_FINISHED_PER_REPORT)] = []
+    failed: Annotated[list[FailedPiece], Meta(max_length=MAX_FAILED_PER_REPORT)] = []
+
+
+class SchedPeerFinished(Message, tag="sched.peer_finished"):
+    """The peer has every piece: its whole-file BLAKE3 digest and size."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    peer_id: Id
+    content_length: U63
+    digest: Hex64
+
+
+class SchedPeerFailed(Message, tag="sched.peer_failed"):
+    """The peer gave up. ``origin_error``: the origin itself failed (404, 500, reset, wrong length)."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    peer_id: Id
+    reason: Text
+    origin_error: bool = False
+
+
+class SchedPeerLeft(Message, tag="sched.peer_left"):
+    """The peer is gone: cancelled, finished and no longer serving, or its data was evicted."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    peer_id: Id
+
+
+class SchedReschedule(Message, tag="sched.reschedule"):
+    """The peer asks for new parents, and never again the peers in ``avoid``."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    peer_id: Id
+    avoid: Annotated[list[Id], Meta(max_length=MAX_AVOID)] = []
+
+
+# --- server pushes: the scheduler's decisions ------------------------------------------------------------
+
+
+class SchedParents(Message, tag="sched.parents"):
+    """The peer's parents, best first; they replace the previous ones."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    peer_id: Id
+    task_id: Hex64
+    parents: Annotated[list[SchedParent], Meta(min_length=1, max_length=MAX_PARENTS)]
+
+
+class SchedSeed(Message, tag="sched.seed"):
+    """To a seed host: fetch this task from the origin. The seed daemon answers by registering a peer of
+    its own for ``task_id`` (with these values), which the scheduler sends back to source."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    task_id: Hex64
+    url: Url
+    tag: Name = ""
+    application: Name = ""
+    piece_length: PieceLength | None = None
+    headers: Headers = []
+
+
+class SchedBackToSource(Message, tag="sched.back_to_source"):
+    """The peer fetches its missing pieces from the origin and reports their digests."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    peer_id: Id
+    task_id: Hex64
+    reason: Text = ""
+
+
+class SchedFail(Message, tag="sched.fail"):
+    """The peer's download failed; the daemon stops it and reports ``reason`` to its user."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    peer_id: Id
+    task_id: Hex64
+    reason: Text
+
+
+class SchedDigests(Message, tag="sched.digests"):
+    """Piece digests from the peer that fetched the pieces from the origin, for the listed peers of this
+    host: they verify every piece from a parent against these."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    task_id: Hex64
+    peer_ids: PeerIds
+    digests: DigestList
+
+
+class SchedTaskInfo(Message, tag="sched.task_info"):
+    """What is known of the task's file, for the listed peers of this host. Absent fields are unknown."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    task_id: Hex64
+    peer_ids: PeerIds
+    content_length: U63 | None = None
+    piece_length: U32 | None = None
+    piece_count: U32 | None = None
+    digest: Hex64 | None = None
+
+
+class SchedRefused(Message, tag="sched.refused"):
+    """A client push the scheduler could not apply: its type, the peer and piece it was about, and why."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    type: Name
+    """The wire name of the refused message."""
+    code: U32
+    reason: Text = ""
+    peer_id: Annotated[str, Meta(max_length=128)] = ""
+    piece: PieceIndex | None = None
+
+
+SCHED_TYPES: tuple[type[Message], ...] = (
+    SchedAnnounceHost,
+    SchedHostAnnounced,
+    SchedRegisterPeer,
+    SchedPeerRegistered,
+    SchedTaskMetadata,
+    SchedPieces,
+    SchedPeerFinished,
+    SchedPeerFailed,
+    SchedPeerLeft,
+    SchedReschedule,
+    SchedParents,
+    SchedSeed,
+    SchedBackToSource,
+    SchedFail,
+    SchedDigests,
+    SchedTaskInfo,
+    SchedRefused,
+)
+"""Every ``sched.*`` type; a daemon's catalogue for its scheduler session includes them all."""
+
+SCHED_CATALOGUE = Catalogue(SCHED_TYPES, max_payload=0)
+"""The scheduler's catalogue. No ``sched.*`` type carries payload frames, so none is accepted."""
