@@ -1,0 +1,85 @@
+"""The contract between the daemon and its local API: what a download request is, what progress a
+caller sees, and the operations the daemon offers to programs on the same machine.
+
+The daemon (``dfz/peer/daemon.py``) implements :class:`DownloadService`; the local API server
+(``dfz/peer/api.py``) exposes it on an ipc (and optionally tcp) fabric socket to ``dfz get`` and other
+programs. Neither side knows the other's internals; this file is all they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class DownloadState(StrEnum):
+    PENDING = "pending"  # registered, waiting for parents or the origin
+    RUNNING = "running"  # pieces are arriving
+    SUCCEEDED = "succeeded"  # every piece and the whole-file digest verified; output in place
+    FAILED = "failed"  # ``Progress.error`` says why; no output file was left behind
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadRequest:
+    url: str
+    output: str | None
+    """Absolute path of the file to produce, or None to only fill the cache (preheat, warm-up)."""
+    headers: tuple[tuple[str, str], ...] = ()
+    tag: str = ""
+    application: str = ""
+    tenant: str = ""
+    filtered_query_params: tuple[str, ...] | None = None
+    """None: the defaults of dfz/tasks.py; otherwise replaces them."""
+    digest: str | None = None
+    """``sha256:<hex>`` or ``blake3:<hex>``: the output must match or the download fails."""
+    piece_length: int | None = None
+    timeout: float | None = None
+    """Seconds for the whole download; None for no limit."""
+    back_to_source: bool = True
+    """Whether this daemon may fetch from the origin itself when the scheduler says so."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    task_id: str
+    state: DownloadState
+    content_length: int | None = None
+    piece_count: int | None = None
+    pieces_done: int = 0
+    bytes_done: int = 0
+    bytes_from_peers: int = 0
+    bytes_from_origin: int = 0
+    bytes_from_cache: int = 0
+    """A local hit: the task was already complete in this daemon's cache."""
+    error: str = ""
+    error_kind: str = ""
+    """A short machine-readable class of failure (e.g. ``origin_not_found``, ``digest_mismatch``,
+    ``scheduler_unreachable``, ``timeout``, ``bad_request``) for exit codes; empty on success."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedTask:
+    task_id: str
+    url: str
+    content_length: int | None
+    complete: bool
+    pieces_done: int
+    piece_count: int | None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class DownloadService(Protocol):
+    def download(self, request: DownloadRequest) -> AsyncIterator[Progress]:
+        """Start (or join) the download and yield progress until a final state (SUCCEEDED, FAILED,
+        CANCELLED), which is always the last item. Closing the iterator early cancels this caller's
+        interest; the daemon may keep the task in its cache."""
+        ...
+
+    def list_tasks(self) -> list[CachedTask]: ...
+
+    async def delete_task(self, task_id: str) -> bool:
+        """Remove a task from the cache (and tell the scheduler); False if it was not there."""
+        ...
