@@ -620,11 +620,15 @@ async def test_a_restarted_server_answers_unknown_peer_and_the_client_rejoins(ne
                 servers.cancel_scope.cancel()
 
             new = await _bind_again(nursery, endpoint)
-            with pytest.raises(RemoteError) as unknown:
+            # The restarted server answers UNKNOWN_PEER; or, if the request went into the old, dying
+            # connection (ZeroMQ drops what is queued to a disconnected pipe), the client's next
+            # heartbeat gets UNKNOWN_PEER and the request fails with the session.
+            with pytest.raises((RemoteError, ConnectionLost)) as unknown:
                 await client.request(Echo(n=2))
-            assert unknown.value.code == ErrorCode.UNKNOWN_PEER
+            if isinstance(unknown.value, RemoteError):
+                assert unknown.value.code == ErrorCode.UNKNOWN_PEER
             assert new.stats.bad_frames["unknown_peer"] >= 1
-            # The client set up a new session at once: the very next request works.
+            # The client set up a new session by itself: the next request works.
             assert (await client.request(Echo(n=3))).expect(EchoOk).n == 3
             assert client.stats.sessions == 2
             assert client.welcome is not None and old_session is not None
@@ -745,4 +749,42 @@ async def test_cancelling_a_client_ends_its_open_requests(endpoint: str) -> None
                 client_nursery.cancel_scope.cancel()
             assert trio.current_time() - stopping < 1
             assert cancelled.done.is_set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_handle_now_answers_in_arrival_order_and_maps_errors(endpoint: str) -> None:
+    seen: list[int] = []
+
+    def now(req: Request) -> EchoOk:
+        assert isinstance(req.msg, Echo)
+        if req.msg.n == 13:
+            raise RemoteError(1013, "unlucky")
+        if req.msg.n == 14:
+            raise KeyError("bug")
+        seen.append(req.msg.n)
+        return EchoOk(n=req.msg.n)
+
+    server = Server(CATALOGUE, [endpoint], config=server_config())
+    server.handle_now(Echo, now)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = await nursery.start(Client(CATALOGUE, server.endpoints[0], config=client_config()).run)
+            results: dict[int, int] = {}
+
+            async def ask(n: int) -> None:
+                results[n] = (await client.request(Echo(n=n))).expect(EchoOk).n
+
+            async with trio.open_nursery() as asks:
+                for n in range(10):
+                    asks.start_soon(ask, n)
+            assert results == {n: n for n in range(10)}
+            assert sorted(seen) == list(range(10))
+            with pytest.raises(RemoteError) as unlucky:
+                await client.request(Echo(n=13))
+            assert unlucky.value.code == 1013
+            with pytest.raises(RemoteError) as bug:
+                await client.request(Echo(n=14))
+            assert bug.value.code == ErrorCode.INTERNAL
+            assert (await client.request(Echo(n=15))).expect(EchoOk).n == 15
             nursery.cancel_scope.cancel()

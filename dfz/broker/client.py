@@ -294,6 +294,16 @@ class Client:
             trio.current_time() + (self.config.timeout if timeout is None else timeout),
             trio.current_effective_deadline(),
         )
+        # Fast path: a session is up and credit is free. No cancel scope and no schedule point here:
+        # _call has both (its send is a cancel point, and it blocks for the reply).
+        session = self._session
+        if session is not None and session.ready.is_set() and not session.lost.is_set():
+            try:
+                self._credit.acquire_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                return await self._call(session, msg, payload, deadline, credit=True)
         with trio.move_on_at(deadline):
             while True:
                 await self.wait_connected()
@@ -318,7 +328,7 @@ class Client:
         sent = False
         try:
             with trio.move_on_at(deadline):
-                await session.sock.send(frames)
+                await session.sock.send(frames, schedule=False)  # waiting for the reply is the yield
                 sent = True
                 session.last_send = trio.current_time()
                 await pending.event.wait()

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trio
 import zmq
 import zmq.auth
 from zmq.utils.z85 import encode as z85_encode
@@ -118,11 +117,20 @@ class ZapHandler:
         self.refused += 1
         return [b"1.0", rid, b"400", b"not allowed", b"", b""]
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def open(self) -> Socket:
+        """Bind the context's ZAP endpoint now, so no handshake can happen before a handler exists
+        (libzmq queues the requests until :meth:`serve` reads them)."""
         sock = Socket.create(self.ctx, zmq.REP)
         try:
             sock.bind(ZAP_ENDPOINT)
-            task_status.started()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def serve(self, sock: Socket) -> None:
+        """Answer ZAP requests on the socket from :meth:`open` until cancelled; closes it."""
+        try:
             while True:
                 frames = await sock.recv()
                 await sock.send(self.decide([f.bytes for f in frames]))

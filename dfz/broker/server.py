@@ -70,6 +70,7 @@ class Request:
 
 Reply = Message | tuple[Message, Sequence[Buffer]]
 Handler = Callable[[Request], Awaitable[Reply]]
+SyncHandler = Callable[[Request], Reply]
 PushHandler = Callable[[PeerSession, Message, list[Any]], None]
 
 
@@ -126,6 +127,7 @@ class Server:
         self.peers: dict[bytes, PeerSession] = {}
         self.stats = ServerStats()
         self._handlers: dict[type[Message], Handler] = {}
+        self._sync_handlers: dict[type[Message], SyncHandler] = {}
         self._push_handlers: dict[type[Message], PushHandler] = {}
         self._sock: Socket | None = None
         self._nursery: trio.Nursery | None = None
@@ -140,7 +142,22 @@ class Server:
             raise ValueError(f"{msg_type.__name__} is not a request type")
         if msg_type.wire_name() not in self.catalogue.types:
             raise ValueError(f"{msg_type.__name__} is not in the catalogue")
+        self._sync_handlers.pop(msg_type, None)
         self._handlers[msg_type] = handler
+
+    def handle_now(self, msg_type: type[Message], handler: SyncHandler) -> None:
+        """Register a handler that answers at once, in the receive loop, without a task of its own.
+
+        For handlers that only compute (a scheduler applying an event, a reply from memory): no task to
+        spawn and no scheduler pass, and requests are answered strictly in arrival order. It must not
+        block; an exception is answered like one from :meth:`handle`'s handlers.
+        """
+        if msg_type.KIND is not Kind.REQUEST:
+            raise ValueError(f"{msg_type.__name__} is not a request type")
+        if msg_type.wire_name() not in self.catalogue.types:
+            raise ValueError(f"{msg_type.__name__} is not in the catalogue")
+        self._handlers.pop(msg_type, None)
+        self._sync_handlers[msg_type] = handler
 
     def on_push(self, msg_type: type[Message], handler: PushHandler) -> None:
         if msg_type.KIND not in (Kind.PUSH, Kind.CLIENT_PUSH):
@@ -153,23 +170,29 @@ class Server:
         own_ctx = self.curve is not None
         ctx: zmq.Context[Any] = zmq.Context(io_threads=1) if own_ctx else (self._ctx or default_context())
         sock: Socket | None = None
+        zap_sock: Socket | None = None
         try:
+            # Bind before any task starts, so a bind error (address in use, bad endpoint) reaches the
+            # caller as itself rather than inside an exception group.
+            options: dict[int, int | bytes] = {}
+            if self.curve is not None:
+                self.zap = ZapHandler(ctx, self.curve.allowed)
+                zap_sock = self.zap.open()  # before the server socket: no handshake without a handler
+                options = self.curve.socket_options()
+            sock = self._sock = Socket.create(
+                ctx,
+                zmq.ROUTER,
+                hwm=self.config.hwm,
+                max_msg_size=self.catalogue.max_payload + 65536,
+                options=options,
+            )
+            for ep in self._want_endpoints:
+                self.endpoints.append(sock.bind(ep))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                options: dict[int, int | bytes] = {}
-                if self.curve is not None:
-                    self.zap = ZapHandler(ctx, self.curve.allowed)
-                    await nursery.start(self.zap.run)
-                    options = self.curve.socket_options()
-                sock = self._sock = Socket.create(
-                    ctx,
-                    zmq.ROUTER,
-                    hwm=self.config.hwm,
-                    max_msg_size=self.catalogue.max_payload + 65536,
-                    options=options,
-                )
-                for ep in self._want_endpoints:
-                    self.endpoints.append(sock.bind(ep))
+                if self.zap is not None and zap_sock is not None:
+                    nursery.start_soon(self.zap.serve, zap_sock)
+                    zap_sock = None  # serve closes it
                 nursery.start_soon(self._keepalive)
                 event(log, 20, "server_started", name=self.name, endpoints=",".join(self.endpoints))
                 task_status.started(self)
@@ -178,6 +201,8 @@ class Server:
             # Closed only after the handlers have ended, so those cancelled by a shutdown could still
             # answer UNAVAILABLE; a short linger lets those last answers leave.
             self._nursery = None
+            if zap_sock is not None:
+                zap_sock.close()
             if sock is not None:
                 sock.close(linger_ms=100)
             if own_ctx:
@@ -290,7 +315,11 @@ class Server:
             return
         handler = self._handlers.get(type(msg))
         if handler is None:
-            self._bad(rid, ProtocolError(ErrorCode.UNEXPECTED, f"{msg.wire_name()} is not served here", msg.id))
+            sync_handler = self._sync_handlers.get(type(msg))
+            if sync_handler is None:
+                self._bad(rid, ProtocolError(ErrorCode.UNEXPECTED, f"{msg.wire_name()} is not served here", msg.id))
+            else:
+                self._serve_now(sync_handler, Request(peer, msg, payload, math.inf), nursery)
             return
         if peer.in_flight >= self.config.max_in_flight:
             self.stats.bad_frames["busy"] += 1
@@ -300,6 +329,36 @@ class Server:
         peer.in_flight += 1
         deadline = now + msg.dl / 1000 if msg.dl else math.inf
         nursery.start_soon(self._serve, handler, Request(peer, msg, payload, deadline))
+
+    def _serve_now(self, handler: SyncHandler, req: Request, nursery: trio.Nursery) -> None:
+        self.stats.requests += 1
+        frames: Sequence[Buffer] = ()
+        try:
+            result = handler(req)
+            if isinstance(result, tuple):
+                reply, frames = result
+            else:
+                reply = result
+            reply.id = req.msg.id
+            out = self.catalogue.encode(reply, frames)
+        except RemoteError as e:
+            out = self.catalogue.encode(Error(id=req.msg.id, code=e.code, reason=e.reason[:4096]))
+        except Exception as e:
+            event(log, 40, "handler_failed", type=req.msg.wire_name(), peer=req.peer.name, error=repr(e))
+            self.stats.bad_frames["handler"] += 1
+            out = self.catalogue.encode(Error(id=req.msg.id, code=ErrorCode.INTERNAL, reason=f"{type(e).__name__} in handler"))
+        rid = req.peer.routing_id
+        sock = self._sock
+        if sock is not None and sock.try_send([rid, *out]):
+            self._sent(rid)
+        else:  # the peer's queue is full (or it left): the patient path, in a task of its own
+            nursery.start_soon(self._send_later, rid, out)
+
+    async def _send_later(self, rid: bytes, frames: list[Any]) -> None:
+        try:
+            await self._send(rid, frames)
+        except PeerGone:
+            pass
 
     async def _serve(self, handler: Handler, req: Request) -> None:
         reply: Message
@@ -316,7 +375,7 @@ class Server:
                 else:
                     reply = result
                 reply.id = req.msg.id
-                await self._send(peer.routing_id, self.catalogue.encode(reply, frames))
+                await self._send(peer.routing_id, self.catalogue.encode(reply, frames), schedule=False)
                 return
             if self.peers.get(peer.routing_id) is not peer:
                 return  # the session ended: nobody is waiting for an answer
@@ -352,10 +411,24 @@ class Server:
         msg.id = 0
         await self._send(routing_id, self.catalogue.encode(msg, payload))
 
-    async def _send(self, rid: bytes, frames: list[Any]) -> None:
+    async def _send(self, rid: bytes, frames: list[Any], *, schedule: bool = True) -> None:
         sock = self._sock
         if sock is None:
             raise trio.ClosedResourceError("server is not running")
+        # Fast path, the usual case: the peer's queue has room. The timeout scope below (a cancel
+        # scope with a deadline costs several µs to enter and leave) is needed only when it has none.
+        try:
+            await sock.send([rid, *frames], wait=False, schedule=schedule)
+        except HostUnreachable:
+            peer = self.peers.get(rid)
+            if peer is not None:
+                self._gone(peer, "unreachable")
+            raise PeerGone(f"{rid.hex()} is not connected") from None
+        except WouldBlock:
+            pass
+        else:
+            self._sent(rid)
+            return
         delay = 0.001
         with trio.move_on_after(self.config.send_timeout):
             while True:
