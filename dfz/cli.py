@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .log import setup
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .peer.local import DownloadRequest, Progress
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,6 +98,482 @@ def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> No
     except (ConfigError, ListenError) as e:
         raise click.ClickException(str(e)) from None
     default_context().term()
+
+
+# --- dfz get ---------------------------------------------------------------------------------------------
+
+GET_EXIT_CODES = """\b
+Exit codes:
+  0    the file is at FILE, verified (and matches --digest if given)
+  1    another failure (the message says what happened)
+  2    bad usage or input: URL, -O, --digest, -H, --piece-length ...
+  3    the origin failed (not found, refused, 5xx, reset, wrong length)
+  4    the content does not match --digest
+  5    --timeout passed before the download finished
+  6    no dfz daemon at --endpoint (or it went away mid-download)
+  7    the daemon cannot reach its scheduler
+  130  interrupted (Ctrl-C): the download was cancelled
+"""
+
+
+class GetExit(IntEnum):
+    """Exit codes of ``dfz get`` (also in its help and the README)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    ORIGIN = 3
+    DIGEST = 4
+    TIMEOUT = 5
+    DAEMON = 6
+    SCHEDULER = 7
+    INTERRUPTED = 130
+
+
+def _exit_for(error_kind: str) -> GetExit:
+    """The exit code for a failed download's ``error_kind`` (:class:`dfz.peer.local.Progress`)."""
+    if error_kind.startswith("origin"):
+        return GetExit.ORIGIN
+    if error_kind == "digest_mismatch":
+        return GetExit.DIGEST
+    if error_kind == "timeout":
+        return GetExit.TIMEOUT
+    if error_kind == "scheduler_unreachable":
+        return GetExit.SCHEDULER
+    if error_kind == "bad_request":
+        return GetExit.USAGE
+    return GetExit.FAILED
+
+
+_GET_HINTS = {
+    GetExit.ORIGIN: "check the URL and any -H headers (credentials); the origin must serve the file",
+    GetExit.DIGEST: "no file was written; check the --digest value, or whether the file at the origin changed",
+    GetExit.TIMEOUT: "no file was written; raise --timeout, or check the daemon's logs for a stalled origin or swarm",
+    GetExit.SCHEDULER: "check the daemon's scheduler address (its config) and that `dfz sched` runs there",
+    GetExit.USAGE: "fix the request (see `dfz get --help`)",
+    GetExit.FAILED: "see the message above; the daemon's log (`dfz daemon -v`) has details",
+}
+
+
+def _parse_size(text: str) -> int:
+    """``65536``, ``64K``/``64KiB``, ``4M``/``4MiB`` (binary units) as a number of bytes."""
+    import re
+
+    match = re.fullmatch(r"(\d+)\s*(|k|kib|m|mib)", text.strip().lower())
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a size such as 4MiB, 64K or 1048576", param_hint="--piece-length")
+    return int(match[1]) * {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2}[match[2]]
+
+
+def _fail(code: GetExit, what: str, hint: str | None = None) -> GetExit:
+    click.echo(f"dfz get: {what}", err=True)
+    hint = hint if hint is not None else _GET_HINTS.get(code)
+    if hint:
+        click.echo(f"  what to do: {hint}", err=True)
+    return code
+
+
+@main.command(epilog=GET_EXIT_CODES)
+@click.argument("url")
+@click.option(
+    "-O",
+    "--output",
+    required=True,
+    metavar="FILE",
+    help="Where to write the file; relative to the current directory. `-` (stdout) is not supported.",
+)
+@click.option("--digest", metavar="ALGO:HEX", help="Expected digest of the whole file, sha256:<64 hex> or blake3:<64 hex>.")
+@click.option(
+    "-H", "--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="Request header for the origin (repeatable)."
+)
+@click.option("--tag", default="", help="Tag: downloads of one URL with different tags are different tasks.")
+@click.option("--application", default="", help="Application name: part of the task's identity, like --tag.")
+@click.option(
+    "--filter-query-param",
+    "filter_params",
+    multiple=True,
+    metavar="NAME",
+    help="Query parameter to ignore when identifying the task (repeatable); added to the defaults "
+    "(S3, GCS, Azure and OSS signatures, containerd's ns).",
+)
+@click.option("--no-default-filters", is_flag=True, help="Ignore only the --filter-query-param names, not the defaults.")
+@click.option(
+    "--piece-length", metavar="SIZE", help="Fixed piece length, a power of two from 64KiB to 64MiB (default: from the file size)."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Give up after this long (default: no limit).",
+)
+@click.option("--no-back-to-source", is_flag=True, help="Fetch only from peers: never let this daemon go to the origin itself.")
+@click.option("--no-progress", is_flag=True, help="No progress bar and no summary; errors are still printed.")
+@click.option(
+    "--endpoint",
+    envvar="DFZ_ENDPOINT",
+    metavar="ENDPOINT",
+    help="The daemon's local API [default: $DFZ_ENDPOINT, else ipc://$DFZ_DATA_DIR/api.sock, "
+    "$DFZ_DATA_DIR defaulting to ~/.local/share/dfz].",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the daemon to answer.",
+)
+def get(  # noqa: PLR0917 - click passes every option as an argument
+    url: str,
+    output: str,
+    digest: str | None,
+    headers: tuple[str, ...],
+    tag: str,
+    application: str,
+    filter_params: tuple[str, ...],
+    no_default_filters: bool,
+    piece_length: str | None,
+    timeout: float | None,
+    no_back_to_source: bool,
+    no_progress: bool,
+    endpoint: str | None,
+    connect_timeout: float,
+) -> None:
+    """Download URL to FILE through the local dfz daemon: from peers that have it, else from the origin.
+
+    The daemon (`dfz daemon`, or `dfz up`) does the work and keeps the file in its cache; FILE appears only
+    once every piece and the whole file are verified. A progress bar on stderr shows bytes, rate, ETA and
+    how much came from peers, from the origin or from the daemon's cache.
+    """
+    import os
+
+    import trio
+
+    from .peer.api import builtin_schemes, default_endpoint
+    from .peer.api_messages import ApiInputError, check_request, parse_header
+    from .peer.local import DownloadRequest
+    from .tasks import DEFAULT_FILTERED_QUERY_PARAMS, Digest, DigestFormatError
+
+    if output == "-":
+        raise click.BadParameter("writing to stdout is not supported (yet): give a file path", param_hint="-O")
+    path = os.path.abspath(os.path.expanduser(output))
+    if os.path.isdir(path):
+        raise click.BadParameter(
+            f"{path} is a directory: give the file's path, e.g. -O {os.path.join(output, 'FILE')}", param_hint="-O"
+        )
+    if not os.path.isdir(os.path.dirname(path)):
+        raise click.BadParameter(f"directory {os.path.dirname(path)} does not exist: create it first", param_hint="-O")
+    if digest is not None:
+        try:
+            digest = str(Digest.parse(digest))
+        except DigestFormatError as e:
+            raise click.BadParameter(str(e), param_hint="--digest") from None
+    pairs: list[tuple[str, str]] = []
+    for header in headers:
+        try:
+            pairs.append(parse_header(header))
+        except ApiInputError as e:
+            raise click.BadParameter(e.message, param_hint="-H") from None
+    filters = tuple(filter_params) if no_default_filters else DEFAULT_FILTERED_QUERY_PARAMS + tuple(filter_params)
+    request = DownloadRequest(
+        url=url,
+        output=path,
+        headers=tuple(pairs),
+        tag=tag,
+        application=application,
+        filtered_query_params=None if not filter_params and not no_default_filters else filters,
+        digest=digest,
+        piece_length=None if piece_length is None else _parse_size(piece_length),
+        timeout=timeout,
+        back_to_source=not no_back_to_source,
+    )
+    try:
+        check_request(request, builtin_schemes())
+    except ApiInputError as e:
+        raise click.UsageError(e.message) from None
+    code = GetExit.INTERRUPTED
+    try:
+        code = trio.run(_get, request, endpoint or default_endpoint(), connect_timeout, not no_progress)
+    except* KeyboardInterrupt:
+        # Leaving the session (bye) makes the daemon stop following the download.
+        _fail(GetExit.INTERRUPTED, "interrupted: the download was cancelled", "")
+    sys.exit(int(code))
+
+
+async def _get(request: DownloadRequest, endpoint: str, connect_timeout: float, show_progress: bool) -> GetExit:
+    import math
+    import os
+
+    import trio
+    from rich.console import Console
+
+    from .peer.api_client import ApiRequestError, DaemonLost, DaemonUnreachable, open_api_client
+    from .peer.api_messages import ApiErrorCode
+    from .peer.local import DownloadState
+
+    console = Console(stderr=True)
+    started = trio.current_time()
+    last: Progress | None = None
+    # The daemon enforces --timeout; this guard only covers a daemon that does not answer at all.
+    guard = request.timeout + 5.0 if request.timeout is not None else math.inf
+    try:
+        async with open_api_client(endpoint, connect_timeout=connect_timeout, name=f"dfz-get-{os.getpid()}") as api:
+            with trio.move_on_after(guard) as guarded:
+                async with api.download(request) as download:
+                    with _GetProgress(console, os.path.basename(request.output or request.url), show_progress) as bar:
+                        async for progress in download:
+                            last = progress
+                            bar.update(progress)
+            if guarded.cancelled_caught:
+                return _fail(
+                    GetExit.TIMEOUT, f"the download did not finish within {request.timeout:g} s (the daemon did not say why)"
+                )
+    except DaemonLost as e:
+        return _fail(GetExit.DAEMON, str(e), "check the daemon (it may have stopped or restarted), then run the command again")
+    except DaemonUnreachable as e:
+        return _fail(
+            GetExit.DAEMON,
+            str(e),
+            "start one with `dfz daemon --data-dir DIR --scheduler ENDPOINT` (or `dfz up`), or point --endpoint / "
+            "DFZ_ENDPOINT at a running daemon's API (it prints where it listens)",
+        )
+    except ApiRequestError as e:
+        if ApiErrorCode.BAD_URL <= e.code <= ApiErrorCode.BAD_TIMEOUT or e.code == 422:
+            return _fail(GetExit.USAGE, f"the daemon refused the request: {e.reason}")
+        return _fail(GetExit.FAILED, f"the daemon refused the request ({e.code}): {e.reason}")
+    if last is None:
+        return _fail(GetExit.FAILED, "the daemon sent no final state")
+    if last.state is DownloadState.SUCCEEDED:
+        if show_progress:
+            elapsed = max(trio.current_time() - started, 1e-6)
+            console.print(f"saved {request.output}: {_summary(last)} in {elapsed:.1f} s", soft_wrap=True, highlight=False)
+        return GetExit.OK
+    if last.state is DownloadState.CANCELLED:
+        return _fail(GetExit.FAILED, f"the download was cancelled: {last.error or 'by the daemon'}", "run the command again")
+    code = _exit_for(last.error_kind)
+    return _fail(code, f"download failed ({last.error_kind or 'unknown'}): {last.error or 'no reason given'}")
+
+
+def _summary(p: Progress) -> str:
+    from rich.filesize import decimal
+
+    if p.bytes_from_cache and not (p.bytes_from_peers or p.bytes_from_origin):
+        return f"{decimal(p.bytes_done)}, a cache hit"
+    parts = [
+        f"{decimal(p.bytes_done)}",
+        f"{decimal(p.bytes_from_peers)} from peers",
+        f"{decimal(p.bytes_from_origin)} from the origin",
+    ]
+    if p.bytes_from_cache:
+        parts.append(f"{decimal(p.bytes_from_cache)} from the cache")
+    return ", ".join(parts)
+
+
+class _GetProgress:
+    """The progress bar of ``dfz get`` (rich, on stderr): bytes, rate, ETA, and where bytes came from."""
+
+    def __init__(self, console: Console, name: str, enabled: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        self.enabled = enabled
+        self.bar = Bar(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[source]}"),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task(name if len(name) <= 24 else name[:23] + "…", total=None, source="")
+
+    def __enter__(self) -> _GetProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def update(self, p: Progress) -> None:
+        from rich.filesize import decimal
+
+        if p.bytes_from_cache and not (p.bytes_from_peers or p.bytes_from_origin):
+            source = "cache hit"
+        else:
+            source = f"peers {decimal(p.bytes_from_peers)} · origin {decimal(p.bytes_from_origin)}"
+            if p.bytes_from_cache:
+                source += f" · cache {decimal(p.bytes_from_cache)}"
+        self.bar.update(self.task, completed=p.bytes_done, total=p.content_length, source=source)
+
+
+# --- dfz daemon, dfz seed --------------------------------------------------------------------------------
+
+
+def _daemon_options(f: Any) -> Any:
+    """The options `dfz daemon` and `dfz seed` share (flags replace the config file's keys)."""
+    options = [
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Where tasks are stored (required unless the config file sets data_dir).",
+        ),
+        click.option("--scheduler", metavar="ENDPOINT", help="The scheduler's endpoint, e.g. tcp://10.0.0.1:8002."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="TOML file of settings (keys of dfz.peer.config.DaemonConfig: data_dir, scheduler, listen, upload_slots, ...).",
+        ),
+        click.option(
+            "--listen",
+            multiple=True,
+            metavar="ENDPOINT",
+            help="Piece server endpoint (repeatable), default tcp://127.0.0.1:0 (a free port). Bind tcp://0.0.0.0:PORT "
+            "for peers on other machines.",
+        ),
+        click.option(
+            "--api",
+            multiple=True,
+            metavar="ENDPOINT",
+            help="Local API endpoint (repeatable), default ipc://DATA_DIR/api.sock.",
+        ),
+        click.option("--advertise-ip", help="Address other peers reach the piece server at (default: from --listen)."),
+        click.option("--upload-slots", type=click.IntRange(1, 65535), help="Children served at once (default 32)."),
+        click.option("--upload-rate", type=click.IntRange(0), help="Upload limit in bytes/s over all children (0: none)."),
+        click.option("--download-rate", type=click.IntRange(0), help="Download limit in bytes/s from parents (0: none)."),
+        click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[str, Any]) -> None:
+    import functools
+
+    import trio
+
+    from .broker import default_context
+    from .peer.config import ConfigError, DaemonConfig
+    from .peer.daemon import Daemon, ListenError, serve
+    from .peer.storage import StorageError
+
+    if verbose:
+        setup(verbose)
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v not in (None, ())}
+    if seed:
+        overrides["seed"] = True
+
+    def ready(daemon: Daemon, api: list[str]) -> None:
+        click.echo(f"host {daemon.host_id} {'seed' if daemon.config.seed else 'normal'}")
+        for endpoint in daemon.piece_endpoints:
+            click.echo(f"piece-server {endpoint}")
+        click.echo(f"announce {daemon.ip}:{daemon.port}")
+        click.echo(f"scheduler {daemon.config.scheduler}")
+        for endpoint in api:
+            click.echo(f"api {endpoint}")
+        sys.stdout.flush()
+
+    try:
+        if config_file is not None:
+            config = DaemonConfig.load(config_file, **overrides)
+        else:
+            config = DaemonConfig.from_mapping(overrides, source="command line")
+        trio.run(functools.partial(serve, config, on_ready=ready))
+    except (ConfigError, ListenError, StorageError) as e:
+        raise click.ClickException(str(e)) from None
+    default_context().term()
+
+
+@main.command()
+@_daemon_options
+def daemon(config_file: Path | None, verbose: int, **flags: Any) -> None:
+    """Run a peer daemon until SIGTERM or SIGINT (then exit 0).
+
+    It stores tasks in --data-dir, serves pieces to other peers, downloads through --scheduler, and
+    serves the local API that `dfz get` uses. Prints `host ID TYPE`, `piece-server ENDPOINT`,
+    `announce IP:PORT`, `scheduler ENDPOINT` and `api ENDPOINT` lines once it serves.
+    """
+    _run_daemon(False, config_file, verbose, _daemon_flags(flags))
+
+
+@main.command()
+@_daemon_options
+def seed(config_file: Path | None, verbose: int, **flags: Any) -> None:
+    """Run a seed peer: a daemon the scheduler triggers to fetch tasks nobody has from their origin.
+
+    Same options and output as `dfz daemon`; the host is announced as a seed.
+    """
+    _run_daemon(True, config_file, verbose, _daemon_flags(flags))
+
+
+def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Command-line names to config keys."""
+    names = {"upload_rate": "upload_rate_limit", "download_rate": "download_rate_limit"}
+    return {names.get(k, k): v for k, v in flags.items()}
+
+
+# --- dfz up ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the cluster keeps its parts (sched/, seed/, daemon/, logs/) and cluster.json "
+    "[default: $DFZ_DATA_DIR, else ~/.local/share/dfz: then `dfz get` finds the daemon with no --endpoint].",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the scheduler and piece servers bind, on free ports. 0.0.0.0 lets other machines join "
+    "(unauthenticated: trusted networks only).",
+)
+@click.option("--no-seed", is_flag=True, help="No seed peer: the first daemon to want a file fetches it from the origin.")
+@click.option(
+    "--start-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long each part may take to start.",
+)
+@click.option("-v", "--verbose", count=True, help="More logs from the parts (in DATA_DIR/logs/): -v info, -vv debug.")
+def up(data_dir: Path | None, host: str, no_seed: bool, start_timeout: float, verbose: int) -> None:
+    """Run a whole cluster on this machine: a scheduler, a seed peer and a daemon, until SIGTERM or SIGINT.
+
+    Each part is a child process (`dfz sched`, `dfz seed`, `dfz daemon`) on free ports, with its own
+    subdirectory of --data-dir. Once all serve, it writes DATA_DIR/cluster.json (every endpoint, the pids,
+    the version) and prints how to use it: `dfz get URL -O FILE --endpoint ...`, or
+    `dfz daemon --scheduler ...` to add daemons. Stopping removes cluster.json, stops the daemons, then
+    the scheduler, and exits 0 when all stopped cleanly (1 if a part failed).
+    """
+    import functools
+
+    import trio
+
+    from .cluster import UpConfig, run_up
+    from .peer.api import default_data_dir
+
+    config = UpConfig(
+        data_dir=data_dir if data_dir is not None else default_data_dir(),
+        host=host,
+        seed=not no_seed,
+        verbose=verbose,
+        start_timeout=start_timeout,
+    )
+    code = trio.run(functools.partial(run_up, config, echo=click.echo, error=functools.partial(click.echo, err=True)))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

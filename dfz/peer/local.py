@@ -57,7 +57,16 @@ class Progress:
     error: str = ""
     error_kind: str = ""
     """A short machine-readable class of failure (e.g. ``origin_not_found``, ``digest_mismatch``,
-    ``scheduler_unreachable``, ``timeout``, ``bad_request``) for exit codes; empty on success."""
+    ``scheduler_unreachable``, ``timeout``, ``bad_request``) for exit codes; empty on success.
+
+    The daemon's kinds: ``bad_request`` (URL, output path, digest or piece length unusable);
+    ``origin_not_found``, ``origin_auth``, ``origin_rejected`` (another 4xx), ``origin_unavailable``
+    (5xx, reset, timeouts after retries), ``origin_changed`` (length or ETag changed mid-download),
+    ``origin_protocol``, ``origin_tls`` (all ``origin_*``: the origin failed); ``digest_mismatch``
+    (``--digest``, or the whole file against the origin's digest); ``timeout``;
+    ``scheduler_unreachable``, ``scheduler_refused``, ``scheduler_failed`` (the scheduler failed the
+    download, e.g. no parent and no back-to-source allowed); ``output_error`` (cannot write the output);
+    ``storage_error`` (the local cache); ``cancelled``; ``internal`` (a bug)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from .errors import InvalidEvent, InvalidTransition, SchedulerError, UnknownHost
 from .evaluator import Evaluator, SimpleEvaluator
 from .events import (
     AnnounceHost,
+    AnnounceTask,
     Event,
     HostHeartbeat,
     HostLeft,
@@ -37,6 +38,7 @@ from .messages import (
     FailedPiece,
     FinishedPiece,
     SchedAnnounceHost,
+    SchedAnnounceTask,
     SchedBackToSource,
     SchedDigests,
     SchedErrorCode,
@@ -53,6 +55,7 @@ from .messages import (
     SchedRegisterPeer,
     SchedReschedule,
     SchedSeed,
+    SchedTaskAnnounced,
     SchedTaskInfo,
     SchedTaskMetadata,
 )
@@ -65,6 +68,7 @@ __all__ = [
     "SCHED_TYPES",
     "Action",
     "AnnounceHost",
+    "AnnounceTask",
     "BackToSource",
     "Clock",
     "ConfigError",
@@ -97,6 +101,7 @@ __all__ = [
     "RegisterPeer",
     "RescheduleRequest",
     "SchedAnnounceHost",
+    "SchedAnnounceTask",
     "SchedBackToSource",
     "SchedDigests",
     "SchedErrorCode",
@@ -113,6 +118,7 @@ __all__ = [
     "SchedRegisterPeer",
     "SchedReschedule",
     "SchedSeed",
+    "SchedTaskAnnounced",
     "SchedTaskInfo",
     "SchedTaskMetadata",
     "SchedulerConfig",

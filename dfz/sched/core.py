@@ -66,6 +66,7 @@ from .errors import InvalidEvent, UnknownHost, UnknownPeer
 from .evaluator import Evaluator, SimpleEvaluator
 from .events import (
     AnnounceHost,
+    AnnounceTask,
     Event,
     HostHeartbeat,
     HostLeft,
@@ -161,6 +162,8 @@ class SchedulerCore:
                 self._remove_hosts([self._host(event.host_id)], event.reason)
             case RegisterPeer():
                 self._register(event)
+            case AnnounceTask():
+                self._announce_task(event)
             case TaskMetadataKnown():
                 self._metadata_known(event)
             case PieceFinished():
@@ -326,6 +329,77 @@ class SchedulerCore:
             if peer.state is not PeerState.PENDING:
                 return
         self._reschedule(peer)
+
+    def _announce_task(self, ev: AnnounceTask) -> None:
+        """A peer born ``succeeded``: the daemon holds the whole file (see :class:`AnnounceTask`)."""
+        host = self._host(ev.host_id)
+        if not ev.peer_id or not ev.task_id:
+            raise InvalidEvent("a task announcement needs a non-empty peer id and task id")
+        if ev.peer_id in self.peers:
+            raise InvalidEvent(f"peer id {ev.peer_id!r} is already registered: peer ids must be unique")
+        if ev.piece_length <= 0 or ev.content_length < 0:
+            raise InvalidEvent(f"peer {ev.peer_id}: content length {ev.content_length}, piece length {ev.piece_length}")
+        count = -(-ev.content_length // ev.piece_length)
+        if count > MAX_PIECES:
+            raise InvalidEvent(f"peer {ev.peer_id}: more than {MAX_PIECES} pieces; use a larger piece length")
+        digests = dict(ev.digests)
+        if sorted(digests) != list(range(count)) or not all(_is_hex(d) for d in digests.values()) or not _is_hex(ev.digest):
+            raise InvalidEvent(f"peer {ev.peer_id}: a whole task is announced with one digest for each of its {count} pieces")
+        task = self.tasks.get(ev.task_id)
+        if task is not None:
+            conflict = _metadata_conflict(task, ev.content_length, ev.piece_length)
+            if conflict is None and task.digest is not None and task.digest != ev.digest:
+                conflict = f"whole-file digest {ev.digest} differs from {task.digest}"
+            if conflict is None:
+                wrong = [k for k, d in task.digests.items() if digests.get(k) != d]
+                if wrong:
+                    conflict = f"piece {wrong[0]} has another digest than the one reported from the origin"
+            if conflict is not None:
+                raise InvalidEvent(f"peer {ev.peer_id} announces task {task.id}, but {conflict} (the file changed?)")
+        else:
+            task = Task(
+                id=ev.task_id,
+                url=ev.url,
+                tag=ev.tag,
+                application=ev.application,
+                headers=(),
+                created_at=self._now,
+            )
+            self.tasks[task.id] = task
+
+        new_info = task.content_length is None or task.piece_length is None or task.digest is None
+        task.piece_length, task.content_length = ev.piece_length, ev.content_length
+        if task.digest is None:
+            task.digest = ev.digest
+        fresh = {k: d for k, d in digests.items() if k not in task.digests}
+        task.digests.update(fresh)
+        # Born succeeded: no transition of the peer table applies to a peer that did not download here.
+        peer = Peer(
+            id=ev.peer_id,
+            task=task,
+            host=host,
+            back_to_source_allowed=False,
+            created_at=self._now,
+            updated_at=self._now,
+            state=PeerState.SUCCEEDED,
+            finished=(1 << count) - 1,
+            finished_count=count,
+        )
+        self.peers[peer.id] = peer
+        task.peers[peer.id] = peer
+        task.counts[PeerState.SUCCEEDED] += 1
+        host.peers[peer.id] = peer
+        self._touch(host)
+        if task.seed_host == host.id:
+            task.seed_host = None
+        self._set_task_state(task, TaskTrigger.DOWNLOAD)
+        self._set_task_state(task, TaskTrigger.SUCCEED)
+        to = self._downloaders(task)
+        if to and new_info:
+            self._out.append(_task_info(task, to))
+        if to and fresh:
+            self._out.append(ForwardDigests(task.id, to, fresh))
+        self._dirty[task] = None  # a new possible parent for the peers waiting
 
     def _resend(self, peer: Peer) -> None:
         """A peer registered again (a retried request): tell it what it was told already."""

@@ -63,6 +63,25 @@ class RegisterPeer:
 
 
 @dataclass(frozen=True, slots=True)
+class AnnounceTask:
+    """A daemon holds the whole file of a task already (it finished it before a restart) and offers it to
+    the swarm: the peer is registered as ``succeeded``, a source and a parent for the others. The file's
+    facts (lengths, whole-file and piece digests, all of them) must agree with what the task knows; they
+    were verified when the daemon stored the pieces, so they are trusted like an origin-fetching peer's."""
+
+    peer_id: str
+    task_id: str
+    host_id: str
+    url: str
+    tag: str
+    application: str
+    piece_length: int
+    content_length: int
+    digest: str
+    digests: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TaskMetadataKnown:
     """The peer fetching from the origin learned the file's size (``None``: the origin does not say,
     e.g. a chunked response) and chose the piece length."""
@@ -139,6 +158,7 @@ Event = (
     | HostHeartbeat
     | HostLeft
     | RegisterPeer
+    | AnnounceTask
     | TaskMetadataKnown
     | PieceFinished
     | PieceFailed

@@ -9,9 +9,9 @@ Rules of this file:
   the scheduler builds fits the fabric's 64 KiB header frame (``tests/test_sched_service.py`` checks it).
 * A daemon's host is its fabric session: no message after ``sched.announce_host`` names the sender's
   host, and a message that names a peer is refused unless the peer is on the sender's host.
-* Only joining is a request (``sched.announce_host``, ``sched.register_peer``): a daemon waits for their
-  answer before it says anything more about that host or peer, so the requests' answers and the reports
-  that follow are applied in the order they were sent. Every report after that is a client push, applied
+* Only joining is a request (``sched.announce_host``, ``sched.register_peer``, ``sched.announce_task``): a
+  daemon waits for their answer before it says anything more about that host or peer, so the requests'
+  answers and the reports that follow are applied in the order they were sent. Every report after that is a client push, applied
   in arrival order; one that cannot be applied is answered by the push ``sched.refused``.
 * This file does no I/O; ``service.py`` turns these messages into core events and actions into these.
 """
@@ -186,6 +186,35 @@ class SchedPeerRegistered(Message, tag="sched.peer_registered"):
     more_digests: bool = False
 
 
+class SchedAnnounceTask(Message, tag="sched.announce_task"):
+    """A daemon offers a task it holds whole already (stored before a restart): the peer is registered as
+    ``succeeded`` and serves the swarm. Answered by :class:`SchedTaskAnnounced`. Every piece digest is
+    given (a task of more than 512 pieces cannot be announced this way); they and the lengths must agree
+    with what the scheduler knows of the task (``REFUSED`` otherwise: the daemon's copy is stale)."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    peer_id: Id
+    task_id: Hex64
+    url: Url
+    piece_length: PieceLength
+    """The task's piece length (fixed or chosen by the rule of ``dfz/tasks.py``)."""
+    content_length: U63
+    digest: Hex64
+    """The whole-file BLAKE3 digest."""
+    digests: DigestList
+    """Every piece's digest, in piece order."""
+    tag: Name = ""
+    application: Name = ""
+
+
+class SchedTaskAnnounced(Message, tag="sched.task_announced"):
+    """Reply to :class:`SchedAnnounceTask`: the peer is registered, ``succeeded``."""
+
+    KIND: ClassVar[Kind] = Kind.REPLY
+    peer_id: Id
+    task_id: Hex64
+
+
 # --- client pushes: reports ------------------------------------------------------------------------------
 
 
@@ -324,6 +353,8 @@ SCHED_TYPES: tuple[type[Message], ...] = (
     SchedHostAnnounced,
     SchedRegisterPeer,
     SchedPeerRegistered,
+    SchedAnnounceTask,
+    SchedTaskAnnounced,
     SchedTaskMetadata,
     SchedPieces,
     SchedPeerFinished,

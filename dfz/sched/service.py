@@ -9,9 +9,9 @@ Rules of this file:
   receive loop (its callbacks are plain functions), requests at the very start of their handler task,
   ticks in the tick task. trio runs one task at a time, so events are applied one at a time, each
   completely, in the order the service receives them, and none can be lost to a full queue. A request
-  is applied when its handler task starts, just after it arrived; that is why only ``announce_host`` and
-  ``register_peer`` are requests: a daemon waits for their answer before it reports about that host or
-  peer, so nothing it sends later can overtake them.
+  is applied when its handler task starts, just after it arrived; that is why only ``announce_host``,
+  ``register_peer`` and ``announce_task`` are requests: a daemon waits for their answer before it
+  reports about that host or peer, so nothing it sends later can overtake them.
 * **A host is a session.** Each fabric session (routing id) is bound to the one host it announced.
   Messages never name the sender's host; a report about a peer is applied only if the peer is on the
   session's host (else ``NOT_YOUR_PEER``). A session that ends (``bye``, silence, unreachable) makes its
@@ -87,6 +87,7 @@ from .errors import InvalidTransition, SchedulerError, UnknownHost, UnknownPeer
 from .evaluator import Evaluator
 from .events import (
     AnnounceHost,
+    AnnounceTask,
     Event,
     HostHeartbeat,
     HostLeft,
@@ -106,6 +107,7 @@ from .messages import (
     MAX_PEERS_PER_MESSAGE,
     SCHED_CATALOGUE,
     SchedAnnounceHost,
+    SchedAnnounceTask,
     SchedBackToSource,
     SchedDigests,
     SchedErrorCode,
@@ -122,6 +124,7 @@ from .messages import (
     SchedRegisterPeer,
     SchedReschedule,
     SchedSeed,
+    SchedTaskAnnounced,
     SchedTaskInfo,
     SchedTaskMetadata,
 )
@@ -382,6 +385,7 @@ class SchedulerService:
         )
         self.server.handle(SchedAnnounceHost, self._on_announce)
         self.server.handle(SchedRegisterPeer, self._on_register)
+        self.server.handle(SchedAnnounceTask, self._on_announce_task)
         for report in _REPORT_TYPES:
             self.server.on_push(report, self._on_report)
         self.stats = ServiceStats()
@@ -462,6 +466,34 @@ class SchedulerService:
     async def _on_register(self, req: Request) -> SchedPeerRegistered:
         assert isinstance(req.msg, SchedRegisterPeer)
         return self._register(req.peer, req.msg)  # no await before: applied in arrival order
+
+    async def _on_announce_task(self, req: Request) -> SchedTaskAnnounced:
+        assert isinstance(req.msg, SchedAnnounceTask)
+        return self._announce_task(req.peer, req.msg)  # no await before: applied in arrival order
+
+    def _announce_task(self, session: PeerSession, msg: SchedAnnounceTask) -> SchedTaskAnnounced:
+        try:
+            _check_piece_length(msg.piece_length)
+            binding = self._binding(session)
+            actions = self._apply_or_refuse(
+                AnnounceTask(
+                    peer_id=msg.peer_id,
+                    task_id=msg.task_id,
+                    host_id=binding.host_id,
+                    url=msg.url,
+                    tag=msg.tag,
+                    application=msg.application,
+                    piece_length=msg.piece_length,
+                    content_length=msg.content_length,
+                    digest=msg.digest,
+                    digests=tuple((piece, digest) for piece, digest in msg.digests),
+                )
+            )
+        except _Refused as e:
+            self.stats.refused[_code_name(e.code)] += 1
+            raise
+        self._execute(actions)
+        return SchedTaskAnnounced(peer_id=msg.peer_id, task_id=msg.task_id)
 
     def _announce(self, session: PeerSession, msg: SchedAnnounceHost) -> SchedHostAnnounced:
         rid = session.routing_id

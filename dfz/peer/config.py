@@ -1,0 +1,166 @@
+"""Settings of the peer daemon (``dfz daemon``, ``dfz seed``), with their defaults, in one place.
+
+A TOML file holds the fields of :class:`DaemonConfig` as top-level keys (``data_dir``, ``scheduler``,
+``listen``, ``upload_slots``, ...); command-line flags replace what the file says. An unknown key, or a
+value of the wrong type or range, is a :class:`ConfigError` whose message names the key and the file.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SCHEDULER = "tcp://127.0.0.1:8002"
+DEFAULT_LISTEN = "tcp://127.0.0.1:0"
+"""The piece server binds loopback on a free port unless told otherwise (the fabric is unauthenticated)."""
+IPC_PATH_LIMIT = 107
+"""Longest ipc:// path ZeroMQ accepts (the size of ``sun_path``, less the terminating NUL)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value (or file) that cannot be used; the message names the key and the source."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Settings of one daemon. Only ``data_dir`` has no default."""
+
+    data_dir: Path
+    """Where tasks are stored (``<data_dir>/tasks``), the host id kept, and the API socket made."""
+    scheduler: str = DEFAULT_SCHEDULER
+    """The scheduler's endpoint (``dfz sched`` prints it)."""
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    """Endpoints of the piece server; the first tcp one is announced to the scheduler."""
+    advertise_ip: str = ""
+    """The address other peers reach the piece server at; empty: the host of the first tcp endpoint (or,
+    when that is a wildcard, this machine's address by its host name)."""
+    api: tuple[str, ...] = ()
+    """Endpoints of the local API; empty: ``ipc://<data_dir>/api.sock`` (when the path fits)."""
+    seed: bool = False
+    """Announce as a seed host: the scheduler triggers it to fetch tasks nobody has."""
+    host_id: str = ""
+    """The host's stable id; empty: made once and kept in ``<data_dir>/host_id``."""
+    idc: str = ""
+    location: str = ""
+    upload_slots: int = 32
+    """Children served at once over all tasks."""
+    upload_rate_limit: int = 0
+    """Bytes/s served to children over all tasks; 0 = unlimited."""
+    download_rate_limit: int = 0
+    """Bytes/s fetched from parents over all downloads; 0 = unlimited."""
+    upload_capacity: int = 0
+    """Upload bandwidth announced to the scheduler (bytes/s; 0 = unknown)."""
+    origin_concurrency: int = 4
+    """Range requests in flight to the origin per task when fetching back-to-source."""
+    scheduler_wait: float = 10.0
+    """Seconds a download waits for the scheduler session before it fails (``scheduler_unreachable``)."""
+    register_timeout: float = 10.0
+    """Seconds for the scheduler to answer ``sched.register_peer``."""
+    report_interval: float = 0.1
+    """Seconds piece reports are collected before they are sent in one ``sched.pieces``."""
+    heartbeat: float = 1.0
+    """Fabric heartbeat of the scheduler session (seconds); silent for ``heartbeat * 3``: reconnect."""
+
+    def __post_init__(self) -> None:
+        if not str(self.data_dir):
+            raise ConfigError("data_dir: must be a directory name")
+        _endpoint("scheduler", self.scheduler)
+        if not self.listen:
+            raise ConfigError("listen: needs at least one endpoint")
+        for e in self.listen:
+            _endpoint("listen", e)
+        for e in self.api:
+            _endpoint("api", e)
+        for key, low, high in (
+            ("upload_slots", 1, 65535),
+            ("upload_rate_limit", 0, 1 << 62),
+            ("download_rate_limit", 0, 1 << 62),
+            ("upload_capacity", 0, 1 << 62),
+            ("origin_concurrency", 1, 64),
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{key}: must be an integer from {low} to {high}, got {value!r}")
+        for key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
+        if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
+            raise ConfigError(f"host_id: 1 to 100 visible ASCII characters without spaces, got {self.host_id!r}")
+
+    def api_endpoints(self) -> list[str]:
+        """The local API's endpoints: :attr:`api`, or the default ipc socket in the data directory.
+        Raises :class:`ConfigError` when the default path is longer than ZeroMQ allows."""
+        if self.api:
+            return list(self.api)
+        path = (Path(self.data_dir).absolute() / "api.sock").as_posix()
+        if len(path) > IPC_PATH_LIMIT:
+            raise ConfigError(
+                f"api: the default socket {path} is longer than the {IPC_PATH_LIMIT} characters ipc allows; "
+                "pass --api ipc:///short/path or --api tcp://127.0.0.1:PORT"
+            )
+        return [f"ipc://{path}"]
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> DaemonConfig:
+        """Read a TOML file; ``overrides`` (non-None values, e.g. from flags) replace its keys. Relative
+        ``data_dir`` paths in the file are relative to the file's directory."""
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        if "data_dir" in data and isinstance(data["data_dir"], str):
+            p = Path(data["data_dir"]).expanduser()
+            data["data_dir"] = str(p if p.is_absolute() else path.parent / p)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> DaemonConfig:
+        """Build and validate a config from a mapping (a parsed TOML document). Errors name the key."""
+        kinds = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        try:
+            for key, value in data.items():
+                if key not in kinds:
+                    raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(sorted(kinds))})")
+                if key == "data_dir":
+                    values[key] = Path(_typed(key, value, str | Path, "a directory name")).expanduser()
+                elif key in ("listen", "api"):
+                    items = value if isinstance(value, list | tuple) else [value]
+                    values[key] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
+                elif key == "seed":
+                    values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
+                elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location"):
+                    values[key] = _typed(key, value, str, "a string")
+                elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
+                    values[key] = float(_typed(key, value, int | float, "a number of seconds"))
+                else:
+                    values[key] = _typed(key, value, int, "an integer")
+            if "data_dir" not in values:
+                raise ConfigError("data_dir: missing (the directory where the daemon stores tasks)")
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _typed(key: str, value: Any, kind: Any, what: str, *, allow_bool: bool = False) -> Any:
+    if (isinstance(value, bool) and not allow_bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key}: must be {what}, got {value!r}")
+    return value
+
+
+def _endpoint(key: str, endpoint: str) -> None:
+    scheme, sep, rest = endpoint.partition("://") if isinstance(endpoint, str) else ("", "", "")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ConfigError(f"{key}: {endpoint!r} is not an endpoint such as tcp://127.0.0.1:8002 or ipc:///run/dfz/api")
+    if scheme == "ipc" and len(rest) > IPC_PATH_LIMIT:
+        raise ConfigError(f"{key}: the ipc path of {endpoint!r} is longer than {IPC_PATH_LIMIT} characters")

@@ -1,0 +1,1232 @@
+"""The peer daemon (``dfz daemon``, ``dfz seed``): storage, piece server, scheduler link and downloads.
+
+One :class:`Daemon` owns, for its lifetime (``run``):
+
+* the :class:`~dfz.peer.storage.Storage` of its data directory (tasks survive restarts);
+* a :class:`~dfz.peer.upload.PieceServer` that serves every stored task, finished or still arriving;
+* the **scheduler link**: one :class:`dfz.broker.Client` session to the scheduler (``sched.*``, see
+  ``protocol.md`` §14). On every new session it announces its host (same ``boot`` for the whole process,
+  so a reconnect resumes the host); an announce that is not ``resumed`` makes every running download
+  register again. Pushes are routed by peer id to the download they are about, in arrival order;
+* the **downloads**: one :class:`_Download` per task, shared by every caller of :meth:`Daemon.download`
+  for that task (and by a seed trigger). It registers a peer for the task and follows the scheduler:
+  ``parents`` → a :class:`~dfz.peer.download.Downloader` verifying every piece against the digests the
+  scheduler forwards; ``back_to_source`` → :func:`~dfz.peer.origin.fetch_from_origin`, reporting the
+  task's metadata and each piece's digest; ``wait`` → wait for pushes; ``fail`` → fail with the reason.
+* the **reporter**: piece reports are collected per peer and sent as one ``sched.pieces`` every
+  ``report_interval`` (or when a batch is full); any other report about a peer first flushes that
+  peer's batch, so the scheduler always sees a peer's pieces before its ``peer_finished``.
+
+Rules of this file:
+
+* Every background task lives in the daemon's nursery; push callbacks are synchronous and only hand
+  messages to the download they name (an unbounded inbox: the scheduler bounds what it pushes).
+* An output file appears only after every piece was verified (against the scheduler's digests, or
+  computed from the origin), the whole-file BLAKE3 digest was computed (and matched the scheduler's when
+  it knows one) and the caller's ``--digest`` matched: :meth:`StoredTask.export` writes a temporary name
+  and renames it.
+* Failures a user can meet end the download with ``FAILED`` and an ``error_kind`` (see
+  :mod:`dfz.peer.local`). The origin-fetching peer puts the kind at the start of the reason it reports
+  (``[origin_not_found] ...``), so that peers failed by the scheduler for the same reason tell their users
+  the same kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+import zmq
+
+from ..broker import ClientConfig, ConnectionLost, Message, RemoteError, RequestTimeout
+from ..broker.client import Client
+from ..log import event, get_logger
+from ..sched.messages import (
+    MAX_AVOID,
+    MAX_DIGESTS_PER_MESSAGE,
+    MAX_FAILED_PER_REPORT,
+    MAX_FINISHED_PER_REPORT,
+    SCHED_CATALOGUE,
+    FailedPiece,
+    FinishedPiece,
+    SchedAnnounceHost,
+    SchedAnnounceTask,
+    SchedBackToSource,
+    SchedDigests,
+    SchedErrorCode,
+    SchedFail,
+    SchedHostAnnounced,
+    SchedParent,
+    SchedParents,
+    SchedPeerFailed,
+    SchedPeerFinished,
+    SchedPeerLeft,
+    SchedPeerRegistered,
+    SchedPieces,
+    SchedRefused,
+    SchedRegisterPeer,
+    SchedReschedule,
+    SchedSeed,
+    SchedTaskAnnounced,
+    SchedTaskInfo,
+    SchedTaskMetadata,
+)
+from ..tasks import (
+    DEFAULT_FILTERED_QUERY_PARAMS,
+    Digest,
+    DigestFormatError,
+    DigestMismatch,
+    InvalidPieceLength,
+    PieceLayout,
+    needs_swarm,
+    validate_piece_length,
+)
+from ..tasks import (
+    task_id as compute_task_id,
+)
+from .config import DaemonConfig
+from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, PieceFailure
+from .local import CachedTask, DownloadRequest, DownloadState, Progress
+from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
+from .ratelimit import RateLimiter
+from .source import SourceError, SourceRegistry, default_registry
+from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
+from .storage import TaskState as StoredState
+from .upload import PieceServer, PieceServerConfig
+
+log = get_logger("peer.daemon")
+
+_SYNC_INTERVAL = 60.0
+"""Seconds between two syncs of the storage."""
+_KIND_IN_REASON = re.compile(r"\[([a-z_]{1,40})\]")
+
+
+class _Failed(Exception):
+    """A download ends: ``kind`` is the :attr:`Progress.error_kind`."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _failed(reason: str, default_kind: str) -> _Failed:
+    """The failure for a reason from the scheduler: of the kind the reason names (``[origin_not_found]
+    ...``, put there by the peer that met it), else ``default_kind``; the tag is left out of the message."""
+    found = _KIND_IN_REASON.search(reason)
+    if found is None:
+        return _Failed(default_kind, reason)
+    return _Failed(found.group(1), reason[: found.start()] + reason[found.end() :].lstrip())
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that ended a download from inside a nursery: a :class:`_Failed` if there is one,
+    else the first leaf that is not a cancellation (cancellations only if there is nothing else)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    for wanted in (_Failed, Exception):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0] if leaves else group
+
+
+def _endpoint_of(parent: SchedParent) -> str:
+    host = f"[{parent.ip}]" if ":" in parent.ip else parent.ip
+    return f"tcp://{host}:{parent.port}"
+
+
+@dataclass
+class _Outcome:
+    done: bool = False
+    state: DownloadState = DownloadState.PENDING
+    error: str = ""
+    error_kind: str = ""
+
+
+class _Download:
+    """One task being fetched by this daemon, shared by every caller that asks for it.
+
+    ``run`` registers a peer and follows the scheduler's assignment until every piece is stored and the
+    task finished (``outcome.state`` SUCCEEDED), or fails (FAILED with a kind) or is cancelled. A
+    re-announce that is not ``resumed`` (the scheduler forgot this host) cancels the current attempt and
+    registers a new peer; the pieces stored so far are kept.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        task_id: str,
+        *,
+        url: str,
+        headers: tuple[tuple[str, str], ...],
+        tag: str,
+        application: str,
+        piece_length: int | None,
+        back_to_source: bool,
+    ) -> None:
+        self.daemon = daemon
+        self.task_id = task_id
+        self.url = url
+        self.headers = headers
+        self.tag = tag
+        self.application = application
+        self.fixed_piece_length = piece_length
+        self.back_to_source_allowed = back_to_source
+        self.outcome = _Outcome()
+        self.changed = trio.Event()
+        self.finished = trio.Event()
+        self.scope = trio.CancelScope()
+        self.peer_id = ""
+        self.stored: StoredTask | None = None
+        # what is known of the task (from the scheduler, or from the origin)
+        self.content_length: int | None = None
+        self.piece_length: int | None = None
+        self.digest: str | None = None
+        self.digests: dict[int, str] = {}
+        self.parents: list[SchedParent] = []
+        self.peer_of_endpoint: dict[str, str] = {}
+        # progress
+        self.pieces_done = 0
+        self.bytes_done = 0
+        self.bytes_from_peers = 0
+        self.bytes_from_origin = 0
+        self._attempt_scope: trio.CancelScope | None = None
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message | str](math.inf)
+        self._downloader: Downloader | None = None
+        self._starting = False
+        self._resumed: dict[int, str] = {}
+        """Pieces stored before this peer registered, not reported yet (their digests as stored)."""
+        self._ended_at_scheduler = False
+        """The scheduler knows this peer ended (it failed it, or was told): no ``peer_left`` needed."""
+        self.interest = 0
+        """Callers of :meth:`Daemon.download` following this download."""
+        self.pinned = False
+        """Kept running with no caller (a seed trigger)."""
+
+    # -- progress --
+
+    def progress(self) -> Progress:
+        count = None
+        if self.content_length is not None and self.piece_length is not None:
+            count = PieceLayout(self.content_length, self.piece_length).count
+        return Progress(
+            task_id=self.task_id,
+            state=self.outcome.state,
+            content_length=self.content_length,
+            piece_count=count,
+            pieces_done=self.pieces_done,
+            bytes_done=self.bytes_done,
+            bytes_from_peers=self.bytes_from_peers,
+            bytes_from_origin=self.bytes_from_origin,
+            error=self.outcome.error,
+            error_kind=self.outcome.error_kind,
+        )
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _piece_landed(self, size: int, *, peers: int = 0, origin: int = 0) -> None:
+        self.pieces_done += 1
+        self.bytes_done += size
+        self.bytes_from_peers += peers
+        self.bytes_from_origin += origin
+        if self.outcome.state is DownloadState.PENDING:
+            self.outcome.state = DownloadState.RUNNING
+        self._changed()
+
+    # -- from the daemon --
+
+    def deliver(self, msg: Message | str) -> None:
+        self._inbox_send.send_nowait(msg)
+
+    def relink(self) -> None:
+        """The scheduler forgot this host's peers: register again."""
+        if self._attempt_scope is not None:
+            self._attempt_scope.cancel()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+    # -- the download --
+
+    async def run(self) -> None:
+        daemon = self.daemon
+        try:
+            with self.scope:
+                try:
+                    await self._run()
+                except BaseExceptionGroup as group:
+                    raise _leaf(group) from None
+                self.outcome.state = DownloadState.SUCCEEDED
+            if self.scope.cancelled_caught:
+                self.outcome.state = DownloadState.CANCELLED
+                self.outcome.error = "the download was cancelled (its task was deleted, or the daemon stops)"
+                self.outcome.error_kind = "cancelled"
+        except _Failed as e:
+            self.outcome.state = DownloadState.FAILED
+            self.outcome.error, self.outcome.error_kind = str(e), e.kind
+        except (StorageError, OSError) as e:
+            self.outcome.state = DownloadState.FAILED
+            self.outcome.error, self.outcome.error_kind = f"local storage failed: {e}", "storage_error"
+        except Exception as e:  # a bug: the callers must hear of it, the daemon goes on
+            event(log, logging.ERROR, "daemon.download_crashed", task=self.task_id, error=repr(e))
+            self.outcome.state = DownloadState.FAILED
+            self.outcome.error, self.outcome.error_kind = f"internal error: {e!r}", "internal"
+        finally:
+            if self.outcome.state is not DownloadState.SUCCEEDED and self.peer_id and not self._ended_at_scheduler:
+                daemon._report(SchedPeerLeft(peer_id=self.peer_id))  # its children get other parents
+            self.outcome.done = True
+            daemon._download_ended(self)
+            self.finished.set()
+            self._changed()
+        event(
+            log,
+            logging.INFO,
+            "daemon.download_ended",
+            task=self.task_id,
+            state=self.outcome.state,
+            kind=self.outcome.error_kind,
+            error=self.outcome.error,
+        )
+
+    async def _run(self) -> None:
+        await self.daemon._wait_for_scheduler()
+        while True:
+            with trio.CancelScope() as attempt:
+                self._attempt_scope = attempt
+                await self._attempt()
+                return
+            event(log, logging.INFO, "daemon.reregister", task=self.task_id, old_peer=self.peer_id)
+            await self.daemon._wait_for_scheduler()
+
+    def _new_peer(self) -> str:
+        daemon = self.daemon
+        daemon._peers.pop(self.peer_id, None)
+        self.peer_id = f"{daemon.host_id}.{self.task_id[:12]}.{secrets.token_hex(4)}"
+        self._ended_at_scheduler = False
+        daemon._peers[self.peer_id] = self
+        while True:  # pushes about the previous peer are stale
+            try:
+                self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+        return self.peer_id
+
+    async def _register(self, peer_id: str) -> SchedPeerRegistered:
+        daemon = self.daemon
+        msg = SchedRegisterPeer(
+            peer_id=peer_id,
+            task_id=self.task_id,
+            url=self.url,
+            tag=self.tag,
+            application=self.application,
+            piece_length=self.fixed_piece_length,
+            back_to_source=self.back_to_source_allowed,
+            headers=list(self.headers),
+        )
+        for _ in range(5):
+            try:
+                reply = await daemon.sched.request(msg, timeout=daemon.config.register_timeout)
+                return reply.expect(SchedPeerRegistered)
+            except (ConnectionLost, RequestTimeout):
+                await daemon._wait_for_scheduler()
+            except RemoteError as e:
+                if e.code == SchedErrorCode.NOT_ANNOUNCED:
+                    await trio.sleep(0.1)
+                    await daemon._wait_for_scheduler()
+                    continue
+                raise _Failed("scheduler_refused", f"the scheduler refused the download: {e}") from None
+        raise _Failed(
+            "scheduler_unreachable", f"the scheduler at {daemon.config.scheduler} did not answer the registration; try again"
+        )
+
+    def _learn(
+        self,
+        *,
+        content_length: int | None = None,
+        piece_length: int | None = None,
+        digest: str | None = None,
+        digests: Iterable[tuple[int, str]] = (),
+    ) -> None:
+        if content_length is not None:
+            self.content_length = content_length
+        if piece_length is not None:
+            self.piece_length = piece_length
+        if digest is not None:
+            self.digest = digest
+        fresh = {k: d for k, d in digests if k not in self.digests}
+        self.digests.update(fresh)
+        if fresh and self._downloader is not None:
+            self._downloader.add_digests(fresh)
+            self._report_resumed()
+        self._changed()
+
+    def _report_resumed(self) -> None:
+        """Report the pieces this peer found stored (a resumed download) once the scheduler's digest of
+        each is known, naming the host's cache as their parent (``protocol.md`` §14.4)."""
+        layout = self._layout()
+        if not self._resumed or layout is None:
+            return
+        cache = f"{self.daemon.host_id}.cache"
+        for piece in [k for k in self._resumed if k in self.digests]:
+            digest = self._resumed.pop(piece)
+            if piece < layout.count:
+                size = layout.size(piece)
+                self.daemon._report_piece(self.peer_id, FinishedPiece(piece=piece, digest=digest, size=size, parent=cache))
+
+    async def _attempt(self) -> None:
+        daemon = self.daemon
+        # What an earlier attempt left (it was cancelled by a relink): its parents were the old peer's.
+        self._downloader, self._starting, self.parents = None, False, []
+        peer_id = self._new_peer()
+        reply = await self._register(peer_id)
+        self._learn(
+            content_length=reply.content_length, piece_length=reply.piece_length, digest=reply.digest, digests=reply.digests
+        )
+        if reply.assignment == "failed":
+            self._ended_at_scheduler = True
+            raise _failed(reply.reason or "the scheduler failed the download", "scheduler_failed")
+        if reply.assignment == "back_to_source":
+            await self._back_to_source(peer_id)
+            return
+        if reply.assignment == "parents":
+            self._set_parents(reply.parents)
+        go_to_origin = downloaded = False
+        failure: _Failed | None = None
+        async with trio.open_nursery() as nursery:
+            while True:
+                if self._tiny():
+                    break
+                if self._downloader is None and self._layout() is not None and self.parents and not self._starting:
+                    self._starting = True
+                    nursery.start_soon(self._download_from_parents, peer_id)
+                msg = await self._inbox.receive()
+                if isinstance(msg, str):  # "downloaded": every piece is stored
+                    downloaded = True
+                    break
+                match msg:
+                    case SchedParents():
+                        self._set_parents(msg.parents)
+                    case SchedDigests():
+                        self._learn(digests=msg.digests)
+                    case SchedTaskInfo():
+                        self._learn(content_length=msg.content_length, piece_length=msg.piece_length, digest=msg.digest)
+                    case SchedBackToSource():
+                        go_to_origin = True
+                        break
+                    case SchedFail():
+                        self._ended_at_scheduler = True
+                        failure = _failed(msg.reason, "scheduler_failed")
+                        break
+                    case SchedRefused() if msg.code == SchedErrorCode.UNKNOWN_PEER:
+                        self.relink()
+                        await trio.sleep_forever()
+                    case _:
+                        pass
+            nursery.cancel_scope.cancel()
+        self._downloader = None
+        self._starting = False
+        if failure is not None:
+            raise failure
+        if go_to_origin:
+            await self._back_to_source(peer_id)
+            return
+        if not downloaded:  # an empty or tiny file
+            daemon._report(SchedPeerLeft(peer_id=peer_id))
+            self._ended_at_scheduler = True
+            await self._fetch_direct()
+            return
+        await self._finish(peer_id)
+
+    def _tiny(self) -> bool:
+        return self.content_length is not None and not needs_swarm(self.content_length) and self.back_to_source_allowed
+
+    def _layout(self) -> PieceLayout | None:
+        if self.content_length is None or self.piece_length is None:
+            return None
+        return PieceLayout(self.content_length, self.piece_length)
+
+    def _set_parents(self, parents: list[SchedParent]) -> None:
+        self.parents = list(parents)
+        for p in parents:
+            self.peer_of_endpoint[_endpoint_of(p)] = p.peer_id
+        if self._downloader is not None:
+            self._downloader.set_parents(_endpoint_of(p) for p in parents)
+
+    async def _open_task(self, layout: PieceLayout) -> StoredTask:
+        storage = self.daemon.storage
+        try:
+            task = await trio.to_thread.run_sync(
+                lambda: storage.get_or_create(
+                    self.task_id, url=self.url, piece_length=layout.piece_length, content_length=layout.content_length
+                )
+            )
+        except LayoutConflict:
+            await trio.to_thread.run_sync(storage.delete, self.task_id)
+            task = await trio.to_thread.run_sync(
+                lambda: storage.create(
+                    self.task_id, url=self.url, piece_length=layout.piece_length, content_length=layout.content_length
+                )
+            )
+        self.stored = task
+        self.daemon.piece_server.add_task(task)
+        info = await trio.to_thread.run_sync(task.info)
+        self.pieces_done, self.bytes_done = info.pieces_stored, info.bytes_stored
+        return task
+
+    async def _download_from_parents(self, peer_id: str) -> None:
+        daemon = self.daemon
+        layout = self._layout()
+        assert layout is not None
+        task = await self._open_task(layout)
+        stored = await trio.to_thread.run_sync(task.piece_digests)
+        self._resumed = {k: d for k, d in enumerate(stored) if d is not None}
+
+        def on_piece(done: PieceDone) -> None:
+            daemon.piece_server.announce(self.task_id, done.piece)
+            daemon._report_piece(
+                peer_id,
+                FinishedPiece(
+                    piece=done.piece,
+                    digest=done.digest,
+                    size=done.size,
+                    cost_ms=min(int(done.cost * 1000), 0xFFFF_FFFF),
+                    parent=self.peer_of_endpoint.get(done.parent),
+                ),
+            )
+            self._piece_landed(done.size, peers=done.size)
+
+        def on_failed(failure: PieceFailure) -> None:
+            parent = self.peer_of_endpoint.get(failure.parent)
+            if failure.kind is FailureKind.BAD and parent is not None:
+                daemon._report_failed(peer_id, FailedPiece(piece=failure.piece, parent=parent, reason=failure.reason[:256]))
+
+        def on_parent_lost(endpoint: str, reason: str) -> None:
+            dl = self._downloader
+            if dl is not None and not dl.parents and not dl.done:
+                avoid = [self.peer_of_endpoint[e] for e in dl.blocked if e in self.peer_of_endpoint]
+                daemon._report(SchedReschedule(peer_id=peer_id, avoid=avoid[:MAX_AVOID]))
+
+        downloader = Downloader(
+            task,
+            layout,
+            digests={k: d for k, d in self.digests.items() if k < layout.count},
+            parents=[_endpoint_of(p) for p in self.parents],
+            config=daemon.downloader_config,
+            on_piece=on_piece,
+            on_piece_failed=on_failed,
+            on_parent_lost=on_parent_lost,
+            limiter=daemon.download_limiter,
+            name=f"dfz-daemon-{daemon.host_id}",
+            ctx=daemon.ctx,
+        )
+        self._downloader = downloader
+        self._report_resumed()
+        await downloader.run()
+        self.deliver("downloaded")
+
+    async def _finish(self, peer_id: str) -> None:
+        """Every piece is stored: compute the whole-file digest (it must match the scheduler's, when it
+        knows one), report success, and tell the children this parent has everything."""
+        task = self.stored
+        assert task is not None
+        try:
+            info = await trio.to_thread.run_sync(lambda: task.finish(content_digest=self.digest))
+        except DigestMismatch as e:
+            self.daemon._report(SchedPeerFailed(peer_id=peer_id, reason=f"[digest_mismatch] {e}"[:4096]))
+            self._ended_at_scheduler = True
+            await trio.to_thread.run_sync(self.daemon.storage.delete, self.task_id)
+            raise _Failed("digest_mismatch", f"the downloaded file does not match the origin's digest: {e}") from None
+        assert info.content_length is not None and info.content_digest is not None
+        self.daemon._report(SchedPeerFinished(peer_id=peer_id, content_length=info.content_length, digest=info.content_digest))
+        self.daemon._served[self.task_id] = peer_id
+        self.daemon.piece_server.task_finished(self.task_id)
+
+    async def _back_to_source(self, peer_id: str) -> None:
+        daemon = self.daemon
+        stored = await trio.to_thread.run_sync(daemon.storage.get, self.task_id)
+        if stored is not None and stored.state is StoredState.SUCCEEDED:
+            await self._report_stored(peer_id, stored)
+            return
+        report = daemon._report
+
+        def on_task(task: StoredTask) -> None:
+            self.stored = task
+            daemon.piece_server.add_task(task)
+
+        def on_metadata(piece_length: int, content_length: int | None) -> None:
+            report(SchedTaskMetadata(peer_id=peer_id, piece_length=piece_length, content_length=content_length))
+            self._learn(content_length=content_length, piece_length=piece_length)
+
+        def on_piece(piece: OriginPiece) -> None:
+            daemon.piece_server.announce(self.task_id, piece.index)
+            daemon._report_piece(
+                peer_id,
+                FinishedPiece(piece=piece.index, digest=piece.digest, size=piece.size, cost_ms=int(piece.cost * 1000)),
+            )
+            self._piece_landed(piece.size, origin=piece.size if piece.fetched else 0)
+
+        try:
+            backend = daemon.sources.backend_for(self.url)
+            self.pieces_done = self.bytes_done = 0
+            await fetch_from_origin(
+                backend,
+                self.url,
+                dict(self.headers),
+                storage=daemon.storage,
+                task_id=self.task_id,
+                fixed_piece_length=self.fixed_piece_length,
+                concurrency=daemon.config.origin_concurrency,
+                on_task=on_task,
+                on_metadata=on_metadata,
+                on_piece=on_piece,
+            )
+        except (OriginError, SourceError) as e:
+            err = e if isinstance(e, OriginError) else origin_error_of(e)
+            report(SchedPeerFailed(peer_id=peer_id, reason=f"[{err.kind}] {err}"[:4096], origin_error=err.origin_error))
+            self._ended_at_scheduler = True
+            raise _Failed(err.kind, str(err)) from None
+        await self._finish(peer_id)
+
+    async def _report_stored(self, peer_id: str, task: StoredTask) -> None:
+        """Sent to the origin for a task this daemon has whole already (a restarted seed): report it from
+        the storage, without touching the origin."""
+        daemon = self.daemon
+        self.stored = task
+        daemon.piece_server.add_task(task)
+        layout = task.layout()
+        assert layout is not None
+        daemon._report(SchedTaskMetadata(peer_id=peer_id, piece_length=task.piece_length, content_length=layout.content_length))
+        self._learn(content_length=layout.content_length, piece_length=task.piece_length)
+        for index, digest in enumerate(task.piece_digests()):
+            assert digest is not None
+            daemon._report_piece(peer_id, FinishedPiece(piece=index, digest=digest, size=layout.size(index)))
+            self._piece_landed(layout.size(index))
+        await self._finish(peer_id)
+
+    async def _fetch_direct(self) -> None:
+        """An empty or tiny file: no swarm, straight from the origin (nothing to report)."""
+        daemon = self.daemon
+        self.pieces_done = self.bytes_done = 0
+
+        def on_piece(piece: OriginPiece) -> None:
+            self._piece_landed(piece.size, origin=piece.size if piece.fetched else 0)
+
+        try:
+            task = await fetch_from_origin(
+                daemon.sources.backend_for(self.url),
+                self.url,
+                dict(self.headers),
+                storage=daemon.storage,
+                task_id=self.task_id,
+                fixed_piece_length=self.fixed_piece_length,
+                concurrency=1,
+                on_task=lambda t: None,
+                on_metadata=lambda pl, cl: self._learn(content_length=cl, piece_length=pl),
+                on_piece=on_piece,
+            )
+        except SourceError as e:
+            err = origin_error_of(e)
+            raise _Failed(err.kind, str(err)) from None
+        except OriginError as e:
+            raise _Failed(e.kind, str(e)) from None
+        self.stored = task
+        await trio.to_thread.run_sync(task.finish)
+
+
+class Daemon:
+    """The peer daemon. ``await nursery.start(Daemon(config).run)`` returns it once its piece server
+    listens and its scheduler client runs (the scheduler may not be reachable yet: downloads wait for it
+    up to ``scheduler_wait``); cancel to stop (the scheduler hears ``bye`` and forgets this host).
+
+    Implements :class:`dfz.peer.local.DownloadService`. ``sources`` replaces the default source
+    backends (tests pass one with fast retries); ``downloader_config`` and ``piece_server_config`` tune
+    the piece protocol (the daemon sets their rate limits and upload slots from ``config``).
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        sources: SourceRegistry | None = None,
+        downloader_config: DownloaderConfig | None = None,
+        piece_server_config: PieceServerConfig | None = None,
+        ctx: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.sources = sources or default_registry()
+        self.downloader_config = downloader_config or DownloaderConfig()
+        self.piece_server_config = replace(
+            piece_server_config or PieceServerConfig(),
+            upload_slots=config.upload_slots,
+            rate_limit=config.upload_rate_limit,
+        )
+        self.ctx = ctx
+        self.boot = secrets.token_hex(8)
+        self.host_id = config.host_id
+        self.download_limiter = RateLimiter(config.download_rate_limit)
+        self._storage: Storage | None = None
+        self._piece_server: PieceServer | None = None
+        self._sched: Client | None = None
+        self._nursery: trio.Nursery | None = None
+        self._downloads: dict[str, _Download] = {}
+        self._peers: dict[str, _Download] = {}
+        self._served: dict[str, str] = {}  # task id -> the finished peer that serves it
+        self._announced = trio.Event()
+        self._need_announce = trio.Event()
+        self._batches: dict[str, tuple[list[FinishedPiece], list[FailedPiece]]] = {}
+        self._outbox: deque[Message] = deque()
+        self._report_wake = trio.Event()
+        self.ip = ""
+        self.port = 0
+
+    # -- parts, once running --
+
+    @property
+    def storage(self) -> Storage:
+        assert self._storage is not None, "the daemon is not running"
+        return self._storage
+
+    @property
+    def piece_server(self) -> PieceServer:
+        assert self._piece_server is not None, "the daemon is not running"
+        return self._piece_server
+
+    @property
+    def sched(self) -> Client:
+        assert self._sched is not None, "the daemon is not running"
+        return self._sched
+
+    @property
+    def piece_endpoints(self) -> list[str]:
+        """Where the piece server listens (``tcp://...:0`` resolved to its port)."""
+        return self.piece_server.endpoints
+
+    @property
+    def scheduler_connected(self) -> bool:
+        return self._announced.is_set()
+
+    # -- lifetime --
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        data_dir = Path(cfg.data_dir)
+        self._storage = await trio.to_thread.run_sync(Storage, data_dir)
+        try:
+            if not self.host_id:
+                self.host_id = await trio.to_thread.run_sync(_host_id, data_dir)
+            self._piece_server = PieceServer(
+                self._storage, cfg.listen, config=self.piece_server_config, name=f"dfz-pieces-{self.host_id}", ctx=self.ctx
+            )
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._piece_server.run)
+                self.ip, self.port = _advertised(cfg, self._piece_server.endpoints)
+                self._sched = Client(
+                    SCHED_CATALOGUE,
+                    cfg.scheduler,
+                    name=f"dfz-{'seed' if cfg.seed else 'daemon'}-{self.host_id}",
+                    config=ClientConfig(heartbeat=cfg.heartbeat, timeout=cfg.register_timeout),
+                    ctx=self.ctx,
+                    on_state=self._on_sched_state,
+                )
+                self._install_push_handlers(self._sched)
+                await nursery.start(self._sched.run)
+                nursery.start_soon(self._announcer)
+                nursery.start_soon(self._reporter)
+                nursery.start_soon(self._syncer)
+                event(
+                    log,
+                    logging.INFO,
+                    "daemon.started",
+                    host=self.host_id,
+                    seed=cfg.seed,
+                    pieces=",".join(self._piece_server.endpoints),
+                    scheduler=cfg.scheduler,
+                )
+                task_status.started(self)
+        finally:
+            self._nursery = None
+            self._storage.close()
+
+    async def _syncer(self) -> None:
+        """Make the stored data durable now and then (``Storage.sync``), so that a crash does not make
+        the next start re-verify tasks that finished long ago."""
+        while True:
+            await trio.sleep(_SYNC_INTERVAL)
+            await trio.to_thread.run_sync(self.storage.sync)
+
+    # -- the scheduler link --
+
+    def _on_sched_state(self, state: str) -> None:
+        if state == "connected":
+            self._need_announce.set()
+        elif state == "lost" and self._announced.is_set():
+            self._announced = trio.Event()
+
+    async def _wait_for_scheduler(self) -> None:
+        """Wait (up to ``scheduler_wait``) until the host is announced; else fail the download."""
+        with trio.move_on_after(self.config.scheduler_wait):
+            await self._announced.wait()
+            return
+        raise _Failed(
+            "scheduler_unreachable",
+            f"cannot reach the scheduler at {self.config.scheduler} (waited {self.config.scheduler_wait:g} s): "
+            "check that `dfz sched` runs there and that --scheduler names its endpoint",
+        )
+
+    async def _announcer(self) -> None:
+        cfg = self.config
+        while True:
+            await self._need_announce.wait()
+            self._need_announce = trio.Event()
+            msg = SchedAnnounceHost(
+                host_id=self.host_id,
+                boot=self.boot,
+                hostname=socket.gethostname()[:256],
+                ip=self.ip,
+                port=self.port,
+                type="seed" if cfg.seed else "normal",
+                idc=cfg.idc,
+                location=cfg.location,
+                upload_capacity=cfg.upload_capacity,
+                upload_slots=cfg.upload_slots,
+            )
+            try:
+                reply = (await self.sched.request(msg, timeout=cfg.register_timeout)).expect(SchedHostAnnounced)
+            except (ConnectionLost, RequestTimeout) as e:
+                event(log, logging.WARNING, "daemon.announce_failed", error=str(e))
+                if self.sched.connected:
+                    self._need_announce.set()
+                    await trio.sleep(0.5)
+                continue
+            except RemoteError as e:
+                # HOST_TAKEN and the like: a configuration error; downloads fail by timeout with the log saying why.
+                event(log, logging.ERROR, "daemon.announce_refused", code=e.code, error=str(e))
+                await trio.sleep(5)
+                self._need_announce.set()
+                continue
+            event(log, logging.INFO, "daemon.announced", host=self.host_id, resumed=reply.resumed, session=reply.session)
+            if not reply.resumed:
+                self._batches.clear()
+                self._outbox.clear()
+                for download in list(self._downloads.values()):
+                    download.relink()
+                self._served.clear()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._announce_stored)
+            self._announced.set()
+
+    async def _announce_stored(self) -> None:
+        """Offer every finished task in the storage to the swarm (``sched.announce_task``): after a
+        restart, or when the scheduler forgot this host, so that its cache keeps serving others."""
+        infos = await trio.to_thread.run_sync(self.storage.list_tasks)
+        for info in infos:
+            tid = info.task_id
+            if info.state is not StoredState.SUCCEEDED or tid in self._downloads or tid in self._served:
+                continue
+            if info.piece_count is None or info.piece_count > MAX_DIGESTS_PER_MESSAGE:
+                continue  # too many digests for one announcement: the task is served once requested again
+            stored = await trio.to_thread.run_sync(self.storage.get, tid)
+            if stored is None or stored.state is not StoredState.SUCCEEDED or stored.content_digest is None:
+                continue
+            digests = [(i, d) for i, d in enumerate(stored.piece_digests()) if d is not None]
+            assert stored.content_length is not None
+            peer_id = f"{self.host_id}.{tid[:12]}.{secrets.token_hex(4)}"
+            msg = SchedAnnounceTask(
+                peer_id=peer_id,
+                task_id=tid,
+                url=stored.url,
+                piece_length=stored.piece_length,
+                content_length=stored.content_length,
+                digest=stored.content_digest,
+                digests=digests,
+            )
+            try:
+                (await self.sched.request(msg, timeout=self.config.register_timeout)).expect(SchedTaskAnnounced)
+            except (ConnectionLost, RequestTimeout):
+                return  # the next announce tries again
+            except RemoteError as e:
+                event(log, logging.WARNING, "daemon.task_not_announced", task=tid, code=e.code, error=str(e))
+                continue
+            self._served[tid] = peer_id
+            self.piece_server.add_task(stored)
+            event(log, logging.INFO, "daemon.task_announced", task=tid, peer=peer_id)
+
+    def _install_push_handlers(self, client: Client) -> None:
+        def to_peer(msg: SchedParents | SchedBackToSource | SchedFail, _payload: list[Any]) -> None:
+            self._route(msg.peer_id, msg)
+
+        def to_peers(msg: SchedDigests | SchedTaskInfo, _payload: list[Any]) -> None:
+            for peer_id in msg.peer_ids:
+                self._route(peer_id, msg)
+
+        def refused(msg: SchedRefused, _payload: list[Any]) -> None:
+            event(
+                log, logging.WARNING, "daemon.report_refused", type=msg.type, code=msg.code, peer=msg.peer_id, reason=msg.reason
+            )
+            if msg.peer_id:
+                self._route(msg.peer_id, msg)
+
+        client.on_push(SchedParents, to_peer)
+        client.on_push(SchedBackToSource, to_peer)
+        client.on_push(SchedFail, to_peer)
+        client.on_push(SchedDigests, to_peers)
+        client.on_push(SchedTaskInfo, to_peers)
+        client.on_push(SchedRefused, refused)
+        client.on_push(SchedSeed, lambda msg, _payload: self._on_seed(msg))
+
+    def _route(self, peer_id: str, msg: Message) -> None:
+        download = self._peers.get(peer_id)
+        if download is not None:
+            download.deliver(msg)
+
+    def _on_seed(self, msg: SchedSeed) -> None:
+        """A seed trigger: fetch the task for the swarm (unless it is being fetched already)."""
+        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id)
+        if msg.task_id in self._downloads or self._nursery is None:
+            return
+        download = _Download(
+            self,
+            msg.task_id,
+            url=msg.url,
+            headers=tuple((name, value) for name, value in msg.headers),
+            tag=msg.tag,
+            application=msg.application,
+            piece_length=msg.piece_length,
+            back_to_source=True,
+        )
+        download.pinned = True
+        self._start(download)
+
+    # -- reports --
+
+    def _report_piece(self, peer_id: str, piece: FinishedPiece) -> None:
+        finished, _ = self._batches.setdefault(peer_id, ([], []))
+        finished.append(piece)
+        if len(finished) >= MAX_FINISHED_PER_REPORT:
+            self._flush(peer_id)
+            self._report_wake.set()
+
+    def _report_failed(self, peer_id: str, piece: FailedPiece) -> None:
+        _, failed = self._batches.setdefault(peer_id, ([], []))
+        failed.append(piece)
+        self._flush(peer_id)  # failures are worth telling at once: the scheduler finds other parents
+        self._report_wake.set()
+
+    def _report(self, msg: SchedTaskMetadata | SchedPeerFinished | SchedPeerFailed | SchedPeerLeft | SchedReschedule) -> None:
+        """Queue a report about a peer, after the pieces of that peer collected so far."""
+        self._flush(msg.peer_id)
+        self._outbox.append(msg)
+        self._report_wake.set()
+
+    def _flush(self, peer_id: str) -> None:
+        batch = self._batches.pop(peer_id, None)
+        if batch is None:
+            return
+        finished, failed = batch
+        while finished or failed:
+            self._outbox.append(
+                SchedPieces(peer_id=peer_id, finished=finished[:MAX_FINISHED_PER_REPORT], failed=failed[:MAX_FAILED_PER_REPORT])
+            )
+            finished, failed = finished[MAX_FINISHED_PER_REPORT:], failed[MAX_FAILED_PER_REPORT:]
+
+    async def _reporter(self) -> None:
+        """Send the queued reports in order, and the piece batches every ``report_interval``."""
+        while True:
+            with trio.move_on_after(self.config.report_interval):
+                await self._report_wake.wait()
+            self._report_wake = trio.Event()
+            for peer_id in list(self._batches):
+                self._flush(peer_id)
+            while self._outbox:
+                if not self._announced.is_set():
+                    await self._announced.wait()
+                    continue
+                msg = self._outbox[0]
+                try:
+                    await self.sched.push(msg)
+                except ConnectionLost:
+                    continue  # the announce after the reconnect decides what is still worth sending
+                if self._outbox and self._outbox[0] is msg:
+                    self._outbox.popleft()
+
+    # -- downloads --
+
+    def _start(self, download: _Download) -> None:
+        assert self._nursery is not None, "the daemon is not running"
+        self._downloads[download.task_id] = download
+        self._nursery.start_soon(download.run)
+
+    def _download_ended(self, download: _Download) -> None:
+        if self._downloads.get(download.task_id) is download:
+            del self._downloads[download.task_id]
+        self._peers.pop(download.peer_id, None)
+
+    async def download(self, request: DownloadRequest) -> AsyncIterator[Progress]:
+        """Start (or join) the download of ``request`` and yield its progress; the last item is final.
+
+        See :class:`dfz.peer.local.DownloadService`. The task is shared with every other caller asking
+        for the same task id; each caller has its own output, ``--digest`` and timeout.
+        """
+        deadline = math.inf if request.timeout is None else trio.current_time() + request.timeout
+        try:
+            tid, expected = _check_request(request)
+        except (ValueError, DigestFormatError) as e:
+            yield Progress(task_id="", state=DownloadState.FAILED, error=str(e), error_kind="bad_request")
+            return
+        download = self._downloads.get(tid)
+        if download is None:
+            stored = await trio.to_thread.run_sync(self.storage.get, tid)
+            if stored is not None and stored.state is StoredState.SUCCEEDED and tid not in self._downloads:
+                yield await self._local_hit(stored, request, expected)
+                return
+            download = self._downloads.get(tid)
+            if download is None:
+                download = _Download(
+                    self,
+                    tid,
+                    url=request.url,
+                    headers=request.headers,
+                    tag=request.tag,
+                    application=request.application,
+                    piece_length=request.piece_length,
+                    back_to_source=request.back_to_source,
+                )
+                self._start(download)
+        last: Progress | None = None
+        download.interest += 1
+        try:
+            while not download.finished.is_set():
+                changed = download.changed
+                current = download.progress()
+                if current != last:
+                    last = current
+                    yield current
+                with trio.move_on_at(deadline):
+                    await changed.wait()
+                if trio.current_time() >= deadline and not download.finished.is_set():
+                    yield replace(
+                        download.progress(),
+                        state=DownloadState.FAILED,
+                        error=f"the download did not finish within {request.timeout:g} s",
+                        error_kind="timeout",
+                    )
+                    return
+        finally:
+            # The last caller gone (timeout, cancel, closed iterator): stop; the pieces stay for a resume.
+            download.interest -= 1
+            if download.interest == 0 and not download.pinned and not download.finished.is_set():
+                download.cancel()
+        final = download.progress()
+        if final.state is not DownloadState.SUCCEEDED:
+            yield final
+            return
+        yield await self._deliver(download.stored, final, request, expected)
+
+    async def _local_hit(self, stored: StoredTask, request: DownloadRequest, expected: Digest | None) -> Progress:
+        info = await trio.to_thread.run_sync(stored.info)
+        hit = Progress(
+            task_id=stored.task_id,
+            state=DownloadState.SUCCEEDED,
+            content_length=info.content_length,
+            piece_count=info.piece_count,
+            pieces_done=info.pieces_stored,
+            bytes_done=info.bytes_stored,
+            bytes_from_cache=info.bytes_stored,
+        )
+        return await self._deliver(stored, hit, request, expected)
+
+    async def _deliver(
+        self, stored: StoredTask | None, done: Progress, request: DownloadRequest, expected: Digest | None
+    ) -> Progress:
+        """Export the finished task to the caller's output (checking its digest); the final progress."""
+        if request.output is None:
+            if expected is not None and stored is not None:
+                return await self._check_only(stored, done, expected)
+            return done
+        if stored is None:
+            return replace(done, state=DownloadState.FAILED, error="internal error: no stored task", error_kind="internal")
+        output = request.output
+        try:
+            await trio.to_thread.run_sync(lambda: stored.export(output, digest=expected))
+        except DigestMismatch as e:
+            return replace(
+                done,
+                state=DownloadState.FAILED,
+                error=f"the file does not match --digest {expected}: {e.actual}; no output was written",
+                error_kind="digest_mismatch",
+            )
+        except ExportError as e:
+            return replace(done, state=DownloadState.FAILED, error=str(e), error_kind="output_error")
+        except (TaskIncomplete, StorageError) as e:
+            return replace(
+                done, state=DownloadState.FAILED, error=f"the cached task is damaged: {e}; try again", error_kind="storage_error"
+            )
+        return done
+
+    async def _check_only(self, stored: StoredTask, done: Progress, expected: Digest) -> Progress:
+        def check() -> None:
+            if expected.algorithm == "blake3":
+                expected.check(stored.content_digest or "", f"task {stored.task_id}")
+                return
+            h = expected.hasher()
+            layout = stored.layout()
+            assert layout is not None
+            for i in range(layout.count):
+                h.update(stored.read_piece(i))
+            expected.check(h.hexdigest(), f"task {stored.task_id}")
+
+        try:
+            await trio.to_thread.run_sync(check)
+        except DigestMismatch as e:
+            return replace(done, state=DownloadState.FAILED, error=str(e), error_kind="digest_mismatch")
+        return done
+
+    def list_tasks(self) -> list[CachedTask]:
+        out: list[CachedTask] = []
+        for info in self.storage.list_tasks():
+            out.append(
+                CachedTask(
+                    task_id=info.task_id,
+                    url=info.url,
+                    content_length=info.content_length,
+                    complete=info.state is StoredState.SUCCEEDED,
+                    pieces_done=info.pieces_stored,
+                    piece_count=info.piece_count,
+                    extra={"running": "yes"} if info.task_id in self._downloads else {},
+                )
+            )
+        return out
+
+    async def delete_task(self, task_id: str) -> bool:
+        download = self._downloads.get(task_id)
+        if download is not None:
+            download.cancel()
+            await download.finished.wait()
+        self.piece_server.drop_task(task_id, "deleted")
+        peer_id = self._served.pop(task_id, None)
+        if peer_id is not None:
+            self._peers.pop(peer_id, None)
+            self._report(SchedPeerLeft(peer_id=peer_id))
+        try:
+            return await trio.to_thread.run_sync(self.storage.delete, task_id)
+        except StorageError:
+            return False
+
+
+def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
+    """The task id and the expected digest of a request; ``ValueError`` says what is wrong with it."""
+    if not request.url:
+        raise ValueError("no URL given")
+    if request.output is not None and not os.path.isabs(request.output):
+        raise ValueError(f"output {request.output!r} must be an absolute path")
+    if request.timeout is not None and not request.timeout > 0:
+        raise ValueError(f"timeout {request.timeout!r} must be a positive number of seconds")
+    expected = Digest.parse(request.digest) if request.digest else None
+    if request.piece_length is not None:
+        try:
+            validate_piece_length(request.piece_length)
+        except InvalidPieceLength as e:
+            raise ValueError(str(e)) from None
+    filtered = DEFAULT_FILTERED_QUERY_PARAMS if request.filtered_query_params is None else request.filtered_query_params
+    tid = compute_task_id(
+        request.url,
+        tag=request.tag,
+        application=request.application,
+        tenant=request.tenant,
+        piece_length=request.piece_length,
+        filtered_query_params=filtered,
+    )
+    return tid, expected
+
+
+def _host_id(data_dir: Path) -> str:
+    """The host id kept in the data directory, made on first start."""
+    path = data_dir / "host_id"
+    try:
+        text = path.read_text().strip()
+        if text and len(text) <= 100 and all(0x21 <= ord(c) <= 0x7E for c in text):
+            return text
+    except FileNotFoundError:
+        pass
+    name = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-_.")[:60] or "host"
+    text = f"{name}-{secrets.token_hex(6)}"
+    tmp = path.with_name("host_id.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+    return text
+
+
+def _advertised(config: DaemonConfig, endpoints: list[str]) -> tuple[str, int]:
+    """The ip and port the scheduler hands to children: the first tcp endpoint's."""
+    for endpoint in endpoints:
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[len("tcp://") :].rpartition(":")
+            host = host.strip("[]")
+            if config.advertise_ip:
+                host = config.advertise_ip
+            elif host in ("0.0.0.0", "*", "::", ""):
+                host = socket.gethostbyname(socket.gethostname())
+            return host, int(port)
+    raise ValueError(f"the piece server needs a tcp endpoint that other peers can reach; it listens on {endpoints}")
+
+
+# --- running it as a program -----------------------------------------------------------------------------
+
+
+class ListenError(Exception):
+    """The daemon could not bind its piece server or its local API (in use, bad address, no permission)."""
+
+
+async def serve(config: DaemonConfig, *, on_ready: Callable[[Daemon, list[str]], None] | None = None) -> None:
+    """Run a :class:`Daemon` and its local API (:class:`dfz.peer.api.ApiServer`) until SIGTERM or SIGINT,
+    then stop both cleanly and return.
+
+    ``on_ready(daemon, api_endpoints)`` is called once both serve. Raises :class:`ListenError` when an
+    endpoint cannot be bound, :class:`~dfz.peer.config.ConfigError` for an unusable API endpoint, and
+    :class:`~dfz.peer.storage.StorageLocked` when another process uses the data directory.
+    """
+    from .api import ApiServer, EndpointInUse
+
+    api_endpoints = config.api_endpoints()
+    started = False
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                daemon = await nursery.start(Daemon(config).run)
+                api = await nursery.start(ApiServer(daemon, api_endpoints, name=f"dfz-api-{daemon.host_id}").run)
+                started = True
+                if on_ready is not None:
+                    on_ready(daemon, api.endpoints)
+                async for signum in signals:
+                    event(log, logging.INFO, "daemon.stopping", signal=signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if started:
+            raise
+        leaf = _leaf(group)
+        if isinstance(leaf, zmq.ZMQError | EndpointInUse):
+            raise ListenError(f"cannot listen on {', '.join([*config.listen, *api_endpoints])}: {leaf}") from None
+        if isinstance(leaf, Exception):
+            raise leaf from None
+        raise

@@ -1,0 +1,233 @@
+"""Back-to-source: fetch a task's missing pieces from its origin into the local storage.
+
+The peer the scheduler sends to the origin (normally a seed) calls :func:`fetch_from_origin`. It
+
+1. ``stat``-s the URL with the scheme's :class:`~dfz.peer.source.SourceBackend` and chooses the piece
+   length by the rule of :mod:`dfz.tasks` (or takes the fixed one asked for);
+2. opens the task in the storage (resuming the pieces stored already; a task stored with another layout
+   belongs to an older version of the file and is thrown away) and tells the caller, who makes it
+   servable to children *before* it reports the metadata, so that no child asks for an unknown task;
+3. fetches the missing pieces: with a known length and working ranges, ``origin_concurrency`` range
+   requests in flight, each into its own piece buffer; otherwise one stream, cut into pieces in order
+   (the length of a stream without Content-Length is known when it ends);
+4. writes each piece with :meth:`StoredTask.write_piece` (in a worker thread; it computes the piece's
+   BLAKE3, which is what the scheduler forwards to children) and hands ``(index, digest, size, cost)`` to
+   the caller, who announces it to children and reports it.
+
+Failures reach the caller as :class:`OriginError`, whose ``kind`` is one of the ``error_kind`` values of
+:class:`dfz.peer.local.Progress` and whose ``origin_error`` says whether the origin itself failed (the
+scheduler then fails every peer waiting on it) rather than the request being unusable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..tasks import InvalidPieceLength, PieceLayout, piece_length_for
+from .source import (
+    LARGE_BUFFER,
+    Headers,
+    MalformedURL,
+    SourceAuthError,
+    SourceBackend,
+    SourceChanged,
+    SourceError,
+    SourceInfo,
+    SourceNotFound,
+    SourceProtocolError,
+    SourceRangeNotSupported,
+    SourceRequestError,
+    SourceTLSError,
+    SourceUnavailable,
+    UnsupportedScheme,
+)
+from .storage import LayoutConflict, Storage, StoredTask
+
+
+class OriginError(Exception):
+    """Back-to-source failed. ``kind`` classifies it for the user (``origin_not_found``, ...);
+    ``origin_error`` is True when the origin itself failed (404, 5xx, reset, changed length)."""
+
+    def __init__(self, kind: str, message: str, *, origin_error: bool = True) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.origin_error = origin_error
+
+
+_KINDS: tuple[tuple[type[SourceError], str, bool], ...] = (
+    (SourceNotFound, "origin_not_found", True),
+    (SourceAuthError, "origin_auth", True),
+    (SourceChanged, "origin_changed", True),
+    (SourceRangeNotSupported, "origin_protocol", True),
+    (SourceProtocolError, "origin_protocol", True),
+    (SourceUnavailable, "origin_unavailable", True),
+    (SourceTLSError, "origin_tls", True),
+    (SourceRequestError, "origin_rejected", True),
+    (UnsupportedScheme, "bad_request", False),
+    (MalformedURL, "bad_request", False),
+)
+
+
+def origin_error_of(e: SourceError) -> OriginError:
+    """The :class:`OriginError` for a backend's error."""
+    for cls, kind, from_origin in _KINDS:
+        if isinstance(e, cls):
+            return OriginError(kind, str(e), origin_error=from_origin)
+    return OriginError("origin_error", str(e))
+
+
+@dataclass(frozen=True, slots=True)
+class OriginPiece:
+    """A piece stored from the origin, or found stored already (``fetched`` False, ``cost`` 0)."""
+
+    index: int
+    digest: str
+    size: int
+    cost: float
+    fetched: bool = True
+
+
+async def fetch_from_origin(
+    backend: SourceBackend,
+    url: str,
+    headers: Headers,
+    *,
+    storage: Storage,
+    task_id: str,
+    fixed_piece_length: int | None,
+    concurrency: int,
+    on_task: Callable[[StoredTask], None],
+    on_metadata: Callable[[int, int | None], None],
+    on_piece: Callable[[OriginPiece], None],
+) -> StoredTask:
+    """Store every piece of ``url`` in ``storage`` as task ``task_id``; return the task (not finished:
+    the caller finishes it, which computes the whole-file digest).
+
+    Callbacks, synchronous, on the trio thread, in this order: ``on_task(task)`` once the task is open,
+    ``on_metadata(piece_length, content_length)`` (again with the length when a stream of unknown length
+    ends), ``on_piece(OriginPiece)`` for each piece (those stored already first). Raises
+    :class:`OriginError`; ``trio.Cancelled`` leaves the pieces stored so far for a later resume.
+    """
+    try:
+        info = await backend.stat(url, headers)
+        try:
+            piece_length = piece_length_for(info.content_length, fixed_piece_length)
+            if info.content_length is not None:
+                PieceLayout(info.content_length, piece_length)
+        except InvalidPieceLength as e:
+            raise OriginError("bad_request", str(e), origin_error=False) from None
+        task = await trio.to_thread.run_sync(_open, storage, task_id, url, piece_length, info.content_length)
+        on_task(task)
+        on_metadata(piece_length, info.content_length)
+        digests = await trio.to_thread.run_sync(task.piece_digests)
+        for index, digest in enumerate(digests):
+            if digest is not None:
+                size = layout.size(index) if (layout := task.layout()) is not None else piece_length
+                on_piece(OriginPiece(index, digest, size, 0.0, fetched=False))
+        if info.content_length is not None and info.supports_ranges:
+            await _fetch_ranges(backend, url, headers, info=info, task=task, concurrency=concurrency, on_piece=on_piece)
+        else:
+            await _fetch_stream(backend, url, headers, info=info, task=task, on_metadata=on_metadata, on_piece=on_piece)
+        return task
+    except SourceError as e:
+        raise origin_error_of(e) from None
+    except LayoutConflict as e:
+        raise OriginError("origin_changed", f"the file changed at the origin during the download: {e}") from None
+
+
+def _open(storage: Storage, task_id: str, url: str, piece_length: int, content_length: int | None) -> StoredTask:
+    try:
+        return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length)
+    except LayoutConflict:
+        # Stored with another layout: an older version of the file. Start over.
+        storage.delete(task_id)
+        return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length)
+
+
+async def _buffer(size: int) -> bytearray:
+    return bytearray(size) if size < LARGE_BUFFER else await trio.to_thread.run_sync(bytearray, size)
+
+
+async def _fetch_ranges(
+    backend: SourceBackend,
+    url: str,
+    headers: Headers,
+    *,
+    info: SourceInfo,
+    task: StoredTask,
+    concurrency: int,
+    on_piece: Callable[[OriginPiece], None],
+) -> None:
+    layout = task.layout()
+    assert layout is not None
+    missing = await trio.to_thread.run_sync(task.missing_pieces)
+    send, receive = trio.open_memory_channel[int](len(missing) or 1)
+    for index in missing:
+        send.send_nowait(index)
+    send.close()
+
+    async def worker() -> None:
+        async for index in receive:
+            start, end = layout.span(index)
+            began = time.monotonic()
+            buffer = await _buffer(end - start)
+            await backend.read_range_into(url, start, buffer, headers, expect=info)
+            digest = await trio.to_thread.run_sync(task.write_piece, index, buffer)
+            on_piece(OriginPiece(index, digest, end - start, time.monotonic() - began))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(concurrency, len(missing))):
+            nursery.start_soon(worker)
+
+
+async def _fetch_stream(
+    backend: SourceBackend,
+    url: str,
+    headers: Headers,
+    *,
+    info: SourceInfo,
+    task: StoredTask,
+    on_metadata: Callable[[int, int | None], None],
+    on_piece: Callable[[OriginPiece], None],
+) -> None:
+    piece_length = task.piece_length
+    buffer = await _buffer(piece_length)
+    filled = 0
+    index = 0
+    total = 0
+    began = time.monotonic()
+
+    async def land(size: int) -> None:
+        nonlocal began
+        if not task.has_piece(index):
+            digest = await trio.to_thread.run_sync(task.write_piece, index, memoryview(buffer)[:size])
+            on_piece(OriginPiece(index, digest, size, time.monotonic() - began))
+        began = time.monotonic()
+
+    async with backend.stream(url, headers, expect=info) as chunks:
+        async for chunk in chunks:
+            view = memoryview(chunk)
+            total += len(view)
+            while view:
+                take = min(len(view), piece_length - filled)
+                buffer[filled : filled + take] = view[:take]
+                filled += take
+                view = view[take:]
+                if filled == piece_length:
+                    await land(filled)
+                    index += 1
+                    filled = 0
+    if info.content_length is not None and total != info.content_length:
+        raise OriginError(
+            "origin_changed", f"the origin sent {total} bytes of {url}, but announced {info.content_length}: did the file change?"
+        )
+    if filled:
+        await land(filled)  # the short last piece: it fixes the length of a stream that had none
+    if task.content_length is None:
+        await trio.to_thread.run_sync(task.set_content_length, total)
+    if info.content_length is None:
+        on_metadata(piece_length, total)
