@@ -82,7 +82,8 @@ def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> No
     import trio
 
     from .broker import default_context
-    from .sched.service import ConfigError, ListenError, ServiceConfig, serve
+    from .config import ConfigError
+    from .sched.service import ListenError, ServiceConfig, serve
 
     def listening(endpoints: list[str]) -> None:
         for endpoint in endpoints:
@@ -463,7 +464,8 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
     import trio
 
     from .broker import default_context
-    from .peer.config import ConfigError, DaemonConfig
+    from .config import ConfigError
+    from .peer.config import DaemonConfig
     from .peer.daemon import Daemon, ListenError, serve
     from .peer.storage import StorageError
 

@@ -138,10 +138,7 @@ class Server:
     # -- registration ---------------------------------------------------------------------------------
 
     def handle(self, msg_type: type[Message], handler: Handler) -> None:
-        if msg_type.KIND is not Kind.REQUEST:
-            raise ValueError(f"{msg_type.__name__} is not a request type")
-        if msg_type.wire_name() not in self.catalogue.types:
-            raise ValueError(f"{msg_type.__name__} is not in the catalogue")
+        self._check_request_type(msg_type)
         self._sync_handlers.pop(msg_type, None)
         self._handlers[msg_type] = handler
 
@@ -152,12 +149,15 @@ class Server:
         spawn and no scheduler pass, and requests are answered strictly in arrival order. It must not
         block; an exception is answered like one from :meth:`handle`'s handlers.
         """
+        self._check_request_type(msg_type)
+        self._handlers.pop(msg_type, None)
+        self._sync_handlers[msg_type] = handler
+
+    def _check_request_type(self, msg_type: type[Message]) -> None:
         if msg_type.KIND is not Kind.REQUEST:
             raise ValueError(f"{msg_type.__name__} is not a request type")
         if msg_type.wire_name() not in self.catalogue.types:
             raise ValueError(f"{msg_type.__name__} is not in the catalogue")
-        self._handlers.pop(msg_type, None)
-        self._sync_handlers[msg_type] = handler
 
     def on_push(self, msg_type: type[Message], handler: PushHandler) -> None:
         if msg_type.KIND not in (Kind.PUSH, Kind.CLIENT_PUSH):

@@ -40,7 +40,6 @@ import zmq
 
 from ..broker import CurveServer, PeerEvent, PeerGone, RemoteError, Request, Server, ServerConfig
 from ..log import event, get_logger
-from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
 from .api_messages import (
     API_CATALOGUE,
     FINAL_STATES,
@@ -211,15 +210,7 @@ class ApiServer:
         nursery = self._nursery
         if nursery is None:
             raise RemoteError(503, "the API server is stopping")
-        filters = DEFAULT_FILTERED_QUERY_PARAMS if request.filtered_query_params is None else request.filtered_query_params
-        tid = task_id(
-            request.url,
-            tag=request.tag,
-            application=request.application,
-            tenant=request.tenant,
-            piece_length=request.piece_length,
-            filtered_query_params=filters,
-        )
+        tid = request.task_id()
         d = _Download(f"{self._boot}-{next(self._ids)}", peer.routing_id, peer.session, request, tid)
         self.downloads[d.id] = d
         running.add(d.id)

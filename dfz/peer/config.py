@@ -8,21 +8,19 @@ value of the wrong type or range, is a :class:`ConfigError` whose message names 
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
+from ..config import read_toml
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:8002"
 DEFAULT_LISTEN = "tcp://127.0.0.1:0"
 """The piece server binds loopback on a free port unless told otherwise (the fabric is unauthenticated)."""
 IPC_PATH_LIMIT = 107
 """Longest ipc:// path ZeroMQ accepts (the size of ``sun_path``, less the terminating NUL)."""
-
-
-class ConfigError(ValueError):
-    """A configuration value (or file) that cannot be used; the message names the key and the source."""
 
 
 @dataclass(frozen=True)
@@ -110,13 +108,7 @@ class DaemonConfig:
         """Read a TOML file; ``overrides`` (non-None values, e.g. from flags) replace its keys. Relative
         ``data_dir`` paths in the file are relative to the file's directory."""
         path = Path(path)
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data = read_toml(path)
         if "data_dir" in data and isinstance(data["data_dir"], str):
             p = Path(data["data_dir"]).expanduser()
             data["data_dir"] = str(p if p.is_absolute() else path.parent / p)

@@ -83,7 +83,6 @@ from ..sched.messages import (
     SchedTaskMetadata,
 )
 from ..tasks import (
-    DEFAULT_FILTERED_QUERY_PARAMS,
     Digest,
     DigestFormatError,
     DigestMismatch,
@@ -91,9 +90,6 @@ from ..tasks import (
     PieceLayout,
     needs_swarm,
     validate_piece_length,
-)
-from ..tasks import (
-    task_id as compute_task_id,
 )
 from .config import DaemonConfig
 from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, PieceFailure
@@ -1147,16 +1143,7 @@ def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
             validate_piece_length(request.piece_length)
         except InvalidPieceLength as e:
             raise ValueError(str(e)) from None
-    filtered = DEFAULT_FILTERED_QUERY_PARAMS if request.filtered_query_params is None else request.filtered_query_params
-    tid = compute_task_id(
-        request.url,
-        tag=request.tag,
-        application=request.application,
-        tenant=request.tenant,
-        piece_length=request.piece_length,
-        filtered_query_params=filtered,
-    )
-    return tid, expected
+    return request.task_id(), expected
 
 
 def _host_id(data_dir: Path) -> str:

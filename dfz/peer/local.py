@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
+
 
 class DownloadState(StrEnum):
     PENDING = "pending"  # registered, waiting for parents or the origin
@@ -40,6 +42,18 @@ class DownloadRequest:
     """Seconds for the whole download; None for no limit."""
     back_to_source: bool = True
     """Whether this daemon may fetch from the origin itself when the scheduler says so."""
+
+    def task_id(self) -> str:
+        """The task this request downloads, by the task-id rule of dfz/tasks.py."""
+        filtered = DEFAULT_FILTERED_QUERY_PARAMS if self.filtered_query_params is None else self.filtered_query_params
+        return task_id(
+            self.url,
+            tag=self.tag,
+            application=self.application,
+            tenant=self.tenant,
+            piece_length=self.piece_length,
+            filtered_query_params=filtered,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """The scheduler (``dfz sched``): hosts, tasks and peers in memory, the scheduling DAG per task, the
 evaluator that picks parents, and parent assignments pushed to peers over the fabric."""
 
+from ..config import ConfigError
 from .actions import (
     Action,
     BackToSource,
@@ -60,7 +61,7 @@ from .messages import (
     SchedTaskMetadata,
 )
 from .model import Host, HostType, Peer, Task
-from .service import ConfigError, ListenError, SchedulerService, ServiceConfig, ServiceStats
+from .service import ListenError, SchedulerService, ServiceConfig, ServiceStats
 from .state import PeerState, PeerTrigger, TaskState, TaskTrigger
 
 __all__ = [

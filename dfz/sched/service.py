@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import signal
-import tomllib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -68,6 +67,8 @@ from ..broker import (
     ServerConfig,
 )
 from ..broker import load_public_key as _load_public_key
+from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
+from ..config import read_toml
 from ..log import event, get_logger
 from ..tasks import InvalidPieceLength, PieceLayout, validate_piece_length
 from .actions import (
@@ -158,10 +159,6 @@ _REPORT_TYPES: tuple[type[Report], ...] = (
 # --- configuration ----------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
-    """A configuration value (or file) that cannot be used; the message names the key and the source."""
-
-
 @dataclass(frozen=True)
 class ServiceConfig:
     """Settings of ``dfz sched``, with defaults. :meth:`load` reads them from a TOML file whose top-level
@@ -214,13 +211,7 @@ class ServiceConfig:
     def load(cls, path: str | Path) -> ServiceConfig:
         """Read a TOML file. Relative key paths are relative to the file's directory."""
         path = Path(path)
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data = read_toml(path)
         return cls.from_mapping(data, source=str(path), base=path.parent)
 
     @classmethod
