@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
+from e2e_helpers import Procs
 
 from dfz.broker import U32, Catalogue, Kind, Message
 
@@ -67,3 +68,13 @@ def endpoint(request: pytest.FixtureRequest, short_tmp: str) -> str:
     if kind == "ipc":
         return f"ipc://{short_tmp}/s"
     return "tcp://127.0.0.1:0"
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Processes a test starts (:class:`e2e_helpers.Procs`); whatever still runs at the end is stopped."""
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.kill_all()

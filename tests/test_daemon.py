@@ -1,26 +1,23 @@
 """The peer daemon end to end, in one process on real sockets: an HTTP origin (``http.server`` in a thread,
-byte ranges, counting what it serves), an in-process :class:`SchedulerService`, a seed daemon and normal
-daemons, each with its own storage directory, all driven through :meth:`Daemon.download`."""
+byte ranges, counting what it serves: :func:`e2e_helpers.serve_origin`), an in-process
+:class:`SchedulerService`, a seed daemon and normal daemons, each with its own storage directory, all
+driven through :meth:`Daemon.download`."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import random
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from e2e_helpers import Origin, Route, serve_origin
 
 from dfz.peer.config import ConfigError, DaemonConfig
 from dfz.peer.daemon import Daemon
@@ -49,98 +46,16 @@ FILES: dict[str, bytes] = {
 
 # --- the origin ------------------------------------------------------------------------------------------
 
-
-@dataclass
-class Origin:
-    url: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    served: dict[str, int] = field(default_factory=dict)
-    """Body bytes served per path, the 1-byte probes of ``stat`` (``Range: bytes=0-0``) left out."""
-    probes: dict[str, int] = field(default_factory=dict)
-    requests: dict[str, int] = field(default_factory=dict)
-
-    def count(self, path: str, nbytes: int, probe: bool) -> None:
-        with self.lock:
-            self.requests[path] = self.requests.get(path, 0) + 1
-            if probe:
-                self.probes[path] = self.probes.get(path, 0) + 1
-            else:
-                self.served[path] = self.served.get(path, 0) + nbytes
-
-
-def _handler(origin_ref: list[Origin]) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            origin = origin_ref[0]
-            path = self.path
-            data = FILES.get(path)
-            if data is None:
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                origin.count(path, 0, False)
-                return
-            if path == "/chunked":  # no ranges, no length
-                self.send_response(200)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                try:
-                    for start in range(0, len(data), 256 * 1024):
-                        chunk = data[start : start + 256 * 1024]
-                        self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-                    self.wfile.write(b"0\r\n\r\n")
-                except OSError:
-                    pass
-                origin.count(path, len(data), False)
-                return
-            match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-            if match is None:
-                body, status = data, 200
-            else:
-                start = int(match.group(1))
-                end = int(match.group(2)) if match.group(2) else len(data) - 1
-                if start >= len(data):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    origin.count(path, 0, True)
-                    return
-                end = min(end, len(data) - 1)
-                body, status = data[start : end + 1], 206
-            if path == "/slow" and status == 206 and len(body) > 1:
-                time.sleep(0.1)
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Accept-Ranges", "bytes")
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except OSError:
-                pass
-            origin.count(path, len(body), match is not None and match.group(0) == "bytes=0-0")
-
-    return Handler
+ROUTES: dict[str, Route] = {
+    path: Route(data, chunked=path == "/chunked", delay=0.1 if path == "/slow" else 0.0) for path, data in FILES.items()
+}
+"""``/chunked``: no ranges, no length; ``/slow``: every range request waits a little."""
 
 
 @pytest.fixture
 def origin() -> Iterator[Origin]:
-    ref: list[Origin] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(ref))
-    server.daemon_threads = True
-    ref.append(Origin(f"http://127.0.0.1:{server.server_address[1]}"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield ref[0]
-    server.shutdown()
-    server.server_close()
+    with serve_origin(dict(ROUTES)) as o:
+        yield o
 
 
 # --- the cluster -----------------------------------------------------------------------------------------

@@ -13,14 +13,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from e2e_helpers import Procs, dfz_cmd, read_line, stop
 
 import dfz
 from dfz.cluster import read_cluster, wait_for_cluster
@@ -30,61 +29,6 @@ DEMO = ROOT / "scripts" / "demo.py"
 SIZE = 8 << 20
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def dfz_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dfz.cli", *args]
-
-
-class Procs:
-    """Every process a test starts; whatever still runs at the end is killed."""
-
-    def __init__(self) -> None:
-        self.all: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        proc: subprocess.Popen[bytes] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
-        self.all.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in reversed(self.all):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.all):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.kill_all()
-
-
-def read_line(proc: subprocess.Popen[bytes], prefix: str, timeout: float = 20.0) -> str:
-    """The rest of the first stdout line starting with ``prefix`` (fails the test after ``timeout``)."""
-    found: list[str] = []
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode().strip()
-            if line.startswith(prefix):
-                found.append(line[len(prefix) :].strip())
-                return
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert found, f"no '{prefix}' line within {timeout} s (exit status {proc.poll()})"
-    return found[0]
 
 
 @dataclass
@@ -125,11 +69,6 @@ def start_up(procs: Procs, data_dir: Path, log: Path) -> tuple[subprocess.Popen[
         print(log.read_text())
         raise
     return up, info
-
-
-def stop(proc: subprocess.Popen[bytes], signum: int = signal.SIGTERM, timeout: float = 20) -> int:
-    proc.send_signal(signum)
-    return proc.wait(timeout)
 
 
 def test_up_runs_a_cluster_that_a_daemon_joins_and_stops_cleanly(procs: Procs, origin: Origin, short_tmp: str) -> None:

@@ -179,9 +179,20 @@ async def _fetch_ranges(
             digest = await trio.to_thread.run_sync(task.write_piece, index, buffer)
             on_piece(OriginPiece(index, digest, end - start, time.monotonic() - began))
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(concurrency, len(missing))):
-            nursery.start_soon(worker)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(concurrency, len(missing))):
+                nursery.start_soon(worker)
+    except BaseExceptionGroup as group:
+        # A worker's SourceError (or StorageError) reaches the caller as itself, not wrapped in the
+        # nursery's group; a group with a cancellation in it stays as it is.
+        matched, rest = group.split(Exception)
+        if matched is None or rest is not None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 async def _fetch_stream(
