@@ -36,8 +36,6 @@ import importlib.util
 import json
 import os
 import resource
-import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -48,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
+from benchlib import make_file, start_nginx
 
 from dfz.peer.source.http import HTTPBackend
 
@@ -72,98 +71,7 @@ class Job:
 # --- the origin ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def ensure_nginx() -> str:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if path:
-        return path
-    if os.geteuid() != 0:
-        sys.exit("nginx is not installed: run `apt-get update && apt-get install -y nginx-light` as root")
-    print("installing nginx-light with apt-get ...", file=sys.stderr)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, stdout=subprocess.DEVNULL)
-    return shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def make_file(path: str, size: int) -> None:
-    block = os.urandom(16 * MIB)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
-    os.chmod(path, 0o644)
-
-
-def make_certificate(root: str) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 (its own CA): (certificate, key)."""
-    cert, key = os.path.join(root, "cert.pem"), os.path.join(root, "key.pem")
-    subprocess.run(
-        [
-            *["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"],
-            *["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", cert],
-        ],
-        check=True,
-        capture_output=True,
-    )
-    os.chmod(key, 0o644)
-    return cert, key
-
-
-def start_nginx(root: str, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
-    nginx = ensure_nginx()
-    port = free_port()
-    listen = f"127.0.0.1:{port}"
-    if tls:
-        cert, key = make_certificate(root)
-        listen += f" ssl;\n        ssl_certificate {cert};\n        ssl_certificate_key {key}"
-    conf = os.path.join(root, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(
-            f"""
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path {root}/tmp-body;
-    proxy_temp_path {root}/tmp-proxy;
-    fastcgi_temp_path {root}/tmp-fastcgi;
-    uwsgi_temp_path {root}/tmp-uwsgi;
-    scgi_temp_path {root}/tmp-scgi;
-    server {{
-        listen {listen};
-        root {root}/www;
-    }}
-}}
-"""
-        )
-    proc = subprocess.Popen([nginx, "-p", root, "-c", conf, "-e", f"{root}/error.log"])
-    wait_port(port)
-    return proc, port
+# free_port, wait_port, ensure_nginx, make_file, make_certificate and start_nginx: scripts/benchlib.py
 
 
 # --- candidates ------------------------------------------------------------------------------------------
