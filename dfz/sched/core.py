@@ -50,6 +50,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import assert_never
 
+from ..tasks import MAX_PIECES  # one limit, dfz/tasks.py's: it also bounds what a bad report could grow
 from .actions import (
     Action,
     BackToSource,
@@ -95,8 +96,6 @@ from .state import (
 
 Clock = Callable[[], float]
 
-MAX_PIECES = 1 << 22
-"""Most pieces a task may have (16 TiB in 4 MiB pieces): bounds the bitmap a bad report could grow."""
 
 _HEX = frozenset("0123456789abcdef")
 
