@@ -96,6 +96,8 @@ class Phase:
     seed_cpu_s: float | None = None
     sched_cpu_s: float | None = None
     seed_memory_kib: dict[str, int] = field(default_factory=dict)
+    origin_window_s: tuple[float, float] | None = None
+    """Seconds from the crowd's start to the first origin request's start and to the last one's end."""
     errors: list[str] = field(default_factory=list)
 
     def cpu_s(self) -> float:
@@ -257,12 +259,16 @@ def dfz_phase(args: argparse.Namespace, url: str, tmp: Path, log: AccessLog, exp
         wire0, (req0, sent0) = (wire_bytes() if args.cap == "tc" else None), log.settled()
         progress(f"round {rnd}: dfz: {args.peers} dfz get at once ...")
         cpu0 = [s.cpu_seconds() for s in (*daemons, seed, sched)]
+        started = time.time()
         phase.times, phase.errors, phase.clients_cpu_s = crowd(cmds, root / "logs-get", args.timeout)
         cpu = [delta(s.cpu_seconds(), c0) for s, c0 in zip((*daemons, seed, sched), cpu0, strict=True)]
         phase.daemons_cpu_s, phase.seed_cpu_s, phase.sched_cpu_s = cpu[:-2], cpu[-2], cpu[-1]
         phase.seed_memory_kib = seed.memory_kib()
         req1, sent1 = log.settled()
         phase.origin_requests, phase.origin_bytes = req1 - req0, sent1 - sent0
+        span = log.span(started)
+        if span is not None:
+            phase.origin_window_s = (round(span[0] - started, 3), round(span[1] - started, 3))
         if wire0 is not None:
             wire1 = wire_bytes()
             phase.wire_bytes = None if wire1 is None else wire1 - wire0
@@ -352,6 +358,11 @@ def main() -> int:
                         f"round {rnd}: {kind}: makespan {s['makespan_s']} s, p50 {s['p50_s']} s, origin sent"
                         f" {phase.origin_bytes / args.size:.3f} x the file, digests {'ok' if phase.digests_ok else 'NOT ok'}"
                         + (f", peak RSS MiB {phase.rss_mib} (seed {phase.seed_rss_mib})" if kind == "dfz" else "")
+                        + (
+                            f"; origin busy from +{phase.origin_window_s[0]} s to +{phase.origin_window_s[1]} s"
+                            if phase.origin_window_s
+                            else ""
+                        )
                     )
                     for e in phase.errors:
                         progress(f"round {rnd}: {kind}: {e}")
@@ -448,6 +459,7 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
                 "origin_bytes": p.origin_bytes,
                 "origin_requests": p.origin_requests,
                 "origin_wire_bytes": p.wire_bytes,
+                "origin_window_s": p.origin_window_s,
                 "digests_ok": p.digests_ok,
                 "cpu_s": round(p.cpu_s(), 2),
                 "daemons_cpu_s": p.daemons_cpu_s,

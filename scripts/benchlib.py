@@ -135,7 +135,7 @@ def make_certificate(root: str) -> tuple[str, str]:
     return cert, key
 
 
-ACCESS_LOG_FORMAT = "$status $bytes_sent $body_bytes_sent $request_time"
+ACCESS_LOG_FORMAT = "$status $bytes_sent $body_bytes_sent $request_time $msec"
 """What :class:`AccessLog` parses: one line per request, logged when the request ends."""
 
 
@@ -208,6 +208,28 @@ class AccessLog:
         except FileNotFoundError:
             pass
         return requests, sent
+
+    def span(self, since: float) -> tuple[float, float] | None:
+        """(first request's start, last request's end), Unix seconds, over requests that ended after
+        ``since``; None when there are none. From ``$msec`` (the end, to the millisecond) and
+        ``$request_time`` (the duration)."""
+        first = last = None
+        try:
+            with open(self.path) as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 5:
+                        continue
+                    try:
+                        end, took = float(fields[4]), float(fields[3])
+                    except ValueError:
+                        continue
+                    if end >= since:
+                        first = end - took if first is None else min(first, end - took)
+                        last = end if last is None else max(last, end)
+        except FileNotFoundError:
+            pass
+        return None if first is None or last is None else (first, last)
 
     def settled(self, quiet: float = 0.3, timeout: float = 5.0) -> tuple[int, int]:
         """:meth:`totals` once the log stopped growing for ``quiet`` seconds (nginx logs a request when it

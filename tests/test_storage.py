@@ -60,9 +60,9 @@ def content() -> bytes:
     return content_of(SIZE)
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    with Storage(tmp_path / "store") as s:
+@pytest.fixture(params=[True, False], ids=["direct_io", "buffered"])
+def storage(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Storage]:
+    with Storage(tmp_path / "store", direct_io=request.param) as s:
         yield s
 
 
@@ -804,3 +804,54 @@ def test_a_closed_storage_refuses_work(tmp_path: Path, content: bytes) -> None:
         s.get(TID)
     with pytest.raises(TaskClosed):
         task.write_piece(0, pieces_of(content)[0])
+
+
+# --- O_DIRECT ---------------------------------------------------------------------------------------------
+
+
+def _fd_flags(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no flags in fdinfo")
+
+
+def test_direct_io_bypasses_the_page_cache_where_the_filesystem_allows(tmp_path: Path, content: bytes) -> None:
+    with Storage(tmp_path / "store") as storage:
+        task = new_task(storage)
+        if task._dfd is None:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert _fd_flags(task._dfd) & os.O_DIRECT
+        assert not _fd_flags(task._fd) & os.O_DIRECT
+        write_all(task, content, order=[7, 3, 0, 1, 2, 4, 6, 5])  # the last piece (unaligned tail) early
+        info = task.finish()
+        assert info.content_digest == blake3.blake3(content).hexdigest()
+        assert (tmp_path / "store" / "tasks" / TID / "data").read_bytes() == content
+        for i, part in enumerate(pieces_of(content)):
+            assert task.read_piece(i, verify=True) == part
+        task.export(tmp_path / "out", digest=Digest.parse("sha256:" + hashlib.sha256(content).hexdigest()))
+        assert (tmp_path / "out").read_bytes() == content
+
+
+def test_direct_io_refused_at_the_first_write_falls_back_to_buffered(
+    tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Storage(tmp_path / "store") as storage:
+        task = new_task(storage)
+        if task._dfd is None:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        dfd = task._dfd
+        real_pwrite = os.pwrite
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            if fd == dfd:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        write_all(task, content)
+        assert task._dfd is None
+        monkeypatch.undo()
+        assert task.finish().content_digest == blake3.blake3(content).hexdigest()
+        assert [task.read_piece(i) for i in range(8)] == pieces_of(content)
+    assert (tmp_path / "store" / "tasks" / TID / "data").read_bytes() == content

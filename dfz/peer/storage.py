@@ -63,6 +63,17 @@ verifies every piece against the scheduler's digests may instead skip this pass 
 and adopt the reported whole-file digest at :meth:`StoredTask.finish`: equal piece digests mean equal
 bytes.
 
+Data I/O bypasses the page cache (``O_DIRECT``) where the filesystem allows it (``direct_io``, on by
+default): whole pages go through a small pool of page-aligned bounce buffers, and the unaligned tail of
+the last piece through the ordinary descriptor. On the development machine (a VM) every page of memory
+touched for the first time costs the hypervisor a fault, so writing a new file through the page cache
+cost 1.2-2.5 CPU-seconds per GB, against 0.05 with ``O_DIRECT`` (``pwrite`` of 4 MiB pieces, 1 GiB), and
+a swarm of 8 daemons on one machine spent 40% of its CPU there. A daemon stores what it downloads and
+serves it to others; keeping a second copy of every task in the page cache buys little (children ask
+for pieces that just landed, and a reused bounce buffer is already in the CPU cache's reach), while
+the cost of the page cache is paid for every byte. A filesystem that refuses ``O_DIRECT`` (when the
+descriptor is opened, or on the first I/O) gets buffered I/O, silently.
+
 Exports never show a half-written file: the output is made under a temporary name in the target's
 directory and renamed over the target. It is a hard link to the cached data file when both are on one
 filesystem, a copy otherwise. A hard link shares the inode, so an edit of the output edits the cache.
@@ -75,6 +86,7 @@ damaged ones are dropped: the task runs again and only those pieces are fetched 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -314,6 +326,34 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+PAGE = 4096
+"""Alignment of ``O_DIRECT`` I/O: offsets, lengths and buffer addresses (the largest logical block size)."""
+
+
+def _aligned(size: int) -> memoryview:
+    """A writable, page-aligned view of ``size`` bytes (a multiple of :data:`PAGE`) of a new heap buffer.
+
+    From the heap (``bytearray``), not a fresh ``mmap``: malloc hands back memory already touched, which
+    costs a fraction of new pages here (see the module docstring). The view keeps the buffer alive.
+    """
+    raw = bytearray(size + PAGE)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
+    return memoryview(raw)[skip : skip + size]
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor of ``path`` with ``O_DIRECT``, or None where the filesystem refuses it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDWR | flag)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return None
+        raise
+
+
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) == size:
@@ -343,6 +383,9 @@ class StoredTask:
         self._meta = meta
         self._fd = fd
         self._dir = storage.task_dir(meta.task_id)
+        self._dfd = _open_direct(self._dir / "data") if storage.direct_io else None
+        """The data file opened with ``O_DIRECT`` (None: buffered I/O only); replaced with ``_fd``."""
+        self._retired: list[int] = []
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._flush_lock = threading.Lock()
@@ -423,6 +466,52 @@ class StoredTask:
 
     # -- I/O sections --
 
+    def _write_at(self, fd: int, data: memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset`` (inside an I/O section): whole pages direct, the rest buffered."""
+        dfd = self._dfd
+        head = len(data) & ~(PAGE - 1) if offset % PAGE == 0 else 0
+        if head and dfd is not None:
+            buf = _aligned(head)
+            buf[:] = data[:head]
+            try:
+                _pwrite_all(dfd, buf, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct()
+                head = 0
+        else:
+            head = 0
+        if head < len(data):
+            _pwrite_all(fd, data[head:], offset + head)
+
+    def _read_at(self, fd: int, size: int, offset: int) -> BytesLike:
+        """Read ``size`` bytes at ``offset`` (inside an I/O section), direct where the range allows."""
+        dfd = self._dfd
+        if dfd is None or offset % PAGE or size < PAGE:
+            return _pread_all(fd, size, offset)
+        buf = _aligned((size + PAGE - 1) & ~(PAGE - 1))
+        try:
+            got = os.preadv(dfd, [buf], offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._no_direct()
+            return _pread_all(fd, size, offset)
+        if got < size:  # the tail page was written buffered and not yet flushed, or the file is short
+            head = got & ~(PAGE - 1)
+            buf[head:size] = _pread_all(fd, size - head, offset + head)
+        return buf[:size]
+
+    def _no_direct(self) -> None:
+        """The filesystem opened the file with ``O_DIRECT`` but refuses its I/O: buffered from now on."""
+        with self._lock:
+            dfd, self._dfd = self._dfd, None
+            if dfd is not None:  # other threads may be using it: closed with the task
+                self._retired.append(dfd)
+        if dfd is not None:
+            event(log, logging.INFO, "storage.direct_io_off", task=self.task_id)
+
     @contextlib.contextmanager
     def _io(self) -> Iterator[int]:
         """Use the data file descriptor; close() waits for every section to end."""
@@ -490,7 +579,7 @@ class StoredTask:
         if cl is None and size < pl:
             self.set_content_length(index * pl + size)
         with self._io() as fd:
-            _pwrite_all(fd, view, index * pl)
+            self._write_at(fd, view, index * pl)
         if self._record(index, digest):
             self.flush()
         self._advance_hash(index, view)
@@ -584,7 +673,7 @@ class StoredTask:
                 data: BytesLike = view
             else:
                 with self._io() as fd:
-                    data = _pread_all(fd, size, i * self._meta.piece_length)
+                    data = self._read_at(fd, size, i * self._meta.piece_length)
             self._hasher.update(data)
             with self._lock:
                 self._hashed = i + 1
@@ -660,7 +749,7 @@ class StoredTask:
 
     # -- reading --
 
-    def read_piece(self, index: int, *, verify: bool = False) -> bytes:
+    def read_piece(self, index: int, *, verify: bool = False) -> BytesLike:
         """The bytes of a stored piece (for serving). Raises :class:`PieceMissing` if it is not stored.
 
         With ``verify``, a piece whose bytes no longer match its digest is dropped (the task runs again)
@@ -675,7 +764,7 @@ class StoredTask:
                 raise PieceMissing(f"piece {index} of task {self.task_id} is not stored")
             size = self._piece_size(index)
         with self._io() as fd:
-            data = _pread_all(fd, size, index * self._meta.piece_length)
+            data = self._read_at(fd, size, index * self._meta.piece_length)
         if verify:
             actual = piece_digest(data)
             if actual != digest:
@@ -692,7 +781,7 @@ class StoredTask:
                 size = self._piece_size(i)
             with self._io() as fd:
                 try:
-                    data = _pread_all(fd, size, i * self._meta.piece_length)
+                    data = self._read_at(fd, size, i * self._meta.piece_length)
                 except StorageError:
                     data = b""
             if piece_digest(data) != digest:
@@ -753,6 +842,7 @@ class StoredTask:
         output that its owner edited) are left exactly as they are: repairing the cache must not undo
         the user's edit."""
         tmp = self._dir / "data.tmp"
+        old_dfd_wanted = self._storage.direct_io
         try:
             with self._io():
                 shutil.copyfile(self.data_path, tmp)
@@ -770,6 +860,7 @@ class StoredTask:
                         self._idle.wait()
                     os.replace(tmp, self.data_path)
                     old_fd, self._fd = self._fd, new_fd
+                    old_dfd, self._dfd = self._dfd, (_open_direct(self.data_path) if old_dfd_wanted else None)
                 finally:
                     self._swapping = False
                     self._idle.notify_all()
@@ -779,6 +870,8 @@ class StoredTask:
                 os.unlink(tmp)
             raise
         os.close(old_fd)
+        if old_dfd is not None:
+            os.close(old_dfd)
         _fsync_dir(self._dir)
         event(log, logging.WARNING, "storage.link_broken", task=self.task_id)
 
@@ -861,7 +954,7 @@ class StoredTask:
         length = self._meta.content_length or 0
         with self._io() as fd:
             for offset in range(0, length, chunk):
-                hasher.update(_pread_all(fd, min(chunk, length - offset), offset))
+                hasher.update(self._read_at(fd, min(chunk, length - offset), offset))
         digest.check(hasher.hexdigest(), what)
 
     # -- persistence --
@@ -921,6 +1014,9 @@ class StoredTask:
             while self._io_users or self._swapping:
                 self._idle.wait()
             os.close(self._fd)
+            for dfd in (self._dfd, *self._retired):
+                if dfd is not None:
+                    os.close(dfd)
 
 
 # --- the storage directory ------------------------------------------------------------------------------
@@ -930,7 +1026,8 @@ class Storage:
     """The tasks stored under one directory. Thread-safe; one process at a time per directory.
 
     ``checkpoint_pieces`` and ``checkpoint_seconds`` bound what a crash can lose (see the module
-    docstring); ``clock`` is a monotonic clock in seconds, injectable for tests.
+    docstring); ``clock`` is a monotonic clock in seconds, injectable for tests; ``direct_io`` uses
+    ``O_DIRECT`` for piece data where the filesystem allows it (see the module docstring).
     """
 
     def __init__(
@@ -940,6 +1037,7 @@ class Storage:
         checkpoint_pieces: int = 32,
         checkpoint_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        direct_io: bool = True,
     ) -> None:
         if checkpoint_pieces < 1 or checkpoint_seconds < 0:
             raise ValueError("checkpoint_pieces must be at least 1 and checkpoint_seconds not negative")
@@ -947,6 +1045,7 @@ class Storage:
         self.checkpoint_pieces = checkpoint_pieces
         self.checkpoint_seconds = checkpoint_seconds
         self.clock = clock
+        self.direct_io = direct_io
         self._tasks_dir = self.root / "tasks"
         self._tasks_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)

@@ -47,7 +47,7 @@ from ..broker import (
     ServerConfig,
 )
 from ..log import event, get_logger
-from ..tasks import DigestMismatch
+from ..tasks import BytesLike, DigestMismatch
 from .messages import (
     MAX_HAVE_PIECES,
     PEER_CATALOGUE,
@@ -126,7 +126,7 @@ class _Outbox:
     """For ``dropped``: the subscribers at the time of the drop (already unsubscribed)."""
 
 
-def _corrupt(data: bytes) -> bytes:
+def _corrupt(data: BytesLike) -> bytes:
     damaged = bytearray(data)
     damaged[0] ^= 0xFF
     return bytes(damaged)
@@ -309,7 +309,7 @@ class PieceServer:
 
     # -- pieces -----------------------------------------------------------------------------------------
 
-    async def _get_piece(self, req: Request) -> tuple[Message, list[bytes]]:
+    async def _get_piece(self, req: Request) -> tuple[Message, list[BytesLike]]:
         msg = req.msg
         assert isinstance(msg, GetPiece)
         rid = req.peer.routing_id
@@ -330,7 +330,7 @@ class PieceServer:
             # is a full piece, and what a short last piece (or an error) did not use goes back.
             reserved = task.piece_length
             await self.limiter.acquire(reserved)
-            data = b""
+            data: BytesLike = b""
             try:
                 data = await trio.to_thread.run_sync(_read, task, msg.piece)
             finally:
@@ -413,7 +413,7 @@ def _snapshot(task: StoredTask) -> tuple[Subscribed, bytes]:
     return reply, bitmap
 
 
-def _read(task: StoredTask, piece: int) -> bytes:
+def _read(task: StoredTask, piece: int) -> BytesLike:
     """The piece's bytes (a worker thread). IndexError for a piece beyond the content."""
     layout = task.layout()
     if layout is not None and piece >= layout.count:
