@@ -855,3 +855,59 @@ def test_direct_io_refused_at_the_first_write_falls_back_to_buffered(
         assert task.finish().content_digest == blake3.blake3(content).hexdigest()
         assert [task.read_piece(i) for i in range(8)] == pieces_of(content)
     assert (tmp_path / "store" / "tasks" / TID / "data").read_bytes() == content
+
+
+# --- the piece cache ----------------------------------------------------------------------------------------
+
+
+def test_retained_pieces_are_served_from_memory_up_to_the_budget(tmp_path: Path, content: bytes) -> None:
+    with Storage(tmp_path / "store", piece_cache_bytes=3 * PL) as storage:
+        task = new_task(storage)
+        parts = pieces_of(content)
+        for i, part in enumerate(parts):
+            task.write_piece(i, part, retain=True)
+        # The last three pieces written are in memory (the very objects handed over); older ones come
+        # from the file, and a read puts them in the cache.
+        assert task.read_piece(7).obj is parts[7]  # type: ignore[union-attr]
+        assert task.read_piece(6).obj is parts[6]  # type: ignore[union-attr]
+        first = task.read_piece(0)
+        assert bytes(first) == parts[0]
+        assert task.read_piece(0) is first
+        assert [bytes(task.read_piece(i)) for i in range(8)] == parts
+
+
+def test_a_piece_written_without_retain_replaces_what_the_cache_held(tmp_path: Path, content: bytes) -> None:
+    other = content_of(SIZE, seed=2)
+    with Storage(tmp_path / "store") as storage:
+        task = new_task(storage)
+        write_all(task, content)
+        assert bytes(task.read_piece(0)) == content[:PL]  # now cached
+        storage.delete(TID)
+        # The same task id with other content (the origin changed it), written from a reused buffer.
+        task = new_task(storage)
+        buffer = bytearray(other[:PL])
+        task.write_piece(0, buffer)
+        buffer[:] = bytes(PL)  # the writer reuses its buffer
+        assert bytes(task.read_piece(0)) == other[:PL]
+
+
+def test_damaged_pieces_leave_the_cache(tmp_path: Path, content: bytes) -> None:
+    with Storage(tmp_path / "store") as storage:
+        task = new_task(storage)
+        parts = pieces_of(content)
+        for i, part in enumerate(parts):
+            task.write_piece(i, part, retain=True)
+        data_path = tmp_path / "store" / "tasks" / TID / "data"
+        with open(data_path, "r+b") as f:
+            f.seek(2 * PL)
+            f.write(b"\xff" * 16)
+        assert task.verify_all() == [2]
+        with pytest.raises(PieceMissing):
+            task.read_piece(2)
+        task.write_piece(2, parts[2])
+        assert bytes(task.read_piece(2, verify=True)) == parts[2]
+
+
+def test_the_piece_cache_budget_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="piece_cache_bytes"):
+        Storage(tmp_path / "store", piece_cache_bytes=-1)

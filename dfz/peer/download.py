@@ -789,7 +789,7 @@ class ParentFetcher:
                 digest = dl.digests[piece]
                 # Not cancellable from here: the piece is written and accounted for, or it is not.
                 with trio.CancelScope(shield=True):
-                    write = functools.partial(dl.task.write_piece, piece, data, expected_digest=digest)
+                    write = functools.partial(dl.task.write_piece, piece, data, expected_digest=digest, retain=True)
                     await trio.to_thread.run_sync(write)
                     self._failures = 0
                     self.pieces += 1

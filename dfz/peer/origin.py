@@ -21,6 +21,7 @@ scheduler then fails every peer waiting on it) rather than the request being unu
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,7 +177,8 @@ async def _fetch_ranges(
             began = time.monotonic()
             buffer = await _buffer(end - start)
             await backend.read_range_into(url, start, buffer, headers, expect=info)
-            digest = await trio.to_thread.run_sync(task.write_piece, index, buffer)
+            write = functools.partial(task.write_piece, index, buffer, retain=True)  # a new buffer per piece
+            digest = await trio.to_thread.run_sync(write)
             on_piece(OriginPiece(index, digest, end - start, time.monotonic() - began))
 
     try:

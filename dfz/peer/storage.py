@@ -63,16 +63,18 @@ verifies every piece against the scheduler's digests may instead skip this pass 
 and adopt the reported whole-file digest at :meth:`StoredTask.finish`: equal piece digests mean equal
 bytes.
 
-Data I/O bypasses the page cache (``O_DIRECT``) where the filesystem allows it (``direct_io``, on by
-default): whole pages go through a small pool of page-aligned bounce buffers, and the unaligned tail of
-the last piece through the ordinary descriptor. On the development machine (a VM) every page of memory
-touched for the first time costs the hypervisor a fault, so writing a new file through the page cache
-cost 1.2-2.5 CPU-seconds per GB, against 0.05 with ``O_DIRECT`` (``pwrite`` of 4 MiB pieces, 1 GiB), and
-a swarm of 8 daemons on one machine spent 40% of its CPU there. A daemon stores what it downloads and
-serves it to others; keeping a second copy of every task in the page cache buys little (children ask
-for pieces that just landed, and a reused bounce buffer is already in the CPU cache's reach), while
-the cost of the page cache is paid for every byte. A filesystem that refuses ``O_DIRECT`` (when the
-descriptor is opened, or on the first I/O) gets buffered I/O, silently.
+Pieces are written with ``O_DIRECT`` where the filesystem allows it (``direct_io``, on by default): whole
+pages through a page-aligned buffer, the unaligned tail of the last piece through the ordinary
+descriptor; a filesystem that refuses ``O_DIRECT`` (when the descriptor is opened, or on the first I/O)
+gets buffered writes, silently. On the development machine (a VM) every page of memory touched for the
+first time costs a hypervisor fault, so writing a new file through the page cache cost 1.2-2.5
+CPU-seconds per GB, against 0.05 with ``O_DIRECT`` (``pwrite`` of 4 MiB pieces, 1 GiB), and a swarm of
+8 daemons on one machine spent 40% of its CPU there: most of what a daemon writes is never read back
+by it. What is read back is served from a small cache of pieces in memory (``piece_cache_bytes``, least
+recently used first out; a piece that just landed, from a zero-copy buffer handed over by the writer,
+is what children ask for), then from the page cache (a seed serving one finished task to many children
+reads each page from the disk once). One-pass reads (the whole-file hash, re-verification, a sha256
+export check) read direct, so they do not fill the page cache with what is read once.
 
 Exports never show a half-written file: the output is made under a temporary name in the target's
 directory and renamed over the target. It is a hard link to the cached data file when both are on one
@@ -95,7 +97,8 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -341,6 +344,48 @@ def _aligned(size: int) -> memoryview:
     return memoryview(raw)[skip : skip + size]
 
 
+class _PieceCache:
+    """Pieces in memory by (task id, index), up to ``budget`` bytes; the least recently used go first.
+
+    Holds only buffers that nobody modifies (handed over by a writer, or read by the storage itself)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: OrderedDict[tuple[str, int], BytesLike] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, task_id: str, index: int) -> BytesLike | None:
+        with self._lock:
+            data = self._items.get((task_id, index))
+            if data is not None:
+                self._items.move_to_end((task_id, index))
+            return data
+
+    def put(self, task_id: str, index: int, data: BytesLike) -> None:
+        size = len(data)
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._items.pop((task_id, index), None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[(task_id, index)] = data
+            self._bytes += size
+            while self._bytes > self.budget:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+    def drop(self, task_id: str, indices: Iterable[int] | None = None) -> None:
+        """Forget pieces of a task (all of them when ``indices`` is None)."""
+        with self._lock:
+            keys = [k for k in self._items if k[0] == task_id] if indices is None else [(task_id, i) for i in indices]
+            for k in keys:
+                data = self._items.pop(k, None)
+                if data is not None:
+                    self._bytes -= len(data)
+
+
 def _open_direct(path: Path) -> int | None:
     """A second descriptor of ``path`` with ``O_DIRECT``, or None where the filesystem refuses it."""
     flag = getattr(os, "O_DIRECT", 0)
@@ -485,10 +530,11 @@ class StoredTask:
         if head < len(data):
             _pwrite_all(fd, data[head:], offset + head)
 
-    def _read_at(self, fd: int, size: int, offset: int) -> BytesLike:
-        """Read ``size`` bytes at ``offset`` (inside an I/O section), direct where the range allows."""
+    def _read_at(self, fd: int, size: int, offset: int, *, direct: bool) -> BytesLike:
+        """Read ``size`` bytes at ``offset`` (inside an I/O section); with ``direct``, past the page cache
+        where the range and the filesystem allow."""
         dfd = self._dfd
-        if dfd is None or offset % PAGE or size < PAGE:
+        if not direct or dfd is None or offset % PAGE or size < PAGE:
             return _pread_all(fd, size, offset)
         buf = _aligned((size + PAGE - 1) & ~(PAGE - 1))
         try:
@@ -538,7 +584,7 @@ class StoredTask:
 
     # -- writing --
 
-    def write_piece(self, index: int, data: BytesLike, *, expected_digest: str | None = None) -> str:
+    def write_piece(self, index: int, data: BytesLike, *, expected_digest: str | None = None, retain: bool = False) -> str:
         """Verify, write and record piece ``index``; return its BLAKE3 digest.
 
         ``expected_digest`` is the digest the scheduler reported for this piece (children pass it; the
@@ -550,6 +596,9 @@ class StoredTask:
 
         While the content length is unknown, every piece must be a full piece except the last one of the
         stream, which ends it: its size fixes the content length.
+
+        ``retain``: the caller hands ``data`` over and never modifies it again, so the storage may keep it
+        in its piece cache to serve reads (a received message's buffer; not a buffer that is reused).
         """
         view = memoryview(data).cast("B")
         size = len(view)
@@ -580,6 +629,10 @@ class StoredTask:
             self.set_content_length(index * pl + size)
         with self._io() as fd:
             self._write_at(fd, view, index * pl)
+        if retain:
+            self._storage._cache.put(self.task_id, index, view)
+        else:
+            self._storage._cache.drop(self.task_id, (index,))
         if self._record(index, digest):
             self.flush()
         self._advance_hash(index, view)
@@ -672,14 +725,19 @@ class StoredTask:
             if i == index and view is not None:
                 data: BytesLike = view
             else:
-                with self._io() as fd:
-                    data = self._read_at(fd, size, i * self._meta.piece_length)
+                cached = self._storage._cache.get(self.task_id, i)
+                if cached is not None:
+                    data = cached
+                else:
+                    with self._io() as fd:
+                        data = self._read_at(fd, size, i * self._meta.piece_length, direct=True)
             self._hasher.update(data)
             with self._lock:
                 self._hashed = i + 1
 
     def _drop_pieces(self, indices: list[int]) -> None:
         """Forget damaged pieces: the task runs again and they are fetched again."""
+        self._storage._cache.drop(self.task_id, indices)
         with self._hash_lock, self._lock:
             for i in indices:
                 if self._meta.digests[i] is not None:
@@ -763,8 +821,12 @@ class StoredTask:
             if digest is None:
                 raise PieceMissing(f"piece {index} of task {self.task_id} is not stored")
             size = self._piece_size(index)
-        with self._io() as fd:
-            data = self._read_at(fd, size, index * self._meta.piece_length)
+        cache = self._storage._cache
+        data = cache.get(self.task_id, index)
+        if data is None:
+            with self._io() as fd:
+                data = self._read_at(fd, size, index * self._meta.piece_length, direct=False)
+            cache.put(self.task_id, index, data)
         if verify:
             actual = piece_digest(data)
             if actual != digest:
@@ -781,7 +843,7 @@ class StoredTask:
                 size = self._piece_size(i)
             with self._io() as fd:
                 try:
-                    data = self._read_at(fd, size, i * self._meta.piece_length)
+                    data = self._read_at(fd, size, i * self._meta.piece_length, direct=True)
                 except StorageError:
                     data = b""
             if piece_digest(data) != digest:
@@ -954,7 +1016,7 @@ class StoredTask:
         length = self._meta.content_length or 0
         with self._io() as fd:
             for offset in range(0, length, chunk):
-                hasher.update(self._read_at(fd, min(chunk, length - offset), offset))
+                hasher.update(self._read_at(fd, min(chunk, length - offset), offset, direct=True))
         digest.check(hasher.hexdigest(), what)
 
     # -- persistence --
@@ -1014,6 +1076,7 @@ class StoredTask:
             while self._io_users or self._swapping:
                 self._idle.wait()
             os.close(self._fd)
+            self._storage._cache.drop(self.task_id)
             for dfd in (self._dfd, *self._retired):
                 if dfd is not None:
                     os.close(dfd)
@@ -1027,7 +1090,8 @@ class Storage:
 
     ``checkpoint_pieces`` and ``checkpoint_seconds`` bound what a crash can lose (see the module
     docstring); ``clock`` is a monotonic clock in seconds, injectable for tests; ``direct_io`` uses
-    ``O_DIRECT`` for piece data where the filesystem allows it (see the module docstring).
+    ``O_DIRECT`` to write piece data where the filesystem allows it, and ``piece_cache_bytes`` bounds the
+    pieces kept in memory to serve reads (see the module docstring).
     """
 
     def __init__(
@@ -1038,7 +1102,10 @@ class Storage:
         checkpoint_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         direct_io: bool = True,
+        piece_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        if piece_cache_bytes < 0:
+            raise ValueError("piece_cache_bytes must not be negative")
         if checkpoint_pieces < 1 or checkpoint_seconds < 0:
             raise ValueError("checkpoint_pieces must be at least 1 and checkpoint_seconds not negative")
         self.root = Path(root)
@@ -1046,6 +1113,7 @@ class Storage:
         self.checkpoint_seconds = checkpoint_seconds
         self.clock = clock
         self.direct_io = direct_io
+        self._cache = _PieceCache(piece_cache_bytes)
         self._tasks_dir = self.root / "tasks"
         self._tasks_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
@@ -1145,6 +1213,7 @@ class Storage:
             self._check_open()
             if task_id in self._open or self._read_meta(task_id) is not None:
                 raise TaskExists(f"task {task_id} is already stored")
+            self._cache.drop(task_id)
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir()
