@@ -427,12 +427,20 @@ def _daemon_options(f: Any) -> Any:
             type=click.Path(file_okay=False, path_type=Path),
             help="Where tasks are stored (required unless the config file sets data_dir).",
         ),
-        click.option("--scheduler", metavar="ENDPOINT", help="The scheduler's endpoint, e.g. tcp://10.0.0.1:8002."),
+        click.option(
+            "--scheduler",
+            "schedulers",
+            multiple=True,
+            metavar="ENDPOINT",
+            help="A scheduler's endpoint, e.g. tcp://10.0.0.1:8002 (repeatable: several schedulers share the tasks by "
+            "consistent hashing, and take over those of one that goes down; list the same ones on every daemon).",
+        ),
         click.option(
             "--config",
             "config_file",
             type=click.Path(dir_okay=False, path_type=Path),
-            help="TOML file of settings (keys of dfz.peer.config.DaemonConfig: data_dir, scheduler, listen, upload_slots, ...).",
+            help="TOML file of settings (keys of dfz.peer.config.DaemonConfig: data_dir, scheduler or schedulers, listen, "
+            "upload_slots, ...).",
         ),
         click.option(
             "--listen",
@@ -480,7 +488,8 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
         for endpoint in daemon.piece_endpoints:
             click.echo(f"piece-server {endpoint}")
         click.echo(f"announce {daemon.ip}:{daemon.port}")
-        click.echo(f"scheduler {daemon.config.scheduler}")
+        for endpoint in daemon.config.scheduler_endpoints:
+            click.echo(f"scheduler {endpoint}")
         for endpoint in api:
             click.echo(f"api {endpoint}")
         sys.stdout.flush()
@@ -503,7 +512,7 @@ def daemon(config_file: Path | None, verbose: int, **flags: Any) -> None:
 
     It stores tasks in --data-dir, serves pieces to other peers, downloads through --scheduler, and
     serves the local API that `dfz get` uses. Prints `host ID TYPE`, `piece-server ENDPOINT`,
-    `announce IP:PORT`, `scheduler ENDPOINT` and `api ENDPOINT` lines once it serves.
+    `announce IP:PORT`, `scheduler ENDPOINT` (one per scheduler) and `api ENDPOINT` lines once it serves.
     """
     _run_daemon(False, config_file, verbose, _daemon_flags(flags))
 
@@ -543,6 +552,16 @@ def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--no-seed", is_flag=True, help="No seed peer: the first daemon to want a file fetches it from the origin.")
 @click.option(
+    "--schedulers",
+    "scheduler_count",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Schedulers to run: the peers use them all, each task on one of them by consistent hashing, and move the "
+    "tasks of one that stops to the next.",
+)
+@click.option(
     "--start-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
@@ -551,14 +570,17 @@ def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
     help="How long each part may take to start.",
 )
 @click.option("-v", "--verbose", count=True, help="More logs from the parts (in DATA_DIR/logs/): -v info, -vv debug.")
-def up(data_dir: Path | None, host: str, no_seed: bool, start_timeout: float, verbose: int) -> None:
-    """Run a whole cluster on this machine: a scheduler, a seed peer and a daemon, until SIGTERM or SIGINT.
+def up(  # noqa: PLR0917 - click passes every option as an argument
+    data_dir: Path | None, host: str, no_seed: bool, scheduler_count: int, start_timeout: float, verbose: int
+) -> None:
+    """Run a whole cluster on this machine: a scheduler (or --schedulers N), a seed peer and a daemon, until
+    SIGTERM or SIGINT.
 
     Each part is a child process (`dfz sched`, `dfz seed`, `dfz daemon`) on free ports, with its own
     subdirectory of --data-dir. Once all serve, it writes DATA_DIR/cluster.json (every endpoint, the pids,
     the version) and prints how to use it: `dfz get URL -O FILE --endpoint ...`, or
-    `dfz daemon --scheduler ...` to add daemons. Stopping removes cluster.json, stops the daemons, then
-    the scheduler, and exits 0 when all stopped cleanly (1 if a part failed).
+    `dfz daemon --scheduler ...` (once per scheduler) to add daemons. Stopping removes cluster.json, stops
+    the daemons, then the schedulers, and exits 0 when all stopped cleanly (1 if a part failed).
     """
     import functools
 
@@ -571,6 +593,7 @@ def up(data_dir: Path | None, host: str, no_seed: bool, start_timeout: float, ve
         data_dir=data_dir if data_dir is not None else default_data_dir(),
         host=host,
         seed=not no_seed,
+        schedulers=scheduler_count,
         verbose=verbose,
         start_timeout=start_timeout,
     )

@@ -1,5 +1,9 @@
 """``dfz up``: a whole dfz cluster on one machine (scheduler, seed peer, daemon), for trying dfz and for tests.
 
+With ``--schedulers N`` it runs N schedulers (``sched``, ``sched-2``, ...); the peers are given all of them
+(each task goes to one by consistent hashing of its id, see :mod:`dfz.peer.schedring`) and ``cluster.json``
+lists them all under ``schedulers``, for daemons that join.
+
 It runs the three parts as **child processes** of the very commands a real deployment runs (``dfz sched``,
 ``dfz seed``, ``dfz daemon``), each with its own subdirectory of the data directory and free ports, then
 writes ``DIR/cluster.json`` (:func:`read_cluster`) with every endpoint so that scripts, ``dfz get`` and
@@ -24,10 +28,10 @@ Layout of ``DIR``::
 
     cluster.json      endpoints, pids, version (only while the cluster runs)
     api.sock          the daemon's local API (so ``DFZ_DATA_DIR=DIR dfz get ...`` needs no --endpoint)
-    sched/            the scheduler (nothing but its log today)
+    sched/            the scheduler (nothing but its log today); sched-2/, ... with --schedulers N
     seed/             the seed peer's data directory (its tasks, host id, api.sock)
     daemon/           the daemon's data directory
-    logs/             sched.log, seed.log, daemon.log: each part's stdout and stderr
+    logs/             sched.log (sched-2.log, ...), seed.log, daemon.log: each part's stdout and stderr
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -73,6 +77,8 @@ class UpConfig:
     other machines join (the fabric is unauthenticated: only on a trusted network)."""
     seed: bool = True
     """Run a seed peer (the root of every swarm); without one the first peer fetches from the origin."""
+    schedulers: int = 1
+    """Schedulers to run; the peers use them all (a task goes to one of them by consistent hashing)."""
     verbose: int = 0
     """Log level of the parts (``-v`` info, ``-vv`` debug), into ``DIR/logs/*.log``."""
     start_timeout: float = 30.0
@@ -99,7 +105,7 @@ class Part:
         return values[0]
 
     def describe(self) -> dict[str, Any]:
-        if self.name == "sched":
+        if _is_sched(self.name):
             return {"pid": self.pid, "data_dir": str(self.data_dir), "log": str(self.log), "listen": self.lines["listening"]}
         return {
             "pid": self.pid,
@@ -115,17 +121,27 @@ class Part:
 # --- cluster.json ------------------------------------------------------------------------------------------
 
 
+def _is_sched(name: str) -> bool:
+    return name == "sched" or name.startswith("sched-")
+
+
+def _sched_names(count: int) -> list[str]:
+    """The parts' names of ``count`` schedulers: ``sched`` (as with one), ``sched-2``, ``sched-3``, ..."""
+    return ["sched" if i == 1 else f"sched-{i}" for i in range(1, count + 1)]
+
+
 def cluster_file(data_dir: Path) -> Path:
     return Path(data_dir) / CLUSTER_FILE
 
 
 def read_cluster(data_dir: Path) -> dict[str, Any]:
     """The ``cluster.json`` of a running ``dfz up`` (``FileNotFoundError`` when none runs there). Keys:
-    ``format``, ``version`` (dfz's), ``pid`` (of ``dfz up``), ``data_dir``, ``started``, ``scheduler``
-    (the endpoint daemons join with ``--scheduler``), ``endpoint`` (the daemon's local API, for
-    ``dfz get --endpoint`` or ``DFZ_ENDPOINT``), ``seed_endpoint`` (the seed's local API, or null) and
-    ``parts``: ``sched`` (pid, listen), ``seed`` and ``daemon`` (pid, host_id, piece_server, announce,
-    api, data_dir, log)."""
+    ``format``, ``version`` (dfz's), ``pid`` (of ``dfz up``), ``data_dir``, ``started``, ``schedulers``
+    (every scheduler's endpoint: a daemon joins with one ``--scheduler`` for each), ``scheduler`` (the
+    first of them), ``endpoint`` (the daemon's local API, for ``dfz get --endpoint`` or
+    ``DFZ_ENDPOINT``), ``seed_endpoint`` (the seed's local API, or null) and ``parts``: ``sched`` (and
+    ``sched-2``, ... with several; pid, listen), ``seed`` and ``daemon`` (pid, host_id, piece_server,
+    announce, api, data_dir, log)."""
     with cluster_file(data_dir).open() as f:
         data: dict[str, Any] = json.load(f)
     return data
@@ -343,46 +359,49 @@ class Cluster:
         return child
 
     async def start(self) -> dict[str, Any]:
-        """Start the parts (the scheduler, then the seed and the daemon at once), write ``cluster.json``
-        and return what it says. Raises :class:`UpError`, leaving the started children to :meth:`stop`."""
+        """Start the parts (the schedulers at once, then the seed and the daemon at once), write
+        ``cluster.json`` and return what it says. Raises :class:`UpError`, leaving the started children
+        to :meth:`stop`."""
         cfg = self.config
         d = self.data_dir
-        for sub in ("sched", "seed", "daemon", "logs"):
+        sched_names = _sched_names(cfg.schedulers)
+        for sub in (*sched_names, "seed", "daemon", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         _claim(d)
-        # The scheduler first: the peers need its address.
-        sched = self._spawn("sched", self._cli("sched", "--listen", f"tcp://{cfg.host}:0"))
-        lines = await sched.lines_until(lambda got: bool(got.get("listening")), cfg.start_timeout)
-        self.parts["sched"] = Part("sched", sched.pid, d / "sched", sched.log_path, lines)
-        scheduler = _connectable(lines["listening"][0])
+        # The schedulers first: the peers need their addresses.
+        for name in sched_names:
+            self._spawn(name, self._cli("sched", "--listen", f"tcp://{cfg.host}:0"))
+
+        async def sched_ready(name: str) -> None:
+            child = self.children[name]
+            got = await child.lines_until(lambda got: bool(got.get("listening")), cfg.start_timeout)
+            self.parts[name] = Part(name, child.pid, d / name, child.log_path, got)
+
+        await _all_ready(sched_ready, sched_names)
+        schedulers = [_connectable(self.parts[name].first("listening")) for name in sched_names]
         peers = [("daemon", d / "daemon", _api_endpoint(d / API_SOCKET, cfg.host))]
         if cfg.seed:
             peers.insert(0, ("seed", d / "seed", _api_endpoint(d / "seed" / API_SOCKET, cfg.host)))
         for name, data_dir, api in peers:
-            argv = ["seed" if name == "seed" else "daemon", "--data-dir", str(data_dir), "--scheduler", scheduler]
+            argv = ["seed" if name == "seed" else "daemon", "--data-dir", str(data_dir)]
+            for scheduler in schedulers:
+                argv += ["--scheduler", scheduler]
             argv += ["--listen", f"tcp://{cfg.host}:0", "--api", api]
             self._spawn(name, self._cli(*argv))
+        dirs = {name: data_dir for name, data_dir, _ in peers}
 
-        async def ready(name: str, data_dir: Path) -> None:
+        async def ready(name: str) -> None:
             child = self.children[name]
             got = await child.lines_until(lambda got: bool(got.get("api")), cfg.start_timeout)
-            self.parts[name] = Part(name, child.pid, data_dir, child.log_path, got)
+            self.parts[name] = Part(name, child.pid, dirs[name], child.log_path, got)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for name, data_dir, _ in peers:
-                    nursery.start_soon(ready, name, data_dir)
-        except BaseExceptionGroup as group:
-            failed = group.subgroup(UpError)
-            if failed is None:
-                raise
-            raise _leaf(failed) from None  # the first part that failed (both: the other is in its log)
-        info = self.describe(scheduler)
+        await _all_ready(ready, list(dirs))
+        info = self.describe(schedulers)
         _write_atomically(cluster_file(d), info)
         self.wrote = True
         return info
 
-    def describe(self, scheduler: str) -> dict[str, Any]:
+    def describe(self, schedulers: list[str]) -> dict[str, Any]:
         seed = self.parts.get("seed")
         return {
             "format": CLUSTER_FORMAT,
@@ -390,10 +409,11 @@ class Cluster:
             "pid": os.getpid(),
             "data_dir": str(self.data_dir),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "scheduler": scheduler,
+            "scheduler": schedulers[0],
+            "schedulers": schedulers,
             "endpoint": self.parts["daemon"].first("api"),
             "seed_endpoint": seed.first("api") if seed is not None else None,
-            "parts": {name: part.describe() for name, part in self.parts.items()},
+            "parts": {name: self.parts[name].describe() for name in self.children if name in self.parts},  # in start order
         }
 
     async def watch(self) -> str:
@@ -413,7 +433,8 @@ class Cluster:
         return result[0] if result else "stopped"
 
     async def stop(self) -> list[str]:
-        """Remove ``cluster.json``, stop the peers (at once), then the scheduler; what went wrong, if anything."""
+        """Remove ``cluster.json``, stop the peers (at once), then the schedulers (at once); what went wrong,
+        if anything."""
         if self.wrote:
             with contextlib.suppress(FileNotFoundError):
                 cluster_file(self.data_dir).unlink()
@@ -426,12 +447,11 @@ class Cluster:
                 problems.append(f"the {child.name} (pid {child.pid}) stopped with {_status(code)}{child.tail(5)}")
 
         with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                for name, child in self.children.items():
-                    if name != "sched":
-                        nursery.start_soon(stop, child)
-            if "sched" in self.children:
-                await stop(self.children["sched"])
+            for schedulers in (False, True):
+                async with trio.open_nursery() as nursery:
+                    for name, child in self.children.items():
+                        if _is_sched(name) == schedulers:
+                            nursery.start_soon(stop, child)
         for child in self.children.values():
             child.close()
         return problems
@@ -440,6 +460,20 @@ class Cluster:
         """SIGKILL every part that still runs (a second Ctrl-C while stopping)."""
         for child in self.children.values():
             child.signal(signal.SIGKILL)
+
+
+async def _all_ready(ready: Callable[[str], Awaitable[None]], names: list[str]) -> None:
+    """Run ``ready(name)`` for every part at once; the first :class:`UpError` if any failed (the others'
+    are in their logs)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(ready, name)
+    except BaseExceptionGroup as group:
+        failed = group.subgroup(UpError)
+        if failed is None:
+            raise
+        raise _leaf(failed) from None
 
 
 def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -466,7 +500,8 @@ def summary(info: dict[str, Any]) -> str:
     """What ``dfz up`` prints once the cluster serves: where things are and how to use them."""
     parts = info["parts"]
     lines = [f"dfz {info['version']} up in {info['data_dir']} (pid {info['pid']})"]
-    lines.append(f"  scheduler  {info['scheduler']}")
+    schedulers: list[str] = info["schedulers"]
+    lines.append(f"  scheduler  {', '.join(schedulers)}")
     for name in ("seed", "daemon"):
         if name in parts:
             p = parts[name]
@@ -478,7 +513,7 @@ def summary(info: dict[str, Any]) -> str:
         f"  dfz get URL -O FILE --endpoint {info['endpoint']}",
         f"  (or export DFZ_ENDPOINT={info['endpoint']} and run dfz get URL -O FILE)",
         "Join it with another daemon:",
-        f"  dfz daemon --data-dir DIR --scheduler {info['scheduler']}",
+        "  dfz daemon --data-dir DIR " + " ".join(f"--scheduler {s}" for s in schedulers),
         f"Stop it with Ctrl-C or kill -TERM {info['pid']}.",
     ]
     return "\n".join(lines)

@@ -244,6 +244,24 @@ def test_config_from_toml(tmp_path: Path) -> None:
         DaemonConfig.load(f)
 
 
+def test_config_with_several_schedulers(tmp_path: Path) -> None:
+    f = tmp_path / "daemon.toml"
+    assert DaemonConfig(data_dir=tmp_path).scheduler_endpoints == ("tcp://127.0.0.1:8002",)
+    assert DaemonConfig(data_dir=tmp_path, scheduler="ipc:///s").scheduler_endpoints == ("ipc:///s",)
+    two = ("tcp://10.0.0.1:8002", "tcp://10.0.0.2:8002")
+    for text in (f"schedulers = {list(two)!r}", f"scheduler = {list(two)!r}"):
+        f.write_text(f'data_dir = "data"\n{text}\n'.replace("'", '"'))
+        assert DaemonConfig.load(f).scheduler_endpoints == two
+        # the command line (--scheduler, repeatable) replaces the file's list
+        assert DaemonConfig.load(f, schedulers=("ipc:///x",)).scheduler_endpoints == ("ipc:///x",)
+    f.write_text('data_dir = "data"\nschedulers = ["tcp://10.0.0.1:8002", "tcp://10.0.0.1:8002"]\n')
+    with pytest.raises(ConfigError, match="listed twice"):
+        DaemonConfig.load(f)
+    f.write_text('data_dir = "data"\nschedulers = ["10.0.0.1:8002"]\n')
+    with pytest.raises(ConfigError, match="schedulers"):
+        DaemonConfig.load(f)
+
+
 async def test_restarted_daemon_serves_its_finished_tasks(origin: Origin, tmp_path: Path) -> None:
     """A daemon restarted with the same data directory announces its finished tasks, and a new peer gets
     them from it while the seed that fetched them from the origin is gone."""

@@ -17,12 +17,14 @@ from dfz.sched import (
     Action,
     AnnounceHost,
     BackToSource,
+    Evaluator,
     Event,
     FailPeer,
     ForwardDigests,
     ForwardTaskInfo,
     HostHeartbeat,
     HostLeft,
+    HostLoad,
     HostRemoved,
     HostType,
     InvalidEvent,
@@ -42,6 +44,7 @@ from dfz.sched import (
     SchedulerConfig,
     SchedulerCore,
     SchedulerError,
+    SimpleEvaluator,
     TaskMetadataKnown,
     TaskState,
     TaskTrigger,
@@ -138,11 +141,17 @@ def fingerprint(core: SchedulerCore) -> object:
 
 
 class Harness:
-    """A core with a fake clock; every event is followed by a full invariant check."""
+    """A core with a fake clock; every event is followed by a full invariant check.
 
-    def __init__(self, **config: Any) -> None:
+    The exact tests of this file are about the core's mechanics, so by default they rank parents with
+    ``SimpleEvaluator`` (a fixed order that reads well) and retry without jitter (exact intervals); the
+    default evaluator and the jitter have tests of their own (tests/test_sched_evaluator.py).
+    """
+
+    def __init__(self, evaluator: Evaluator | None = None, **config: Any) -> None:
         self.clock = FakeClock()
-        self.core = SchedulerCore(SchedulerConfig(**config), clock=self.clock)
+        config.setdefault("retry_jitter", 0.0)
+        self.core = SchedulerCore(SchedulerConfig(**config), clock=self.clock, evaluator=evaluator or SimpleEvaluator())
 
     def apply(self, event: Event) -> list[Action]:
         actions = self.core.apply(event)
@@ -848,6 +857,10 @@ class RandomEvents(RuleBasedStateMachine):
     def reschedule(self, data: st.DataObject) -> None:
         avoid = data.draw(st.frozensets(st.sampled_from(sorted(self.core.peers) or ["x"]), max_size=2))
         self.apply(RescheduleRequest(self.pick(data), avoid))
+
+    @rule(n=st.integers(0, 5), rate=st.integers(0, 2000), in_flight=st.integers(0, 9))
+    def load(self, n: int, rate: int, in_flight: int) -> None:
+        self.apply(HostLoad(f"h{n}", rate, in_flight, in_flight // 2))
 
     @rule(n=st.integers(0, 5), leaves=st.sampled_from([False, False, False, True]))
     def host_heartbeat_or_leave(self, n: int, leaves: bool) -> None:

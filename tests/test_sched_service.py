@@ -57,6 +57,7 @@ from dfz.sched import (
     SchedErrorCode,
     SchedFail,
     SchedHostAnnounced,
+    SchedHostLoad,
     SchedParent,
     SchedParents,
     SchedPeerFailed,
@@ -505,6 +506,25 @@ async def test_reports_about_peers_of_another_host_are_refused_with_the_sched_co
             nursery.cancel_scope.cancel()
 
 
+async def test_host_load_reports_reach_the_evaluator_and_need_an_announced_host() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service: SchedulerService = await nursery.start(SchedulerService(service_config()).run)
+            a = await Daemon(service.endpoints[0], "host-a").start(nursery)
+            b = await Daemon(service.endpoints[0], "host-b").start(nursery)
+            await a.announce()
+            await a.report(SchedHostLoad(upload_rate=125_000_000, uploads_in_flight=12, upload_peers=3))
+            host = service.core.hosts["host-a"]
+            await wait_until(lambda: host.upload_rate == 125_000_000)
+            assert (host.uploads_in_flight, host.upload_peers) == (12, 3)
+
+            await b.report(SchedHostLoad(upload_rate=1, uploads_in_flight=0, upload_peers=0))
+            answer = await b.expect(SchedRefused)
+            assert (answer.type, answer.code, answer.peer_id) == ("sched.host_load", SchedErrorCode.NOT_ANNOUNCED, "")
+            assert "host-b" not in service.core.hosts
+            nursery.cancel_scope.cancel()
+
+
 async def test_malformed_sched_messages_get_invalid_and_the_service_keeps_serving() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -695,11 +715,29 @@ def test_the_config_file_sets_every_setting_and_errors_name_the_bad_key(tmp_path
         'name = "s1"\nlisten = ["tcp://0.0.0.0:8002", "ipc:///tmp/s1"]\nheartbeat = 2\nliveness = 5\n'
         "max_in_flight = 8\nsend_timeout = 1.5\noutbox_limit = 100\n"
         "[scheduler]\ncandidate_parent_limit = 6\nretry_limit = 3\nretry_interval = 0.5\nhost_timeout = 30\n"
+        "candidate_parent_sample = 20\nload_weight = 0.5\nidc_weight = 0\nprogress_weight = 0.25\nretry_jitter = 0.1\n"
+        'bad_parent_window = 24\npeer_ttl = 3600\ntask_ttl = 60\nmax_peers_per_task = 5000\nevaluator = "random"\nseed = 7\n'
     )
     config = ServiceConfig.load(good)
     assert config.listen == ("tcp://0.0.0.0:8002", "ipc:///tmp/s1") and config.heartbeat == 2.0
     assert (config.liveness, config.max_in_flight, config.send_timeout, config.outbox_limit) == (5, 8, 1.5, 100)
-    assert config.scheduler == SchedulerConfig(candidate_parent_limit=6, retry_limit=3, retry_interval=0.5, host_timeout=30.0)
+    assert config.scheduler == SchedulerConfig(
+        candidate_parent_limit=6,
+        retry_limit=3,
+        retry_interval=0.5,
+        host_timeout=30.0,
+        candidate_parent_sample=20,
+        load_weight=0.5,
+        idc_weight=0.0,
+        progress_weight=0.25,
+        retry_jitter=0.1,
+        bad_parent_window=24,
+        peer_ttl=3600.0,
+        task_ttl=60.0,
+        max_peers_per_task=5000,
+        evaluator="random",
+        seed=7,
+    )
     assert ServiceConfig.from_mapping({"listen": "tcp://127.0.0.1:1"}).listen == ("tcp://127.0.0.1:1",)
     assert ServiceConfig.from_mapping({"curve_secret_key": "k/s.key_secret"}, base=tmp_path).curve_secret_key == (
         tmp_path / "k/s.key_secret"
@@ -717,6 +755,14 @@ def test_the_config_file_sets_every_setting_and_errors_name_the_bad_key(tmp_path
         ("[scheduler]\nretry_limt = 2", "unknown key 'scheduler.retry_limt'"),
         ('[scheduler]\nhost_timeout = "1m"', "scheduler.host_timeout: must be a number of seconds"),
         (f"[scheduler]\ncandidate_parent_limit = {MAX_PARENTS + 1}", "scheduler.candidate_parent_limit: at most"),
+        ('[scheduler]\nload_weight = "high"', "scheduler.load_weight: must be a number, got 'high'"),
+        ("[scheduler]\nload_weight = -1", "scheduler.load_weight must be 0 or more"),
+        ("[scheduler]\ncandidate_parent_sample = 2", "scheduler.candidate_parent_sample must be at least candidate_parent_limit"),
+        ("[scheduler]\ncandidate_parent_sample = 2.5", "scheduler.candidate_parent_sample: must be an integer"),
+        ("[scheduler]\nload_weight = 0\nidc_weight = 0\nlocation_weight = 0\nhost_type_weight = 0", "at least one must be"),
+        ("[scheduler]\nretry_jitter = 1.5", "scheduler.retry_jitter must be from 0 to below 1"),
+        ('[scheduler]\nevaluator = "best"', "scheduler.evaluator must be one of multi_feature, simple, random"),
+        ("[scheduler]\nevaluator = 1", "scheduler.evaluator: must be a string"),
         ('curve_allowed_keys = ["a.key"]', "curve_allowed_keys: set curve_secret_key too"),
         ("heartbeat = ", "not valid TOML"),
     ]

@@ -60,9 +60,9 @@ def alive(pid: int) -> bool:
     return True
 
 
-def start_up(procs: Procs, data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+def start_up(procs: Procs, data_dir: Path, log: Path, *args: str) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     with log.open("wb") as out:
-        up = procs.start(dfz_cmd("up", "--data-dir", str(data_dir)), stdout=out, stderr=subprocess.STDOUT)
+        up = procs.start(dfz_cmd("up", "--data-dir", str(data_dir), *args), stdout=out, stderr=subprocess.STDOUT)
     try:
         info = wait_for_cluster(data_dir, 30, alive=lambda: up.poll() is None)
     except Exception:
@@ -79,6 +79,7 @@ def test_up_runs_a_cluster_that_a_daemon_joins_and_stops_cleanly(procs: Procs, o
     assert info["format"] == 1 and info["version"] == dfz.__version__ and info["pid"] == up.pid
     assert isinstance(info["scheduler"], str) and info["scheduler"].startswith("tcp://127.0.0.1:")
     assert not info["scheduler"].endswith(":0")
+    assert info["schedulers"] == [info["scheduler"]]
     parts = info["parts"]
     assert isinstance(parts, dict) and set(parts) == {"sched", "seed", "daemon"}
     for name in ("seed", "daemon"):
@@ -126,6 +127,54 @@ def test_up_runs_a_cluster_that_a_daemon_joins_and_stops_cleanly(procs: Procs, o
     assert stop(up) == 0, (tmp / "up.log").read_text()
     assert not (tmp / "up" / "cluster.json").exists()
     assert not any(alive(pid) for pid in part_pids)
+
+
+def test_up_with_three_schedulers_that_a_daemon_joins_all_of(procs: Procs, origin: Origin, short_tmp: str) -> None:
+    """``dfz up --schedulers 3``: three ``dfz sched`` parts, listed in cluster.json; the seed and the daemon
+    use them all, and so does a daemon that joins with every ``--scheduler`` from cluster.json."""
+    tmp = Path(short_tmp)
+    up, info = start_up(procs, tmp / "up", tmp / "up.log", "--schedulers", "3")
+    schedulers = info["schedulers"]
+    assert isinstance(schedulers, list) and len(set(schedulers)) == 3 and info["scheduler"] == schedulers[0]
+    parts = info["parts"]
+    assert isinstance(parts, dict) and list(parts) == ["sched", "sched-2", "sched-3", "seed", "daemon"]
+    for name, endpoint in zip(["sched", "sched-2", "sched-3"], schedulers, strict=True):
+        assert parts[name]["listen"] == [endpoint] and alive(parts[name]["pid"])
+        assert Path(parts[name]["data_dir"]) == tmp / "up" / name and (tmp / "up" / "logs" / f"{name}.log").exists()
+    for name in ("seed", "daemon"):  # what they printed once they served: one line per scheduler
+        log = (tmp / "up" / "logs" / f"{name}.log").read_text()
+        assert sorted(re.findall(r"^scheduler (\S+)$", log, re.M)) == sorted(schedulers), log
+    summary = (tmp / "up.log").read_text()
+    assert " ".join(f"--scheduler {s}" for s in schedulers) in summary, summary
+
+    argv = dfz_cmd("daemon", "--data-dir", str(tmp / "d2"))
+    for endpoint in schedulers:
+        argv += ["--scheduler", endpoint]
+    joined = procs.start(argv, stdout=subprocess.PIPE)
+    api = read_line(joined, "api ")
+    gets = []
+    for i, ep in enumerate([api, str(info["endpoint"])]):
+        out = tmp / f"out{i}"
+        gets.append(
+            (
+                out,
+                procs.start(
+                    dfz_cmd("get", origin.url, "-O", str(out), "--endpoint", ep, "--timeout", "30", "--no-progress"),
+                    stderr=subprocess.PIPE,
+                ),
+            )
+        )
+    for out, get in gets:
+        _, err = get.communicate(timeout=40)
+        assert get.returncode == 0, err.decode()
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(origin.data).hexdigest()
+    stats = origin.stats()
+    assert stats["bytes"] - stats["probe_bytes"] == SIZE, stats
+
+    assert stop(joined) == 0
+    assert stop(up) == 0, (tmp / "up.log").read_text()
+    assert not (tmp / "up" / "cluster.json").exists()
+    assert not any(alive(parts[name]["pid"]) for name in parts)
 
 
 def test_up_stops_everything_when_a_part_dies(procs: Procs, short_tmp: str) -> None:

@@ -1,7 +1,8 @@
 """Settings of the peer daemon (``dfz daemon``, ``dfz seed``), with their defaults, in one place.
 
 A TOML file holds the fields of :class:`DaemonConfig` as top-level keys (``data_dir``, ``scheduler``,
-``listen``, ``upload_slots``, ...); command-line flags replace what the file says. An unknown key, or a
+``listen``, ``upload_slots``, ...); command-line flags replace what the file says. Several schedulers are
+``schedulers = ["tcp://...", ...]`` (or ``scheduler`` given a list); one is ``scheduler = "tcp://..."``. An unknown key, or a
 value of the wrong type or range, is a :class:`ConfigError` whose message names the key and the file.
 """
 
@@ -30,7 +31,11 @@ class DaemonConfig:
     data_dir: Path
     """Where tasks are stored (``<data_dir>/tasks``), the host id kept, and the API socket made."""
     scheduler: str = DEFAULT_SCHEDULER
-    """The scheduler's endpoint (``dfz sched`` prints it)."""
+    """The scheduler's endpoint (``dfz sched`` prints it), when there is one; see :attr:`schedulers`."""
+    schedulers: tuple[str, ...] = ()
+    """Several schedulers' endpoints; when given, :attr:`scheduler` is ignored. Each task goes to one of
+    them by consistent hashing of its id (:mod:`dfz.peer.schedring`): every daemon of a cluster must list
+    the same endpoint strings (in any order)."""
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     """Endpoints of the piece server; the first tcp one is announced to the scheduler."""
     advertise_ip: str = ""
@@ -67,6 +72,10 @@ class DaemonConfig:
         if not str(self.data_dir):
             raise ConfigError("data_dir: must be a directory name")
         _endpoint("scheduler", self.scheduler)
+        for e in self.schedulers:
+            _endpoint("schedulers", e)
+        if len(set(self.schedulers)) != len(self.schedulers):
+            raise ConfigError(f"schedulers: an endpoint is listed twice in {list(self.schedulers)}")
         if not self.listen:
             raise ConfigError("listen: needs at least one endpoint")
         for e in self.listen:
@@ -89,6 +98,11 @@ class DaemonConfig:
                 raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
             raise ConfigError(f"host_id: 1 to 100 visible ASCII characters without spaces, got {self.host_id!r}")
+
+    @property
+    def scheduler_endpoints(self) -> tuple[str, ...]:
+        """Every scheduler this daemon uses: :attr:`schedulers`, else :attr:`scheduler` alone."""
+        return self.schedulers or (self.scheduler,)
 
     def api_endpoints(self) -> list[str]:
         """The local API's endpoints: :attr:`api`, or the default ipc socket in the data directory.
@@ -126,9 +140,10 @@ class DaemonConfig:
                     raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(sorted(kinds))})")
                 if key == "data_dir":
                     values[key] = Path(_typed(key, value, str | Path, "a directory name")).expanduser()
-                elif key in ("listen", "api"):
+                elif key in ("listen", "api", "schedulers") or (key == "scheduler" and isinstance(value, list | tuple)):
                     items = value if isinstance(value, list | tuple) else [value]
-                    values[key] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
+                    name = "schedulers" if key == "scheduler" else key
+                    values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
                 elif key == "seed":
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
                 elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location"):

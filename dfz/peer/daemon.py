@@ -4,18 +4,25 @@ One :class:`Daemon` owns, for its lifetime (``run``):
 
 * the :class:`~dfz.peer.storage.Storage` of its data directory (tasks survive restarts);
 * a :class:`~dfz.peer.upload.PieceServer` that serves every stored task, finished or still arriving;
-* the **scheduler link**: one :class:`dfz.broker.Client` session to the scheduler (``sched.*``, see
-  ``protocol.md`` §14). On every new session it announces its host (same ``boot`` for the whole process,
-  so a reconnect resumes the host); an announce that is not ``resumed`` makes every running download
-  register again. Pushes are routed by peer id to the download they are about, in arrival order;
+* the **scheduler links**: one :class:`dfz.broker.Client` session to each scheduler (``sched.*``, see
+  ``protocol.md`` §14). On every new session it announces its host (same ``boot`` for the whole process
+  and every scheduler, so a reconnect resumes the host); an announce that is not ``resumed`` makes the
+  downloads registered there register again. Each task has one scheduler, by consistent hashing of its
+  id over the schedulers that are up (:mod:`dfz.peer.schedring`, ``protocol.md`` §14.9): its peer
+  registers there and every report about that peer goes there. A scheduler whose session is lost while
+  another is up is **failed over**: its downloads register again on the next scheduler of the ring
+  (keeping their pieces) and its finished tasks are announced there. Pushes from every scheduler are
+  routed by peer id to the download they are about, in arrival order. Every second each scheduler hears
+  the host's upload load (``sched.host_load``);
 * the **downloads**: one :class:`_Download` per task, shared by every caller of :meth:`Daemon.download`
   for that task (and by a seed trigger). It registers a peer for the task and follows the scheduler:
   ``parents`` → a :class:`~dfz.peer.download.Downloader` verifying every piece against the digests the
   scheduler forwards; ``back_to_source`` → :func:`~dfz.peer.origin.fetch_from_origin`, reporting the
   task's metadata and each piece's digest; ``wait`` → wait for pushes; ``fail`` → fail with the reason.
-* the **reporter**: piece reports are collected per peer and sent as one ``sched.pieces`` every
-  ``report_interval`` (or when a batch is full); any other report about a peer first flushes that
-  peer's batch, so the scheduler always sees a peer's pieces before its ``peer_finished``.
+* the **reporters**, one per scheduler: piece reports are collected per peer and sent to the peer's
+  scheduler as one ``sched.pieces`` every ``report_interval`` (or when a batch is full); any other report
+  about a peer first flushes that peer's batch, so the scheduler always sees a peer's pieces before its
+  ``peer_finished``.
 
 Rules of this file:
 
@@ -67,6 +74,7 @@ from ..sched.messages import (
     SchedErrorCode,
     SchedFail,
     SchedHostAnnounced,
+    SchedHostLoad,
     SchedParent,
     SchedParents,
     SchedPeerFailed,
@@ -96,6 +104,7 @@ from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, Piec
 from .local import CachedTask, DownloadRequest, DownloadState, Progress
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
+from .schedring import SchedulerRing
 from .source import SourceError, SourceRegistry, default_registry
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
@@ -105,6 +114,10 @@ log = get_logger("peer.daemon")
 
 _SYNC_INTERVAL = 60.0
 """Seconds between two syncs of the storage."""
+_LOAD_INTERVAL = 1.0
+"""Seconds between two ``sched.host_load`` pushes to each scheduler."""
+_LOAD_WINDOW = 5.0
+"""Seconds the upload rate of ``sched.host_load`` is measured over."""
 _KIND_IN_REASON = re.compile(r"\[([a-z_]{1,40})\]")
 
 
@@ -198,6 +211,10 @@ class _Download:
         self.digests: dict[int, str] = {}
         self.parents: list[SchedParent] = []
         self.peer_of_endpoint: dict[str, str] = {}
+        self.link: _SchedLink | None = None
+        """The scheduler the current peer registers with (the task's on the ring, :meth:`Daemon._link_for`)."""
+        self.home: _SchedLink | None = None
+        """The scheduler that triggered this seed download: registered with while it is up."""
         # progress
         self.pieces_done = 0
         self.bytes_done = 0
@@ -254,7 +271,10 @@ class _Download:
         self._inbox_send.send_nowait(msg)
 
     def relink(self) -> None:
-        """The scheduler forgot this host's peers: register again."""
+        """The scheduler forgot this peer, or went down while another is up: register again (on the
+        scheduler the ring gives the task now)."""
+        if self.home is not None and not self.home.up:
+            self.home = None  # the seed trigger's scheduler is gone: from now on, the ring decides
         if self._attempt_scope is not None:
             self._attempt_scope.cancel()
 
@@ -304,18 +324,18 @@ class _Download:
         )
 
     async def _run(self) -> None:
-        await self.daemon._wait_for_scheduler()
         while True:
             with trio.CancelScope() as attempt:
                 self._attempt_scope = attempt
                 await self._attempt()
                 return
             event(log, logging.INFO, "daemon.reregister", task=self.task_id, old_peer=self.peer_id)
-            await self.daemon._wait_for_scheduler()
 
     def _new_peer(self) -> str:
         daemon = self.daemon
         daemon._peers.pop(self.peer_id, None)
+        daemon._peer_links.pop(self.peer_id, None)  # the scheduler forgot it, or it is an orphan of a dead one
+        daemon._batches.pop(self.peer_id, None)
         self.peer_id = f"{daemon.host_id}.{self.task_id[:12]}.{secrets.token_hex(4)}"
         self._ended_at_scheduler = False
         daemon._peers[self.peer_id] = self
@@ -338,21 +358,23 @@ class _Download:
             back_to_source=self.back_to_source_allowed,
             headers=list(self.headers),
         )
+        endpoint = ""
         for _ in range(5):
+            # The task's scheduler now: a try that fails because it went down goes to the next on the ring.
+            link = self.link = await daemon._wait_for_link(self.task_id, self.home)
+            endpoint = link.endpoint
+            daemon._peer_links[peer_id] = link
             try:
-                reply = await daemon.sched.request(msg, timeout=daemon.config.register_timeout)
+                reply = await link.client.request(msg, timeout=daemon.config.register_timeout)
                 return reply.expect(SchedPeerRegistered)
             except (ConnectionLost, RequestTimeout):
-                await daemon._wait_for_scheduler()
+                continue
             except RemoteError as e:
                 if e.code == SchedErrorCode.NOT_ANNOUNCED:
                     await trio.sleep(0.1)
-                    await daemon._wait_for_scheduler()
                     continue
                 raise _Failed("scheduler_refused", f"the scheduler refused the download: {e}") from None
-        raise _Failed(
-            "scheduler_unreachable", f"the scheduler at {daemon.config.scheduler} did not answer the registration; try again"
-        )
+        raise _Failed("scheduler_unreachable", f"the scheduler at {endpoint} did not answer the registration; try again")
 
     def _learn(
         self,
@@ -495,6 +517,9 @@ class _Download:
         task = await self._open_task(layout)
         stored = await trio.to_thread.run_sync(task.piece_digests)
         self._resumed = {k: d for k, d in enumerate(stored) if d is not None}
+        if self._resumed:
+            link = self.link.endpoint if self.link is not None else ""
+            event(log, logging.INFO, "daemon.resumed", task=self.task_id, peer=peer_id, pieces=len(self._resumed), scheduler=link)
 
         def on_piece(done: PieceDone) -> None:
             daemon.piece_server.announce(self.task_id, done.piece)
@@ -553,7 +578,9 @@ class _Download:
             raise _Failed("digest_mismatch", f"the downloaded file does not match the origin's digest: {e}") from None
         assert info.content_length is not None and info.content_digest is not None
         self.daemon._report(SchedPeerFinished(peer_id=peer_id, content_length=info.content_length, digest=info.content_digest))
-        self.daemon._served[self.task_id] = peer_id
+        link = self.daemon._peer_links.get(peer_id)
+        if link is not None:
+            self.daemon._served.setdefault(self.task_id, {})[link] = peer_id
         self.daemon.piece_server.task_finished(self.task_id)
 
     async def _back_to_source(self, peer_id: str) -> None:
@@ -648,10 +675,51 @@ class _Download:
         await trio.to_thread.run_sync(task.finish)
 
 
+class _UploadMeter:
+    """The upload rate over the last :data:`_LOAD_WINDOW` seconds, from samples of the piece server's
+    counter of bytes served."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def rate(self, now: float, total: int) -> int:
+        """Bytes/s between the oldest sample still in the window and this one (``now``, ``total``)."""
+        samples = self._samples
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= _LOAD_WINDOW:
+            samples.popleft()
+        then, before = samples[0]
+        return 0 if now <= then else max(0, round((total - before) / (now - then)))
+
+
+class _SchedLink:
+    """The daemon's session with one scheduler: its fabric client, whether this host is announced on it
+    (``announced`` is replaced by a new, unset event when the session is lost), and the reports waiting
+    for it, sent in order by the link's reporter."""
+
+    def __init__(self, endpoint: str, client: Client) -> None:
+        self.endpoint = endpoint
+        self.client = client
+        self.announced = trio.Event()
+        self.need_announce = trio.Event()
+        self.outbox: deque[Message] = deque()
+        self.wake = trio.Event()
+        self.orphans: set[str] = set()
+        """Peers left registered here when the daemon moved their tasks to another scheduler (this one was
+        down): if it comes back with this host ``resumed``, they are told ``sched.peer_left``."""
+
+    @property
+    def up(self) -> bool:
+        return self.announced.is_set()
+
+    def __repr__(self) -> str:
+        return f"<scheduler {self.endpoint} {'up' if self.up else 'down'}>"
+
+
 class Daemon:
     """The peer daemon. ``await nursery.start(Daemon(config).run)`` returns it once its piece server
-    listens and its scheduler client runs (the scheduler may not be reachable yet: downloads wait for it
-    up to ``scheduler_wait``); cancel to stop (the scheduler hears ``bye`` and forgets this host).
+    listens and its scheduler clients run (no scheduler may be reachable yet: downloads wait for one
+    up to ``scheduler_wait``); cancel to stop (the schedulers hear ``bye`` and forget this host).
 
     Implements :class:`dfz.peer.local.DownloadService`. ``sources`` replaces the default source
     backends (tests pass one with fast retries); ``downloader_config`` and ``piece_server_config`` tune
@@ -679,18 +747,21 @@ class Daemon:
         self.boot = secrets.token_hex(8)
         self.host_id = config.host_id
         self.download_limiter = RateLimiter(config.download_rate_limit)
+        self.ring = SchedulerRing(config.scheduler_endpoints)
         self._storage: Storage | None = None
         self._piece_server: PieceServer | None = None
-        self._sched: Client | None = None
+        self._links: dict[str, _SchedLink] = {}
+        self._links_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._downloads: dict[str, _Download] = {}
         self._peers: dict[str, _Download] = {}
-        self._served: dict[str, str] = {}  # task id -> the finished peer that serves it
-        self._announced = trio.Event()
-        self._need_announce = trio.Event()
+        self._peer_links: dict[str, _SchedLink] = {}
+        """Peer id -> the scheduler it is registered with (until it leaves, fails, or that scheduler
+        forgets it): where every report about it goes."""
+        self._served: dict[str, dict[_SchedLink, str]] = {}
+        """Task id -> the finished peer that serves it, per scheduler it is known to."""
         self._batches: dict[str, tuple[list[FinishedPiece], list[FailedPiece]]] = {}
-        self._outbox: deque[Message] = deque()
-        self._report_wake = trio.Event()
+        self._cache_wake = trio.Event()
         self.ip = ""
         self.port = 0
 
@@ -707,18 +778,19 @@ class Daemon:
         return self._piece_server
 
     @property
-    def sched(self) -> Client:
-        assert self._sched is not None, "the daemon is not running"
-        return self._sched
-
-    @property
     def piece_endpoints(self) -> list[str]:
         """Where the piece server listens (``tcp://...:0`` resolved to its port)."""
         return self.piece_server.endpoints
 
     @property
     def scheduler_connected(self) -> bool:
-        return self._announced.is_set()
+        """This host is announced to at least one scheduler."""
+        return any(link.up for link in self._links.values())
+
+    @property
+    def schedulers_up(self) -> list[str]:
+        """The schedulers this host is announced to now."""
+        return [link.endpoint for link in self._links.values() if link.up]
 
     # -- lifetime --
 
@@ -736,18 +808,10 @@ class Daemon:
                 self._nursery = nursery
                 await nursery.start(self._piece_server.run)
                 self.ip, self.port = _advertised(cfg, self._piece_server.endpoints)
-                self._sched = Client(
-                    SCHED_CATALOGUE,
-                    cfg.scheduler,
-                    name=f"dfz-{'seed' if cfg.seed else 'daemon'}-{self.host_id}",
-                    config=ClientConfig(heartbeat=cfg.heartbeat, timeout=cfg.register_timeout),
-                    ctx=self.ctx,
-                    on_state=self._on_sched_state,
-                )
-                self._install_push_handlers(self._sched)
-                await nursery.start(self._sched.run)
-                nursery.start_soon(self._announcer)
-                nursery.start_soon(self._reporter)
+                for endpoint in cfg.scheduler_endpoints:
+                    await self._open_link(nursery, endpoint)
+                nursery.start_soon(self._cache_announcer)
+                nursery.start_soon(self._load_reporter)
                 nursery.start_soon(self._syncer)
                 event(
                     log,
@@ -756,12 +820,33 @@ class Daemon:
                     host=self.host_id,
                     seed=cfg.seed,
                     pieces=",".join(self._piece_server.endpoints),
-                    scheduler=cfg.scheduler,
+                    scheduler=",".join(cfg.scheduler_endpoints),
                 )
                 task_status.started(self)
         finally:
             self._nursery = None
             self._storage.close()
+
+    async def _open_link(self, nursery: trio.Nursery, endpoint: str) -> None:
+        """Start the session with one scheduler: its client, announcer and reporter."""
+        link: _SchedLink
+
+        def on_state(state: str) -> None:
+            self._on_sched_state(link, state)
+
+        client = Client(
+            SCHED_CATALOGUE,
+            endpoint,
+            name=f"dfz-{'seed' if self.config.seed else 'daemon'}-{self.host_id}",
+            config=ClientConfig(heartbeat=self.config.heartbeat, timeout=self.config.register_timeout),
+            ctx=self.ctx,
+            on_state=on_state,
+        )
+        link = self._links[endpoint] = _SchedLink(endpoint, client)
+        self._install_push_handlers(link)
+        await nursery.start(client.run)
+        nursery.start_soon(self._announcer, link)
+        nursery.start_soon(self._reporter, link)
 
     async def _syncer(self) -> None:
         """Make the stored data durable now and then (``Storage.sync``), so that a crash does not make
@@ -770,77 +855,197 @@ class Daemon:
             await trio.sleep(_SYNC_INTERVAL)
             await trio.to_thread.run_sync(self.storage.sync)
 
-    # -- the scheduler link --
+    # -- the scheduler links --
 
-    def _on_sched_state(self, state: str) -> None:
+    def _links_moved(self) -> None:
+        """Wake whoever waits for a scheduler to come up (:meth:`_wait_for_link`)."""
+        self._links_changed.set()
+        self._links_changed = trio.Event()
+
+    def _on_sched_state(self, link: _SchedLink, state: str) -> None:
         if state == "connected":
-            self._need_announce.set()
-        elif state == "lost" and self._announced.is_set():
-            self._announced = trio.Event()
+            link.need_announce.set()
+        elif state == "lost" and link.up:
+            link.announced = trio.Event()
+            event(log, logging.WARNING, "daemon.scheduler_lost", scheduler=link.endpoint, up=",".join(self.schedulers_up))
+            self._links_moved()
+            if self.scheduler_connected:
+                self._fail_over(link)
+            # else: nowhere to go; the tasks wait for it (a reconnect may resume them) or for another one
 
-    async def _wait_for_scheduler(self) -> None:
-        """Wait (up to ``scheduler_wait``) until the host is announced; else fail the download."""
-        with trio.move_on_after(self.config.scheduler_wait):
-            await self._announced.wait()
+    def _fail_over(self, link: _SchedLink) -> None:
+        """``link`` is down and another scheduler is up: move its tasks. Its peers become orphans; the
+        downloads register again (on the next scheduler of the ring, keeping their pieces); the finished
+        tasks it knew are announced again where the ring puts them now."""
+        mine = [peer_id for peer_id, on in self._peer_links.items() if on is link]
+        if not mine:
             return
+        event(log, logging.INFO, "daemon.fail_over", scheduler=link.endpoint, peers=len(mine))
+        for peer_id in mine:
+            del self._peer_links[peer_id]
+            self._batches.pop(peer_id, None)
+            link.orphans.add(peer_id)
+        link.outbox.clear()  # reports about orphans: the scheduler hears peer_left instead, if ever back
+        self._relink(mine)
+        self._forget_served(link)
+        self._cache_wake.set()
+
+    def _relink(self, peer_ids: Iterable[str]) -> None:
+        """Make the downloads of these peers register again."""
+        for peer_id in peer_ids:
+            download = self._peers.get(peer_id)
+            if download is not None and download.peer_id == peer_id:
+                download.relink()
+
+    def _forget_served(self, link: _SchedLink) -> None:
+        for task_id, on in list(self._served.items()):
+            if on.pop(link, None) is not None and not on:
+                del self._served[task_id]
+
+    def _link_for(self, task_id: str, home: _SchedLink | None = None) -> _SchedLink | None:
+        """The scheduler of ``task_id`` now: ``home`` while it is up, else the first scheduler of the
+        task's preference order on the ring that is up (None: none is)."""
+        if home is not None and home.up:
+            return home
+        endpoint = self.ring.choose(task_id, lambda e: self._links[e].up)
+        return None if endpoint is None else self._links[endpoint]
+
+    async def _wait_for_link(self, task_id: str, home: _SchedLink | None = None) -> _SchedLink:
+        """The scheduler of ``task_id``, waiting up to ``scheduler_wait`` for one to be up; else the
+        download fails (``scheduler_unreachable``)."""
+        with trio.move_on_after(self.config.scheduler_wait):
+            while True:
+                link = self._link_for(task_id, home)
+                if link is not None:
+                    return link
+                await self._links_changed.wait()
+        endpoints = self.config.scheduler_endpoints
+        where = f"the scheduler at {endpoints[0]}" if len(endpoints) == 1 else f"any scheduler of {', '.join(endpoints)}"
         raise _Failed(
             "scheduler_unreachable",
-            f"cannot reach the scheduler at {self.config.scheduler} (waited {self.config.scheduler_wait:g} s): "
+            f"cannot reach {where} (waited {self.config.scheduler_wait:g} s): "
             "check that `dfz sched` runs there and that --scheduler names its endpoint",
         )
 
-    async def _announcer(self) -> None:
+    def _host_announcement(self) -> SchedAnnounceHost:
+        cfg = self.config
+        return SchedAnnounceHost(
+            host_id=self.host_id,
+            boot=self.boot,
+            hostname=socket.gethostname()[:256],
+            ip=self.ip,
+            port=self.port,
+            type="seed" if cfg.seed else "normal",
+            idc=cfg.idc,
+            location=cfg.location,
+            upload_capacity=cfg.upload_capacity,
+            upload_slots=cfg.upload_slots,
+        )
+
+    async def _announcer(self, link: _SchedLink) -> None:
+        """Announce this host on every new session with ``link``'s scheduler (every scheduler must know
+        every host: any of them may pick it as a parent, or trigger it as a seed)."""
         cfg = self.config
         while True:
-            await self._need_announce.wait()
-            self._need_announce = trio.Event()
-            msg = SchedAnnounceHost(
-                host_id=self.host_id,
-                boot=self.boot,
-                hostname=socket.gethostname()[:256],
-                ip=self.ip,
-                port=self.port,
-                type="seed" if cfg.seed else "normal",
-                idc=cfg.idc,
-                location=cfg.location,
-                upload_capacity=cfg.upload_capacity,
-                upload_slots=cfg.upload_slots,
-            )
+            await link.need_announce.wait()
+            link.need_announce = trio.Event()
             try:
-                reply = (await self.sched.request(msg, timeout=cfg.register_timeout)).expect(SchedHostAnnounced)
+                reply = (await link.client.request(self._host_announcement(), timeout=cfg.register_timeout)).expect(
+                    SchedHostAnnounced
+                )
             except (ConnectionLost, RequestTimeout) as e:
-                event(log, logging.WARNING, "daemon.announce_failed", error=str(e))
-                if self.sched.connected:
-                    self._need_announce.set()
+                event(log, logging.WARNING, "daemon.announce_failed", scheduler=link.endpoint, error=str(e))
+                if link.client.connected:
+                    link.need_announce.set()
                     await trio.sleep(0.5)
                 continue
             except RemoteError as e:
                 # HOST_TAKEN and the like: a configuration error; downloads fail by timeout with the log saying why.
-                event(log, logging.ERROR, "daemon.announce_refused", code=e.code, error=str(e))
+                event(log, logging.ERROR, "daemon.announce_refused", scheduler=link.endpoint, code=e.code, error=str(e))
                 await trio.sleep(5)
-                self._need_announce.set()
+                link.need_announce.set()
                 continue
-            event(log, logging.INFO, "daemon.announced", host=self.host_id, resumed=reply.resumed, session=reply.session)
-            if not reply.resumed:
-                self._batches.clear()
-                self._outbox.clear()
-                for download in list(self._downloads.values()):
-                    download.relink()
-                self._served.clear()
-                assert self._nursery is not None
-                self._nursery.start_soon(self._announce_stored)
-            self._announced.set()
+            event(
+                log,
+                logging.INFO,
+                "daemon.announced",
+                host=self.host_id,
+                scheduler=link.endpoint,
+                resumed=reply.resumed,
+                session=reply.session,
+            )
+            if reply.resumed:
+                for peer_id in sorted(link.orphans):  # moved elsewhere while it was down
+                    link.outbox.append(SchedPeerLeft(peer_id=peer_id))
+            else:
+                # The scheduler forgot this host with its peers: what was registered there registers again.
+                forgotten = [p for p, on in self._peer_links.items() if on is link]
+                for peer_id in forgotten:
+                    del self._peer_links[peer_id]
+                    self._batches.pop(peer_id, None)
+                link.outbox.clear()
+                self._relink(forgotten)
+                self._forget_served(link)
+            link.orphans.clear()
+            link.announced.set()
+            link.wake.set()
+            self._links_moved()
+            for other in self._links.values():
+                if not other.up:
+                    self._fail_over(other)  # tasks stuck on a scheduler that is down come here (or on)
+            self._cache_wake.set()
+
+    async def _load_reporter(self) -> None:
+        """Tell every scheduler this host is announced to how busy its uploads are (``sched.host_load``),
+        every :data:`_LOAD_INTERVAL`; a scheduler that does not know the message (an older one, by its
+        ``welcome``) is not sent it. A scheduler that is slow to take it delays only its own."""
+        meter = _UploadMeter()
+        name = SchedHostLoad.wire_name()
+        while True:
+            await trio.sleep(_LOAD_INTERVAL)
+            server = self.piece_server
+            msg = SchedHostLoad(
+                upload_rate=meter.rate(trio.current_time(), server.stats.bytes_served),
+                uploads_in_flight=server.stats.serving,
+                upload_peers=server.children,
+            )
+            async with trio.open_nursery() as nursery:
+                for link in self._links.values():
+                    welcome = link.client.welcome
+                    if link.up and welcome is not None and name in welcome.types:
+                        nursery.start_soon(self._push_load, link, msg)
+
+    @staticmethod
+    async def _push_load(link: _SchedLink, msg: SchedHostLoad) -> None:
+        with trio.move_on_after(_LOAD_INTERVAL):
+            try:
+                await link.client.push(msg)
+            except ConnectionLost:
+                pass  # the next one goes to the next session
+
+    async def _cache_announcer(self) -> None:
+        """Keep every finished task in the storage offered to the swarm (``sched.announce_task``), at the
+        scheduler the ring gives it now: after a start, when a scheduler forgot this host, or when tasks
+        moved off a scheduler that went down; so that this host's cache keeps serving others. A task
+        stays announced where it was (until that scheduler forgets this host)."""
+        while True:
+            await self._cache_wake.wait()
+            self._cache_wake = trio.Event()
+            await self._announce_stored()
 
     async def _announce_stored(self) -> None:
-        """Offer every finished task in the storage to the swarm (``sched.announce_task``): after a
-        restart, or when the scheduler forgot this host, so that its cache keeps serving others."""
         infos = await trio.to_thread.run_sync(self.storage.list_tasks)
         for info in infos:
             tid = info.task_id
-            if info.state is not StoredState.SUCCEEDED or tid in self._downloads or tid in self._served:
+            if info.state is not StoredState.SUCCEEDED or tid in self._downloads:
                 continue
             if info.piece_count is None or info.piece_count > MAX_DIGESTS_PER_MESSAGE:
                 continue  # too many digests for one announcement: the task is served once requested again
+            link = self._link_for(tid)
+            if link is None:
+                return  # no scheduler up: the next announce tries again
+            if link in self._served.get(tid, {}):
+                continue
             stored = await trio.to_thread.run_sync(self.storage.get, tid)
             if stored is None or stored.state is not StoredState.SUCCEEDED or stored.content_digest is None:
                 continue
@@ -856,18 +1061,23 @@ class Daemon:
                 digest=stored.content_digest,
                 digests=digests,
             )
+            self._peer_links[peer_id] = link
             try:
-                (await self.sched.request(msg, timeout=self.config.register_timeout)).expect(SchedTaskAnnounced)
+                (await link.client.request(msg, timeout=self.config.register_timeout)).expect(SchedTaskAnnounced)
             except (ConnectionLost, RequestTimeout):
-                return  # the next announce tries again
+                self._peer_links.pop(peer_id, None)
+                continue  # that scheduler went down: its announce (or the fail-over) wakes this again
             except RemoteError as e:
+                self._peer_links.pop(peer_id, None)
                 event(log, logging.WARNING, "daemon.task_not_announced", task=tid, code=e.code, error=str(e))
                 continue
-            self._served[tid] = peer_id
+            if self._peer_links.get(peer_id) is not link:
+                continue  # the scheduler forgot this host meanwhile
+            self._served.setdefault(tid, {})[link] = peer_id
             self.piece_server.add_task(stored)
-            event(log, logging.INFO, "daemon.task_announced", task=tid, peer=peer_id)
+            event(log, logging.INFO, "daemon.task_announced", task=tid, peer=peer_id, scheduler=link.endpoint)
 
-    def _install_push_handlers(self, client: Client) -> None:
+    def _install_push_handlers(self, link: _SchedLink) -> None:
         def to_peer(msg: SchedParents | SchedBackToSource | SchedFail, _payload: list[Any]) -> None:
             self._route(msg.peer_id, msg)
 
@@ -877,27 +1087,36 @@ class Daemon:
 
         def refused(msg: SchedRefused, _payload: list[Any]) -> None:
             event(
-                log, logging.WARNING, "daemon.report_refused", type=msg.type, code=msg.code, peer=msg.peer_id, reason=msg.reason
+                log,
+                logging.WARNING,
+                "daemon.report_refused",
+                scheduler=link.endpoint,
+                type=msg.type,
+                code=msg.code,
+                peer=msg.peer_id,
+                reason=msg.reason,
             )
             if msg.peer_id:
                 self._route(msg.peer_id, msg)
 
+        client = link.client
         client.on_push(SchedParents, to_peer)
         client.on_push(SchedBackToSource, to_peer)
         client.on_push(SchedFail, to_peer)
         client.on_push(SchedDigests, to_peers)
         client.on_push(SchedTaskInfo, to_peers)
         client.on_push(SchedRefused, refused)
-        client.on_push(SchedSeed, lambda msg, _payload: self._on_seed(msg))
+        client.on_push(SchedSeed, lambda msg, _payload: self._on_seed(msg, link))
 
     def _route(self, peer_id: str, msg: Message) -> None:
         download = self._peers.get(peer_id)
         if download is not None:
             download.deliver(msg)
 
-    def _on_seed(self, msg: SchedSeed) -> None:
-        """A seed trigger: fetch the task for the swarm (unless it is being fetched already)."""
-        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id)
+    def _on_seed(self, msg: SchedSeed, link: _SchedLink) -> None:
+        """A seed trigger: fetch the task for the swarm (unless it is being fetched already), registering
+        with the scheduler that asked while it is up, whatever the ring says."""
+        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id, scheduler=link.endpoint)
         if msg.task_id in self._downloads or self._nursery is None:
             return
         download = _Download(
@@ -911,6 +1130,7 @@ class Daemon:
             back_to_source=True,
         )
         download.pinned = True
+        download.home = link
         self._start(download)
 
     # -- reports --
@@ -920,50 +1140,56 @@ class Daemon:
         finished.append(piece)
         if len(finished) >= MAX_FINISHED_PER_REPORT:
             self._flush(peer_id)
-            self._report_wake.set()
 
     def _report_failed(self, peer_id: str, piece: FailedPiece) -> None:
         _, failed = self._batches.setdefault(peer_id, ([], []))
         failed.append(piece)
         self._flush(peer_id)  # failures are worth telling at once: the scheduler finds other parents
-        self._report_wake.set()
 
     def _report(self, msg: SchedTaskMetadata | SchedPeerFinished | SchedPeerFailed | SchedPeerLeft | SchedReschedule) -> None:
-        """Queue a report about a peer, after the pieces of that peer collected so far."""
+        """Queue a report about a peer for its scheduler, after the pieces of that peer collected so far.
+        A peer no scheduler knows any more (forgotten, or left on one that went down) has nobody to tell."""
         self._flush(msg.peer_id)
-        self._outbox.append(msg)
-        self._report_wake.set()
+        link = self._peer_links.get(msg.peer_id)
+        if link is None:
+            return
+        if isinstance(msg, SchedPeerLeft | SchedPeerFailed):
+            del self._peer_links[msg.peer_id]
+        link.outbox.append(msg)
+        link.wake.set()
 
     def _flush(self, peer_id: str) -> None:
         batch = self._batches.pop(peer_id, None)
-        if batch is None:
+        link = self._peer_links.get(peer_id)
+        if batch is None or link is None:
             return
         finished, failed = batch
         while finished or failed:
-            self._outbox.append(
+            link.outbox.append(
                 SchedPieces(peer_id=peer_id, finished=finished[:MAX_FINISHED_PER_REPORT], failed=failed[:MAX_FAILED_PER_REPORT])
             )
             finished, failed = finished[MAX_FINISHED_PER_REPORT:], failed[MAX_FAILED_PER_REPORT:]
+        link.wake.set()
 
-    async def _reporter(self) -> None:
-        """Send the queued reports in order, and the piece batches every ``report_interval``."""
+    async def _reporter(self, link: _SchedLink) -> None:
+        """Send the reports queued for ``link`` in order, and the piece batches every ``report_interval``."""
         while True:
             with trio.move_on_after(self.config.report_interval):
-                await self._report_wake.wait()
-            self._report_wake = trio.Event()
-            for peer_id in list(self._batches):
+                await link.wake.wait()
+            for peer_id in [p for p in self._batches if self._peer_links.get(p) is link]:
                 self._flush(peer_id)
-            while self._outbox:
-                if not self._announced.is_set():
-                    await self._announced.wait()
+            link.wake = trio.Event()  # what is queued now is sent below
+            while link.outbox:
+                if not link.up:
+                    await link.announced.wait()
                     continue
-                msg = self._outbox[0]
+                msg = link.outbox[0]
                 try:
-                    await self.sched.push(msg)
+                    await link.client.push(msg)
                 except ConnectionLost:
                     continue  # the announce after the reconnect decides what is still worth sending
-                if self._outbox and self._outbox[0] is msg:
-                    self._outbox.popleft()
+                if link.outbox and link.outbox[0] is msg:
+                    link.outbox.popleft()
 
     # -- downloads --
 
@@ -976,6 +1202,9 @@ class Daemon:
         if self._downloads.get(download.task_id) is download:
             del self._downloads[download.task_id]
         self._peers.pop(download.peer_id, None)
+        if download.outcome.state is not DownloadState.SUCCEEDED:  # a finished peer stays: it serves the task
+            self._peer_links.pop(download.peer_id, None)
+            self._batches.pop(download.peer_id, None)
 
     async def download(self, request: DownloadRequest) -> AsyncIterator[Progress]:
         """Start (or join) the download of ``request`` and yield its progress; the last item is final.
@@ -1119,8 +1348,7 @@ class Daemon:
             download.cancel()
             await download.finished.wait()
         self.piece_server.drop_task(task_id, "deleted")
-        peer_id = self._served.pop(task_id, None)
-        if peer_id is not None:
+        for peer_id in self._served.pop(task_id, {}).values():
             self._peers.pop(peer_id, None)
             self._report(SchedPeerLeft(peer_id=peer_id))
         try:

@@ -15,14 +15,15 @@ from .actions import (
 )
 from .config import SchedulerConfig
 from .core import Clock, InvariantViolation, SchedulerCore
-from .errors import InvalidEvent, InvalidTransition, SchedulerError, UnknownHost, UnknownPeer
-from .evaluator import Evaluator, SimpleEvaluator
+from .errors import InvalidEvent, InvalidTransition, SchedulerError, TaskFull, UnknownHost, UnknownPeer
+from .evaluator import Evaluator, MultiFeatureEvaluator, RandomEvaluator, SimpleEvaluator
 from .events import (
     AnnounceHost,
     AnnounceTask,
     Event,
     HostHeartbeat,
     HostLeft,
+    HostLoad,
     PeerFailed,
     PeerFinished,
     PeerLeft,
@@ -45,6 +46,7 @@ from .messages import (
     SchedErrorCode,
     SchedFail,
     SchedHostAnnounced,
+    SchedHostLoad,
     SchedParent,
     SchedParents,
     SchedPeerFailed,
@@ -60,7 +62,7 @@ from .messages import (
     SchedTaskInfo,
     SchedTaskMetadata,
 )
-from .model import Host, HostType, Peer, Task
+from .model import Host, HostType, Peer, PieceCosts, Task
 from .service import ListenError, SchedulerService, ServiceConfig, ServiceStats
 from .state import PeerState, PeerTrigger, TaskState, TaskTrigger
 
@@ -83,12 +85,14 @@ __all__ = [
     "Host",
     "HostHeartbeat",
     "HostLeft",
+    "HostLoad",
     "HostRemoved",
     "HostType",
     "InvalidEvent",
     "InvalidTransition",
     "InvariantViolation",
     "ListenError",
+    "MultiFeatureEvaluator",
     "ParentCandidate",
     "Peer",
     "PeerFailed",
@@ -96,9 +100,11 @@ __all__ = [
     "PeerLeft",
     "PeerState",
     "PeerTrigger",
+    "PieceCosts",
     "PieceFailed",
     "PieceFinished",
     "PushParents",
+    "RandomEvaluator",
     "RegisterPeer",
     "RescheduleRequest",
     "SchedAnnounceHost",
@@ -108,6 +114,7 @@ __all__ = [
     "SchedErrorCode",
     "SchedFail",
     "SchedHostAnnounced",
+    "SchedHostLoad",
     "SchedParent",
     "SchedParents",
     "SchedPeerFailed",
@@ -130,6 +137,7 @@ __all__ = [
     "ServiceStats",
     "SimpleEvaluator",
     "Task",
+    "TaskFull",
     "TaskMetadataKnown",
     "TaskState",
     "TaskTrigger",

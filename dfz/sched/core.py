@@ -15,7 +15,13 @@ Rules of this file:
   parent and child download the same task; a parent is never on the child's host; there is never a
   cycle; a host never serves more children than its upload slots, counted over all its peers and tasks.
   Only ``running`` peers have parents; only ``running``, ``back_to_source`` and ``succeeded`` peers have
-  children. Which of the allowed candidates are best is the evaluator's decision (``evaluator.py``).
+  children. A bad parent (below) and a parent the child blocked are never chosen. Which of the allowed
+  candidates are best is the evaluator's decision (``evaluator.py``).
+* Deterministic. Randomness (the candidate sample, the retry jitter) comes from one generator seeded at
+  construction, and every iteration that decides something runs over dicts or lists in a known order.
+* A decision costs O(``candidate_parent_sample``), not O(peers of the task): candidates are sampled from
+  ``Task.open``, the task's peers that can take a child now, which ``_link``, ``_unlink`` and
+  ``_set_state`` keep current.
 * State transitions go through the tables of ``state.py`` (``_set_state`` / ``_set_task_state``).
 
 Theory of operation.
@@ -26,9 +32,18 @@ Theory of operation.
   (``TriggerSeed``: its daemon registers a peer, which becomes the root) and everybody waits for it; with
   no seed host left to try, the first peer that may fetch from the origin is sent there (``BackToSource``).
 * **Waiting.** A peer that needs parents and has none is retried at the end of any event after which its
-  task has a new possible parent (free of charge), and every ``retry_interval`` (an attempt). After
-  ``retry_limit`` attempts without a parent it goes back to source if it may and the task's cap of peers
-  at the origin allows; otherwise it fails with a reason that says which.
+  task has a new possible parent (free of charge), and every ``retry_interval`` give or take
+  ``retry_jitter`` (an attempt). After ``retry_limit`` attempts without a parent it goes back to source if
+  it may and the task's cap of peers at the origin allows; otherwise it fails with a reason that says
+  which.
+* **Bad parents.** Children report what each piece cost them and from which parent; each parent keeps its
+  latest ``bad_parent_window`` costs (``PieceCosts``). A parent whose latest cost is far outside the others
+  (more than ``bad_parent_ratio`` times their mean while the window fills, more than mean +
+  ``bad_parent_sigmas`` standard deviations once it is full, and at least ``bad_parent_cost_floor`` above
+  the mean) is a bad parent for ``bad_parent_timeout``, or until a newer cost is normal again. A child that
+  reports a failed piece from a parent never gets that parent again (``Peer.avoid``) and gets new parents.
+* **Load.** Daemons report their measured upload rate, requests in flight and children served
+  (``HostLoad``, about once per second); the evaluator weighs them.
 * **Losing a peer** (it failed, left, or its host went away or fell silent): its edges are cut; if its
   task lost its last source, a new one is found as at registration; then its children get new parents
   pushed at once. When the peer was the last source and the *origin* failed, the task fails, and so does
@@ -37,17 +52,24 @@ Theory of operation.
   and forwards it to every peer that downloads from parents (``ForwardDigests``). A peer that registers
   later receives every digest known so far. A peer reporting a piece from a parent for which no digest is
   known cannot have verified it: the report is refused.
-* **Time.** ``Tick`` removes hosts silent for ``host_timeout`` and runs the retries that are due.
+* **Time.** ``Tick`` removes hosts silent for ``host_timeout`` with their peers (their children get new
+  parents at once), runs the retries that are due, forgets failed peers after ``failed_peer_ttl`` and
+  succeeded ones that served nobody for ``peer_ttl``, and tasks without peers after ``task_ttl``.
+* **Caps.** A task holds at most ``max_peers_per_task`` peers: a registration beyond it evicts finished
+  leaves (failed peers first, then the longest idle succeeded peers without children, keeping a source)
+  or, when there are none, is refused (``TaskFull``).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from math import gcd
 from typing import assert_never
 
 from ..tasks import MAX_PIECES  # one limit, dfz/tasks.py's: it also bounds what a bad report could grow
@@ -63,14 +85,15 @@ from .actions import (
     TriggerSeed,
 )
 from .config import SchedulerConfig
-from .errors import InvalidEvent, UnknownHost, UnknownPeer
-from .evaluator import Evaluator, SimpleEvaluator
+from .errors import InvalidEvent, TaskFull, UnknownHost, UnknownPeer
+from .evaluator import Evaluator, evaluator_for
 from .events import (
     AnnounceHost,
     AnnounceTask,
     Event,
     HostHeartbeat,
     HostLeft,
+    HostLoad,
     PeerFailed,
     PeerFinished,
     PeerLeft,
@@ -81,7 +104,7 @@ from .events import (
     TaskMetadataKnown,
     Tick,
 )
-from .model import Host, Peer, Task
+from .model import Host, Peer, PieceCosts, Task, network_keys
 from .state import (
     DOWNLOADING_STATES,
     PARENT_STATES,
@@ -116,7 +139,9 @@ class SchedulerCore:
     as ``PeerLeft`` or ``HostLeft``.
 
     ``hosts``, ``tasks`` and ``peers`` (id → record) are readable by the shell and by evaluators; only
-    :meth:`apply` writes them.
+    :meth:`apply` writes them. ``evaluator`` defaults to the one the config names (normally a
+    :class:`~dfz.sched.evaluator.MultiFeatureEvaluator` with the config's weights). ``seed`` (by default
+    ``config.seed``) seeds the core's random choices: candidate samples, retry jitter.
     """
 
     def __init__(
@@ -125,16 +150,21 @@ class SchedulerCore:
         *,
         clock: Clock = time.monotonic,
         evaluator: Evaluator | None = None,
+        seed: int | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
         self.clock = clock
-        self.evaluator: Evaluator = evaluator or SimpleEvaluator()
+        self.evaluator: Evaluator = evaluator or evaluator_for(self.config)
         self.hosts: dict[str, Host] = {}
         self.tasks: dict[str, Task] = {}
         self.peers: dict[str, Peer] = {}
+        self._rng = random.Random(self.config.seed if seed is None else seed)
         self._seed_hosts: dict[str, Host] = {}
         self._by_last_seen: OrderedDict[str, Host] = OrderedDict()
         self._retries: list[tuple[float, int, Peer]] = []
+        self._expiries: list[tuple[float, int, Peer | Task]] = []
+        """Failed and succeeded peers, and tasks without peers, by the time they may be forgotten. An entry
+        may be stale (the peer served a child since, the task got peers): ``_collect`` checks again."""
         self._seq = itertools.count()
         self._dirty: dict[Task, None] = {}
         self._out: list[Action] = []
@@ -157,6 +187,8 @@ class SchedulerCore:
                 self._announce_host(event)
             case HostHeartbeat():
                 self._touch(self._host(event.host_id))
+            case HostLoad():
+                self._host_load(event)
             case HostLeft():
                 self._remove_hosts([self._host(event.host_id)], event.reason)
             case RegisterPeer():
@@ -188,13 +220,16 @@ class SchedulerCore:
         return out
 
     def next_deadline(self) -> float | None:
-        """The clock time at which a ``Tick`` has work to do (a retry, a host timeout), or None.
+        """The clock time at which a ``Tick`` may have work to do (a retry, a host timeout, a peer or task
+        to forget), or None.
 
         The shell may sleep until then instead of ticking at a fixed rate; an earlier tick is harmless.
         """
         deadlines = []
         if self._retries:
             deadlines.append(self._retries[0][0])
+        if self._expiries:
+            deadlines.append(self._expiries[0][0])
         for host in self._by_last_seen.values():
             deadlines.append(host.last_seen + self.config.host_timeout)
             break
@@ -209,6 +244,7 @@ class SchedulerCore:
             raise InvalidEvent(f"host {ev.host_id}: port {ev.port} is not a TCP port")
         if ev.upload_slots < 0 or ev.upload_capacity < 0:
             raise InvalidEvent(f"host {ev.host_id}: upload slots and capacity cannot be negative")
+        idc_key, location_key = network_keys(ev.idc, ev.location)
         host = self.hosts.get(ev.host_id)
         if host is None:
             host = Host(
@@ -222,6 +258,8 @@ class SchedulerCore:
                 upload_capacity=ev.upload_capacity,
                 upload_slots=ev.upload_slots,
                 last_seen=self._now,
+                idc_key=idc_key,
+                location_key=location_key,
             )
             self.hosts[host.id] = host
             self._by_last_seen[host.id] = host
@@ -231,14 +269,25 @@ class SchedulerCore:
                     self._dirty[peer.task] = None  # more slots: waiting peers may use them now
             host.hostname, host.ip, host.port, host.type = ev.hostname, ev.ip, ev.port, ev.type
             host.idc, host.location = ev.idc, ev.location
+            host.idc_key, host.location_key = idc_key, location_key
             host.upload_capacity, host.upload_slots = ev.upload_capacity, ev.upload_slots
         if host.is_seed:
             self._seed_hosts[host.id] = host
         else:
             self._seed_hosts.pop(host.id, None)
         self._touch(host)
+        self._refresh_open(host)
         if host.uploads > host.upload_slots:
             self._shed_children(host)
+
+    def _host_load(self, ev: HostLoad) -> None:
+        host = self._host(ev.host_id)
+        if ev.upload_rate < 0 or ev.uploads_in_flight < 0 or ev.upload_peers < 0:
+            raise InvalidEvent(f"host {host.id}: a load report cannot be negative")
+        host.upload_rate = ev.upload_rate
+        host.uploads_in_flight = ev.uploads_in_flight
+        host.upload_peers = ev.upload_peers
+        self._touch(host)
 
     def _shed_children(self, host: Host) -> None:
         """The host announced fewer slots than it uses: its newest children get other parents."""
@@ -295,6 +344,7 @@ class SchedulerCore:
                 f"peer {ev.peer_id} asks piece length {ev.piece_length} for task {task.id}, "
                 f"which has piece length {task.piece_length}: the task id should differ"
             )
+        evicted = self._make_room(task)
 
         if task is None:
             task = Task(
@@ -307,6 +357,9 @@ class SchedulerCore:
                 piece_length=ev.piece_length,
             )
             self.tasks[task.id] = task
+        task.emptied_at = None
+        if evicted:
+            self._drop_peers(evicted, PeerTrigger.LEAVE)
         peer = Peer(
             id=ev.peer_id,
             task=task,
@@ -355,6 +408,10 @@ class SchedulerCore:
                     conflict = f"piece {wrong[0]} has another digest than the one reported from the origin"
             if conflict is not None:
                 raise InvalidEvent(f"peer {ev.peer_id} announces task {task.id}, but {conflict} (the file changed?)")
+            evicted = self._make_room(task)
+            task.emptied_at = None
+            if evicted:
+                self._drop_peers(evicted, PeerTrigger.LEAVE)
         else:
             task = Task(
                 id=ev.task_id,
@@ -388,6 +445,8 @@ class SchedulerCore:
         task.peers[peer.id] = peer
         task.counts[PeerState.SUCCEEDED] += 1
         host.peers[peer.id] = peer
+        self._open(peer)
+        self._expire_later(peer)
         self._touch(host)
         if task.seed_host == host.id:
             task.seed_host = None
@@ -399,6 +458,25 @@ class SchedulerCore:
         if to and fresh:
             self._out.append(ForwardDigests(task.id, to, fresh))
         self._dirty[task] = None  # a new possible parent for the peers waiting
+
+    def _make_room(self, task: Task | None) -> list[Peer]:
+        """The peers to evict so that one more fits in the task (see *Caps*); changes nothing.
+
+        Raises ``TaskFull`` when the task is full of peers that cannot go.
+        """
+        limit = self.config.max_peers_per_task
+        if task is None or len(task.peers) < limit:
+            return []
+        need = len(task.peers) - limit + 1
+        out = [p for p in task.peers.values() if p.state is PeerState.FAILED][:need]
+        if len(out) < need:
+            spare = task.sources - 1  # evicting the last source would send somebody to the origin again
+            leaves = [p for p in task.peers.values() if p.state is PeerState.SUCCEEDED and not p.children]
+            leaves.sort(key=lambda p: (p.updated_at, p.id))
+            out.extend(leaves[: max(0, min(need - len(out), spare))])
+        if len(out) < need:
+            raise TaskFull(task.id, limit)
+        return out
 
     def _resend(self, peer: Peer) -> None:
         """A peer registered again (a retried request): tell it what it was told already."""
@@ -488,8 +566,21 @@ class SchedulerCore:
         else:
             task.bytes_from_peers += ev.size
             parent = self.peers.get(ev.parent_id)
-            if parent is not None:
+            if parent is not None and parent.task is task:
                 parent.uploaded += 1
+                self._record_cost(parent, ev.cost)
+
+    def _record_cost(self, parent: Peer, cost: float) -> None:
+        """A child got a piece from ``parent`` in ``cost`` seconds: judge the parent (see *Bad parents*)."""
+        cfg = self.config
+        costs = parent.costs
+        if costs is None:
+            costs = parent.costs = PieceCosts(cfg.bad_parent_window)
+        costs.add(round(cost * 1000))
+        if costs.latest_is_outlier(cfg.bad_parent_ratio, cfg.bad_parent_sigmas, cfg.bad_parent_cost_floor * 1000):
+            costs.bad_until = self._now + cfg.bad_parent_timeout
+        else:
+            costs.bad_until = 0.0
 
     def _piece_failed(self, ev: PieceFailed) -> None:
         peer = self._peer(ev.peer_id)
@@ -500,7 +591,7 @@ class SchedulerCore:
         self._touch_peer(peer)
         _avoid(peer, ev.parent_id)
         parent = self.peers.get(ev.parent_id)
-        if parent is not None:
+        if parent is not None and parent.task is peer.task:
             parent.upload_failures += 1
         if peer.state is PeerState.RUNNING:
             self._reschedule(peer)
@@ -587,6 +678,43 @@ class SchedulerCore:
                 if peer not in peer.task.waiting:
                     continue
             self._reschedule(peer)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Forget the peers and tasks whose time to live ran out (see *Time*)."""
+        cfg, now = self.config, self._now
+        expired: list[Peer] = []
+        while self._expiries and self._expiries[0][0] <= now:
+            _, _, item = heapq.heappop(self._expiries)
+            if isinstance(item, Task):
+                task = item
+                if self.tasks.get(task.id) is task and task.emptied_at is not None and task.emptied_at + cfg.task_ttl <= now:
+                    del self.tasks[task.id]
+                continue  # else it has peers again, or emptied again later (with an entry of its own)
+            peer = item
+            if self.peers.get(peer.id) is not peer:
+                continue
+            if peer.state is PeerState.FAILED:
+                due = peer.updated_at + cfg.failed_peer_ttl
+            elif peer.children:
+                due = now + cfg.peer_ttl  # serving: not idle
+            else:
+                due = peer.updated_at + cfg.peer_ttl
+            if due <= now:
+                expired.append(peer)
+            else:
+                heapq.heappush(self._expiries, (due, next(self._seq), peer))
+        if expired:
+            self._drop_peers(expired, PeerTrigger.LEAVE)
+
+    def _expire_later(self, item: Peer | Task) -> None:
+        if isinstance(item, Task):
+            due = self._now + self.config.task_ttl
+        elif item.state is PeerState.FAILED:
+            due = self._now + self.config.failed_peer_ttl
+        else:
+            due = self._now + self.config.peer_ttl
+        heapq.heappush(self._expiries, (due, next(self._seq), item))
 
     # --- scheduling -------------------------------------------------------------------------------------
 
@@ -599,7 +727,10 @@ class SchedulerCore:
             self._give_up(peer)
             return
         peer.task.waiting[peer] = None
-        peer.retry_at = self._now + self.config.retry_interval
+        delay, jitter = self.config.retry_interval, self.config.retry_jitter
+        if jitter:
+            delay *= 1.0 + jitter * (2.0 * self._rng.random() - 1.0)
+        peer.retry_at = self._now + delay
         heapq.heappush(self._retries, (peer.retry_at, next(self._seq), peer))
 
     def _try_schedule(self, peer: Peer) -> bool:
@@ -630,19 +761,35 @@ class SchedulerCore:
         return True
 
     def _candidates(self, child: Peer) -> list[Peer]:
-        """Peers allowed to be the child's parents: same task, serving, another host with a free upload
-        slot, not avoided, not below the child in the DAG, and with something the child lacks."""
+        """Peers allowed to be the child's parents, among a sample of at most ``candidate_parent_sample``
+        of the task's open peers (serving, on a host with a free upload slot): on another host, not
+        blocked by the child, not a bad parent, not below the child in the DAG, and with something the
+        child lacks."""
+        pool = child.task.open
+        n, k = len(pool), self.config.candidate_parent_sample
+        if n > k:
+            # A random arithmetic progression modulo n: k distinct peers for two draws of the generator
+            # (a step coprime with n never revisits an index before n steps).
+            rand = self._rng.random
+            start, step = int(rand() * n), 1 + int(rand() * (n - 1))
+            while gcd(step, n) != 1:
+                step -= 1
+            pool = [pool[(start + i * step) % n] for i in range(k)]
         below = self._descendants(child) if child.children else None
         avoid = child.avoid
         lacking = ~child.finished
         host = child.host
+        now = self._now
+        succeeded = PeerState.SUCCEEDED
         out: list[Peer] = []
-        for peer in child.task.peers.values():
-            if peer.state not in PARENT_STATES or peer.host is host or peer.host.free_slots <= 0:
+        for peer in pool:
+            if peer.host is host:
                 continue
             if (avoid is not None and peer.id in avoid) or (below is not None and peer in below):
                 continue
-            if peer.state is PeerState.SUCCEEDED and not peer.finished & lacking:
+            if peer.state is succeeded and not peer.finished & lacking:
+                continue
+            if peer.costs is not None and peer.costs.bad_until > now:
                 continue
             out.append(peer)
         return out
@@ -666,9 +813,11 @@ class SchedulerCore:
         """
         dirty, self._dirty = self._dirty, {}
         for task in dirty:
-            if self.tasks.get(task.id) is not task:
+            if self.tasks.get(task.id) is not task or not task.waiting:
                 continue
             for peer in list(task.waiting):
+                if not task.open:
+                    break  # no host of the task has a free slot: nobody can be scheduled now
                 if peer in task.waiting:
                     self._try_schedule(peer)
         self._dirty = {}
@@ -764,8 +913,12 @@ class SchedulerCore:
             if child.state is PeerState.RUNNING:
                 self._reschedule(child)
         for task in tasks:
-            if not task.peers:
-                del self.tasks[task.id]
+            if not task.peers and self.tasks.get(task.id) is task:
+                if self.config.task_ttl > 0:
+                    task.emptied_at = self._now
+                    self._expire_later(task)
+                else:
+                    del self.tasks[task.id]
 
     def _fail_task(self, task: Task, reason: str) -> None:
         victims = [p for p in task.peers.values() if p.state in WAITING_STATES]
@@ -792,12 +945,21 @@ class SchedulerCore:
     def _link(self, parent: Peer, child: Peer) -> None:
         parent.children[child] = None
         child.parents[parent] = None
-        parent.host.uploads += 1
+        parent.updated_at = self._now
+        host = parent.host
+        host.uploads += 1
+        if host.uploads == host.upload_slots:  # its last free slot: none of its peers can take a child now
+            for peer in host.peers.values():
+                self._close(peer)
 
     def _unlink(self, parent: Peer, child: Peer) -> None:
         del parent.children[child]
         del child.parents[parent]
-        parent.host.uploads -= 1
+        parent.updated_at = self._now
+        host = parent.host
+        host.uploads -= 1
+        if host.uploads == host.upload_slots - 1:  # a slot is free again
+            self._refresh_open(host)
         self._dirty[parent.task] = None  # an upload slot is free: waiting peers may use it
 
     def _set_state(self, peer: Peer, trigger: PeerTrigger) -> None:
@@ -808,11 +970,49 @@ class SchedulerCore:
         if new is not PeerState.LEFT:  # left peers are forgotten at once
             counts[new] += 1
         peer.state = new
+        peer.updated_at = self._now
         if new not in WAITING_STATES:
             peer.task.waiting.pop(peer, None)
             peer.retry_at = 0.0
         if new in PARENT_STATES and old not in PARENT_STATES:
+            self._open(peer)
             self._dirty[peer.task] = None  # a new possible parent
+        elif old in PARENT_STATES and new not in PARENT_STATES:
+            self._close(peer)
+        if new is PeerState.SUCCEEDED or new is PeerState.FAILED:
+            self._expire_later(peer)
+
+    # --- the task's open peers (possible parents now) ---------------------------------------------------
+
+    @staticmethod
+    def _open(peer: Peer) -> None:
+        """Put the peer in its task's open list if it can take a child now."""
+        host = peer.host
+        if peer.open_at < 0 and peer.state in PARENT_STATES and host.uploads < host.upload_slots:
+            pool = peer.task.open
+            peer.open_at = len(pool)
+            pool.append(peer)
+
+    @staticmethod
+    def _close(peer: Peer) -> None:
+        """Take the peer out of its task's open list (swap with the last: O(1))."""
+        i = peer.open_at
+        if i >= 0:
+            pool = peer.task.open
+            last = pool.pop()
+            if last is not peer:
+                pool[i] = last
+                last.open_at = i
+            peer.open_at = -1
+
+    def _refresh_open(self, host: Host) -> None:
+        """The host's free slots changed: every one of its peers is open or not accordingly."""
+        free = host.uploads < host.upload_slots
+        for peer in host.peers.values():
+            if free:
+                self._open(peer)
+            else:
+                self._close(peer)
 
     def _set_task_state(self, task: Task, trigger: TaskTrigger) -> None:
         task.state = next_task_state(task.state, trigger, task.id)
@@ -863,7 +1063,14 @@ class SchedulerCore:
         seen_peers = 0
         for task_id, task in self.tasks.items():
             check(task.id == task_id, f"task {task_id} filed under another id")
-            check(bool(task.peers), f"task {task.id} has no peers but was kept")
+            check(
+                bool(task.peers) != (task.emptied_at is not None),
+                f"task {task.id}: {len(task.peers)} peers, emptied at {task.emptied_at}",
+            )
+            check(task.emptied_at is None or self.config.task_ttl > 0, f"task {task.id} has no peers but was kept")
+            check(len(task.peers) <= self.config.max_peers_per_task, f"task {task.id}: more peers than max_peers_per_task")
+            for i, peer in enumerate(task.open):
+                check(peer.open_at == i and peer.task is task, f"task {task.id}: open peer {peer.id} at {i} says {peer.open_at}")
             counts = dict.fromkeys(PeerState, 0)
             for peer in task.peers.values():
                 seen_peers += 1
@@ -900,6 +1107,10 @@ class SchedulerCore:
         check(waiting == needs, f"{what}: {peer.state.value}, {len(peer.parents)} parents, waiting={waiting}")
         check(not waiting or peer.retry_at > 0, f"{what}: waiting without a retry time")
         check(peer.state not in SOURCE_STATES or not peer.parents, f"{what}: a source with parents")
+        can_serve = peer.state in PARENT_STATES and peer.host.uploads < peer.host.upload_slots
+        is_open = 0 <= peer.open_at < len(peer.task.open) and peer.task.open[peer.open_at] is peer
+        check(can_serve == is_open, f"{what}: {peer.state.value}, host free={peer.host.free_slots}, open_at={peer.open_at}")
+        check(is_open or peer.open_at == -1, f"{what}: stale open index {peer.open_at}")
 
 
 def _metadata_conflict(task: Task, content_length: int | None, piece_length: int) -> str | None:

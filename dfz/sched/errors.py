@@ -43,3 +43,15 @@ class InvalidTransition(SchedulerError):
 class InvalidEvent(SchedulerError):
     """An event's data does not fit the model: a bad value, a report from a peer in the wrong state, or
     a piece that cannot have been verified."""
+
+
+class TaskFull(SchedulerError):
+    """A peer registers for a task that holds ``max_peers_per_task`` peers, none of which can be evicted
+    (every one is downloading or serving children)."""
+
+    def __init__(self, task_id: str, limit: int) -> None:
+        super().__init__(
+            f"task {task_id} has {limit} peers, the most one task may hold (max_peers_per_task), and each of them "
+            "is downloading or serving: try again later, or raise the limit"
+        )
+        self.task_id = task_id

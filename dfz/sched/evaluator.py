@@ -1,20 +1,62 @@
-"""Parent choice: the strategy that ranks candidate parents for a peer.
+"""Parent choice: the strategies that rank candidate parents for a peer.
 
-The core decides who *may* be a parent (same task, serving state, another host, no cycle, a free upload
-slot, not avoided) and hands those candidates to an :class:`Evaluator`, which decides who is *best*. An
-evaluator only reads the model and returns a subset of the candidates; it cannot break the DAG's rules,
-because the core enforces them around it. Issue 4's multi-feature evaluator replaces
-:class:`SimpleEvaluator` through the ``evaluator`` argument of ``SchedulerCore``.
+Rules of this file:
+
+* The core decides who *may* be a parent (same task, serving state, another host, no cycle, a free upload
+  slot, not blocked by the child, not a bad parent) and hands a sample of those candidates to an
+  :class:`Evaluator`, which decides who is *best*. An evaluator only reads the model and returns a subset
+  of the candidates; it cannot break the DAG's rules, because the core enforces them around it.
+* Every choice is deterministic: equal scores are ordered by peer id, and :class:`RandomEvaluator` draws
+  from its own seeded generator. Exact tests and reproducible simulations depend on it.
+* A decision costs O(candidates) with small constants and allocates one short list: the core calls it
+  for every registration and every reschedule. The feature functions below define the scores;
+  ``MultiFeatureEvaluator._ranked`` is the same arithmetic inlined (a test keeps the two equal).
+
+Theory of operation. :class:`MultiFeatureEvaluator` (the default) scores each candidate as a weighted sum
+of feature scores, each in ``[0, 1]``, larger is better (weights from :class:`SchedulerConfig`):
+
+* **load** (``load_weight``, 0.6): ``0.5 * bandwidth + 0.3 * slots + 0.2 * in_flight`` of the parent's
+  host. *bandwidth*: free upload bandwidth (announced ``upload_capacity`` minus the measured
+  ``upload_rate``) over the best free bandwidth among the candidates, so a fast idle host scores 1 and a
+  slow or saturated one near 0; a host that announced no capacity scores :data:`UNKNOWN`. *slots*: the
+  share of upload slots free (the busier of the scheduler's own count and the daemon's report, which
+  includes children of other schedulers). *in_flight*: ``1 / (1 + requests in flight / slots)``.
+* **idc** (``idc_weight``, 0.2): 1 when parent and child hosts name the same IDC, else 0.
+* **location** (``location_weight``, 0.1): 1 for equal locations, else the number of leading
+  ``|``-separated elements they share over :data:`~dfz.sched.model.MAX_LOCATION_ELEMENTS`.
+* **host type** (``host_type_weight``, 0.1): a seed host 1 while it has capacity (a free slot and, if
+  its capacity is known, free bandwidth), 0 once saturated; a normal host 0.5.
+* **progress** (``progress_weight``, 0 by default): the pieces the parent has that the child lacks
+  (``popcount(parent & ~child)``) over the pieces the child lacks, or over the best candidate's count
+  when the task's size is unknown.
+* **reliability** (``reliability_weight``, 0 by default): ``0.5 * success + 0.5 * speed``. *success*: the
+  parent's upload success rate (1 before any report: an untried parent gets its chance). *speed*: the
+  lowest mean piece cost among the candidates over the parent's (1 before any cost).
+
+The defaults are Dragonfly's weights since v2.4 (load 0.6, IDC 0.2, location 0.1, host type 0.1).
+:class:`SimpleEvaluator` (a fixed order: seeds, then the most pieces) and :class:`RandomEvaluator` (the
+benchmarks' baseline) are the other strategies; ``SchedulerConfig.evaluator`` names the one to use.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
-from .model import Peer
+from .config import SchedulerConfig
+from .model import MAX_LOCATION_ELEMENTS, Host, HostType, Peer
 from .state import SOURCE_STATES
+
+UNKNOWN: Final = 0.5
+"""The score of a feature whose measure is unknown (no capacity announced): neither good nor bad."""
+
+LOAD_BANDWIDTH: Final = 0.5
+LOAD_SLOTS: Final = 0.3
+LOAD_IN_FLIGHT: Final = 0.2
+"""How the load score is made of its three measures (Dragonfly v2.4's load quality weighs peak bandwidth
+0.5, bandwidth over time 0.3 and concurrency 0.2)."""
 
 
 class Evaluator(Protocol):
@@ -23,9 +65,204 @@ class Evaluator(Protocol):
         ...
 
 
+# --- feature scores: each in [0, 1], larger is better -------------------------------------------------------
+
+
+def bandwidth_score(host: Host, best_free: int) -> float:
+    """The host's free upload bandwidth over ``best_free`` (the best among the candidates)."""
+    free = host.free_bandwidth
+    if free is None:
+        return UNKNOWN
+    return free / best_free if best_free > 0 else 0.0
+
+
+def slots_score(host: Host) -> float:
+    """The share of the host's upload slots that are free."""
+    slots = host.upload_slots
+    if slots <= 0:
+        return 0.0
+    used = host.uploads if host.uploads > host.upload_peers else host.upload_peers
+    return (slots - used) / slots if used < slots else 0.0
+
+
+def in_flight_score(host: Host) -> float:
+    """Lower with more piece requests in flight at the host, relative to its slots."""
+    return 1.0 / (1.0 + host.uploads_in_flight / (host.upload_slots or 1))
+
+
+def load_score(host: Host, best_free: int) -> float:
+    bandwidth = bandwidth_score(host, best_free)
+    return LOAD_BANDWIDTH * bandwidth + LOAD_SLOTS * slots_score(host) + LOAD_IN_FLIGHT * in_flight_score(host)
+
+
+def idc_score(parent: Host, child: Host) -> float:
+    return 1.0 if parent.idc_key and parent.idc_key == child.idc_key else 0.0
+
+
+def location_score(parent: Host, child: Host) -> float:
+    a, b = parent.location_key, child.location_key
+    if not a or not b:
+        return 0.0
+    if a == b:
+        return 1.0  # equal locations; or the first MAX_LOCATION_ELEMENTS agree, which scores 1 as well
+    shared = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared / MAX_LOCATION_ELEMENTS
+
+
+def host_type_score(parent: Peer) -> float:
+    host = parent.host
+    if not host.is_seed:
+        return 0.5
+    free = host.free_bandwidth
+    return 1.0 if slots_score(host) > 0 and (free is None or free > 0) else 0.0
+
+
+def useful_pieces(parent: Peer, child: Peer) -> int:
+    """Pieces the parent has that the child lacks."""
+    return (parent.finished & ~child.finished).bit_count()
+
+
+def progress_score(parent: Peer, child: Peer, best_useful: int) -> float:
+    useful = useful_pieces(parent, child)
+    count = child.task.piece_count
+    if count is not None:
+        lacking = count - child.finished_count
+        return min(1.0, useful / lacking) if lacking > 0 else 0.0
+    return useful / best_useful if best_useful > 0 else 0.0
+
+
+def reliability_score(parent: Peer, best_mean_cost: float | None) -> float:
+    rate = parent.upload_success_rate
+    success = 1.0 if rate is None else rate
+    mean = parent.costs.mean() if parent.costs is not None else None
+    speed = 1.0
+    if mean is not None and best_mean_cost is not None:
+        speed = min(1.0, (best_mean_cost + 1.0) / (mean + 1.0))  # +1 ms: a cost of 0 ms is possible
+    return 0.5 * success + 0.5 * speed
+
+
+# --- the strategies ---------------------------------------------------------------------------------------
+
+
+class MultiFeatureEvaluator:
+    """The default evaluator: the weighted sum of the feature scores above (see the module's theory)."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        config = config or SchedulerConfig()
+        self.load_weight = config.load_weight
+        self.idc_weight = config.idc_weight
+        self.location_weight = config.location_weight
+        self.host_type_weight = config.host_type_weight
+        self.progress_weight = config.progress_weight
+        self.reliability_weight = config.reliability_weight
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiFeatureEvaluator(load={self.load_weight}, idc={self.idc_weight}, location={self.location_weight}, "
+            f"host_type={self.host_type_weight}, progress={self.progress_weight}, reliability={self.reliability_weight})"
+        )
+
+    def choose_parents(self, child: Peer, candidates: Sequence[Peer], limit: int) -> list[Peer]:
+        ranked = heapq.nsmallest(limit, self._ranked(child, candidates))
+        return [peer for _, _, peer in ranked]
+
+    def scores(self, child: Peer, candidates: Sequence[Peer]) -> dict[str, float]:
+        """Each candidate's score (peer id → score), computed from the feature functions above: the
+        definition that :meth:`choose_parents` follows (``tests/test_sched_evaluator.py`` checks that both
+        agree). For tests, logs and tools."""
+        best_free = max((f for peer in candidates if (f := peer.host.free_bandwidth) is not None), default=0)
+        best_useful = max((useful_pieces(peer, child) for peer in candidates), default=0)
+        means = [m for peer in candidates if peer.costs is not None and (m := peer.costs.mean()) is not None]
+        best_cost = min(means, default=None)
+        out: dict[str, float] = {}
+        for peer in candidates:
+            out[peer.id] = (
+                self.load_weight * load_score(peer.host, best_free)
+                + self.idc_weight * idc_score(peer.host, child.host)
+                + self.location_weight * location_score(peer.host, child.host)
+                + self.host_type_weight * host_type_score(peer)
+                + self.progress_weight * progress_score(peer, child, best_useful)
+                + self.reliability_weight * reliability_score(peer, best_cost)
+            )
+        return out
+
+    def _ranked(self, child: Peer, candidates: Sequence[Peer]) -> list[tuple[float, str, Peer]]:
+        """(-score, peer id, peer) per candidate: the smallest tuples are the best parents.
+
+        The hot path of every decision: the feature functions inlined, features of weight 0 skipped, the
+        normalisers computed only when needed. Keep it equal to :meth:`scores`.
+        """
+        wl, wi, wloc, wh = self.load_weight, self.idc_weight, self.location_weight, self.host_type_weight
+        wp, wr = self.progress_weight, self.reliability_weight
+        best_free = 0
+        if wl:
+            for peer in candidates:
+                host = peer.host
+                if host.upload_capacity > 0 and host.upload_capacity - host.upload_rate > best_free:
+                    best_free = host.upload_capacity - host.upload_rate
+        best_useful = 0
+        if wp and child.task.piece_count is None:
+            best_useful = max(useful_pieces(peer, child) for peer in candidates)
+        best_cost: float | None = None
+        if wr:
+            means = [m for peer in candidates if peer.costs is not None and (m := peer.costs.mean()) is not None]
+            best_cost = min(means, default=None)
+        idc, location = child.host.idc_key, child.host.location_key
+        # Constants of the loop, hoisted: the load's parts pre-weighted, 1/best free bandwidth.
+        w_bandwidth, w_slots, w_in_flight = wl * LOAD_BANDWIDTH, wl * LOAD_SLOTS, wl * LOAD_IN_FLIGHT
+        w_unknown = w_bandwidth * UNKNOWN
+        per_free = w_bandwidth / best_free if best_free > 0 else 0.0
+        w_location = wloc / MAX_LOCATION_ELEMENTS
+        w_normal = wh * 0.5
+        seed = HostType.SEED
+        out: list[tuple[float, str, Peer]] = []
+        for peer in candidates:
+            host = peer.host
+            slots = host.upload_slots
+            used = host.uploads if host.uploads > host.upload_peers else host.upload_peers
+            free_slots = (slots - used) / slots if used < slots else 0.0
+            capacity = host.upload_capacity
+            free = -1  # unknown
+            if capacity > 0:
+                free = capacity - host.upload_rate if capacity > host.upload_rate else 0
+            score = 0.0
+            if wl:
+                score = (
+                    (w_unknown if free < 0 else free * per_free)
+                    + w_slots * free_slots
+                    + w_in_flight / (1.0 + host.uploads_in_flight / (slots or 1))
+                )
+            if wi and idc and host.idc_key == idc:
+                score += wi
+            if wloc and location:
+                theirs = host.location_key
+                if theirs == location:
+                    score += wloc
+                elif theirs and theirs[0] == location[0]:
+                    shared, most = 1, min(len(theirs), len(location))
+                    while shared < most and theirs[shared] == location[shared]:
+                        shared += 1
+                    score += w_location * shared
+            if wh:
+                if host.type is not seed:
+                    score += w_normal
+                elif free_slots > 0 and free != 0:
+                    score += wh
+            if wp:
+                score += wp * progress_score(peer, child, best_useful)
+            if wr:
+                score += wr * reliability_score(peer, best_cost)
+            out.append((-score, peer.id, peer))
+        return out
+
+
 class SimpleEvaluator:
     """Seeds first, then the peers with the most pieces, then sources (they get pieces first), then the
-    least loaded hosts.
+    least loaded hosts. No weights, no measurements: a fixed order that reads well in exact tests.
 
     The peer id breaks ties, so the choice is deterministic (exact tests, reproducible simulations).
     """
@@ -36,3 +273,25 @@ class SimpleEvaluator:
 
 def _rank(peer: Peer) -> tuple[bool, int, bool, int, str]:
     return (not peer.host.is_seed, -peer.finished_count, peer.state not in SOURCE_STATES, peer.host.uploads, peer.id)
+
+
+class RandomEvaluator:
+    """Parents drawn at random among the candidates: the baseline the benchmarks compare the evaluator
+    with. Seeded, so a run is reproducible."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose_parents(self, child: Peer, candidates: Sequence[Peer], limit: int) -> list[Peer]:
+        return self._rng.sample(list(candidates), min(limit, len(candidates)))
+
+
+def evaluator_for(config: SchedulerConfig) -> Evaluator:
+    """The evaluator that ``config.evaluator`` names, with the config's weights and seed."""
+    match config.evaluator:
+        case "simple":
+            return SimpleEvaluator()
+        case "random":
+            return RandomEvaluator(config.seed)
+        case _:
+            return MultiFeatureEvaluator(config)

@@ -37,6 +37,20 @@ class HostHeartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class HostLoad:
+    """The host's daemon measured its upload load (``sched.host_load``, about once per second): the
+    evaluator weighs it. Counts as a heartbeat too."""
+
+    host_id: str
+    upload_rate: int
+    """Bytes/s uploaded, over the last few seconds."""
+    uploads_in_flight: int
+    """Piece requests being served now."""
+    upload_peers: int
+    """Children being served now."""
+
+
+@dataclass(frozen=True, slots=True)
 class HostLeft:
     """The host leaves (its daemon stops, or its session ended): its peers leave with it."""
 
@@ -150,12 +164,14 @@ class RescheduleRequest:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Time passed: the core reads its clock and handles retries and host timeouts that are due."""
+    """Time passed: the core reads its clock and handles what is due: retries, host timeouts, and the
+    peers and tasks whose time to live ran out."""
 
 
 Event = (
     AnnounceHost
     | HostHeartbeat
+    | HostLoad
     | HostLeft
     | RegisterPeer
     | AnnounceTask

@@ -271,6 +271,20 @@ class SchedReschedule(Message, tag="sched.reschedule"):
     avoid: Annotated[list[Id], Meta(max_length=MAX_AVOID)] = []
 
 
+class SchedHostLoad(Message, tag="sched.host_load"):
+    """The host's measured upload load, sent about once per second on the host's bound session. The
+    evaluator prefers hosts with free upload bandwidth (``upload_capacity`` announced minus this rate)
+    and few requests in flight. Also keeps the host alive, like any message of its session."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    upload_rate: U63
+    """Bytes/s uploaded, measured over the last few seconds."""
+    uploads_in_flight: U32
+    """Piece requests being served now."""
+    upload_peers: U32
+    """Children being served now (of every scheduler the daemon talks to)."""
+
+
 # --- server pushes: the scheduler's decisions ------------------------------------------------------------
 
 
@@ -361,6 +375,7 @@ SCHED_TYPES: tuple[type[Message], ...] = (
     SchedPeerFailed,
     SchedPeerLeft,
     SchedReschedule,
+    SchedHostLoad,
     SchedParents,
     SchedSeed,
     SchedBackToSource,

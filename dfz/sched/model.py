@@ -8,15 +8,22 @@ Rules of this file:
   peers), so the core never looks an id up twice. Collections that the core iterates to produce actions
   are dicts, not sets, so that the order of actions is deterministic.
 * Memory per peer matters (10,000 peers and more): every class has ``__slots__``, finished pieces are one
-  ``int`` used as a bitmap, and rarely used collections (``avoid``) are created on first use.
+  ``int`` used as a bitmap, and rarely used records (``avoid``, ``costs``) are created on first use.
 """
 
 from __future__ import annotations
 
+import math
+from array import array
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .state import PeerState, TaskState
+
+MAX_LOCATION_ELEMENTS = 5
+"""Elements of a ``|``-separated location compared for affinity (Dragonfly's ``maxElementLen``)."""
+
+MAX_COST_MS = 0xFFFF_FFFF
 
 
 class HostType(Enum):
@@ -45,6 +52,16 @@ class Host:
     uploads: int = 0
     """Parent→child edges from this host's peers: the upload slots in use."""
     peers: dict[str, Peer] = field(default_factory=dict, repr=False)
+    upload_rate: int = 0
+    """Measured upload bandwidth in bytes/s (``sched.host_load``; 0 until the daemon reports it)."""
+    uploads_in_flight: int = 0
+    """Piece requests the host's daemon is serving now, as it last reported."""
+    upload_peers: int = 0
+    """Children the host's daemon is serving now, as it last reported (over every scheduler)."""
+    idc_key: str = field(default="", repr=False)
+    """``idc`` compared case-insensitively (set with the announced values, see :func:`network_keys`)."""
+    location_key: tuple[str, ...] = field(default=(), repr=False)
+    """``location`` split at ``|``, case-folded, its first :data:`MAX_LOCATION_ELEMENTS` elements."""
 
     @property
     def is_seed(self) -> bool:
@@ -53,6 +70,19 @@ class Host:
     @property
     def free_slots(self) -> int:
         return max(0, self.upload_slots - self.uploads)
+
+    @property
+    def free_bandwidth(self) -> int | None:
+        """Announced upload capacity minus the measured upload rate (bytes/s); None when unknown."""
+        if self.upload_capacity <= 0:
+            return None
+        return max(0, self.upload_capacity - self.upload_rate)
+
+
+def network_keys(idc: str, location: str) -> tuple[str, tuple[str, ...]]:
+    """What affinity compares of a host's ``idc`` and ``location`` (computed once per announce)."""
+    elements = tuple(e.casefold() for e in location.split("|")[:MAX_LOCATION_ELEMENTS]) if location else ()
+    return idc.casefold(), elements
 
 
 @dataclass(slots=True, eq=False)
@@ -85,6 +115,11 @@ class Task:
     tried_seed_hosts: set[str] = field(default_factory=set, repr=False)
     bytes_from_origin: int = 0
     bytes_from_peers: int = 0
+    open: list[Peer] = field(default_factory=list, repr=False)
+    """Peers that can take a child now: in a serving state, on a host with a free upload slot. The core
+    keeps it current (``Peer.open_at`` is each one's index) and samples parent candidates from it."""
+    emptied_at: float | None = None
+    """When the task's last peer went (kept for ``task_ttl``), or None while it has peers."""
 
     @property
     def piece_count(self) -> int | None:
@@ -123,6 +158,16 @@ class Peer:
     """Pieces children reported having received from this peer."""
     upload_failures: int = 0
     """Pieces children reported failing to get from this peer."""
+    costs: PieceCosts | None = field(default=None, repr=False)
+    """What the pieces it served cost its children (created with the first report)."""
+    open_at: int = -1
+    """Index in ``task.open``, or -1 when the peer cannot take a child now."""
+
+    @property
+    def upload_success_rate(self) -> float | None:
+        """Pieces served / pieces children tried to get from it; None before any report."""
+        tried = self.uploaded + self.upload_failures
+        return self.uploaded / tried if tried else None
 
     def has_piece(self, piece: int) -> bool:
         return bool(self.finished >> piece & 1)
@@ -136,3 +181,82 @@ class Peer:
             bits >>= 1
             k += 1
         return out
+
+
+class PieceCosts:
+    """The latest costs (milliseconds) of pieces one parent served, as its children reported them: the
+    latest cost and a ring of up to ``window - 1`` costs before it, with running integer sums so that the
+    mean and the standard deviation of the earlier ones cost O(1) and never drift.
+
+    Memory: one small object and ``4 * (window - 1)`` bytes, only for peers that served a piece.
+    """
+
+    __slots__ = ("_filled", "_next", "_ring", "_sq", "_sum", "bad_until", "count", "last")
+
+    def __init__(self, window: int) -> None:
+        self._ring = array("I", bytes(4 * (window - 1)))
+        self._next = 0
+        self._filled = 0
+        self._sum = 0
+        self._sq = 0
+        self.count = 0
+        """Costs reported so far (not bounded by the window)."""
+        self.last = 0
+        """The latest cost in milliseconds."""
+        self.bad_until = 0.0
+        """Clock time until which the peer is a bad parent (see ``SchedulerCore``); 0: not bad."""
+
+    def add(self, cost_ms: int) -> None:
+        cost_ms = min(max(cost_ms, 0), MAX_COST_MS)
+        if self.count:
+            ring, i = self._ring, self._next
+            if self._filled == len(ring):
+                old = ring[i]
+                self._sum -= old
+                self._sq -= old * old
+            else:
+                self._filled += 1
+            prev = self.last
+            ring[i] = prev
+            self._sum += prev
+            self._sq += prev * prev
+            self._next = (i + 1) % len(ring)
+        self.last = cost_ms
+        self.count += 1
+
+    @property
+    def samples(self) -> int:
+        """Costs in the window, the latest included."""
+        return self._filled + (1 if self.count else 0)
+
+    @property
+    def window_full(self) -> bool:
+        return self._filled == len(self._ring)
+
+    def earlier_mean(self) -> float | None:
+        """Mean of the costs before the latest one (None with fewer than two costs)."""
+        return self._sum / self._filled if self._filled else None
+
+    def earlier_stdev(self) -> float:
+        """Population standard deviation of the costs before the latest one (0 with fewer than two)."""
+        n = self._filled
+        if not n:
+            return 0.0
+        return math.sqrt(max(0, n * self._sq - self._sum * self._sum)) / n
+
+    def mean(self) -> float | None:
+        """Mean of every cost in the window, the latest included (None before any)."""
+        if not self.count:
+            return None
+        return (self._sum + self.last) / (self._filled + 1)
+
+    def latest_is_outlier(self, ratio: float, sigmas: float, floor_ms: float) -> bool:
+        """Whether the latest cost is far outside the earlier ones: more than ``ratio`` times their mean
+        while the window is not full, more than mean + ``sigmas`` standard deviations once it is, and in
+        both cases at least ``floor_ms`` above the mean. Two costs at least are needed."""
+        mean = self.earlier_mean()
+        if mean is None or self.last - mean < floor_ms:
+            return False
+        if not self.window_full:
+            return self.last > ratio * mean
+        return self.last > mean + sigmas * self.earlier_stdev()

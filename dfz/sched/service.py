@@ -35,7 +35,8 @@ Theory of operation.
   before any sender task runs again: pushes decided later reach the daemon after it (unless its queue is
   full, which protocol.md tells daemons not to rely on); digests beyond what fits the reply follow it.
 * Reports (``sched.pieces`` and the other client pushes) become one event each (one per piece); a report
-  the core refuses is answered with ``sched.refused`` through the host's outbox.
+  the core refuses is answered with ``sched.refused`` through the host's outbox. ``sched.host_load``
+  names no peer: it becomes ``HostLoad`` for the session's host.
 * The tick task applies ``Tick`` at ``core.next_deadline()`` (woken early when an event brings the
   deadline closer) and refreshes the bound hosts.
 """
@@ -92,6 +93,7 @@ from .events import (
     Event,
     HostHeartbeat,
     HostLeft,
+    HostLoad,
     PeerFailed,
     PeerFinished,
     PeerLeft,
@@ -114,6 +116,7 @@ from .messages import (
     SchedErrorCode,
     SchedFail,
     SchedHostAnnounced,
+    SchedHostLoad,
     SchedParent,
     SchedParents,
     SchedPeerFailed,
@@ -284,6 +287,10 @@ def _path(base: Path | None, name: str) -> Path:
     return p if p.is_absolute() or base is None else base / p
 
 
+_PLAIN_NUMBERS = ("_weight", "_ratio", "_sigmas", "_jitter")
+"""Endings of the ``[scheduler]`` keys whose numbers are not seconds."""
+
+
 def _scheduler_config(table: Any) -> SchedulerConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"scheduler: must be a table ([scheduler]), got {table!r}")
@@ -293,10 +300,13 @@ def _scheduler_config(table: Any) -> SchedulerConfig:
         kind = kinds.get(key)
         if kind is None:
             raise ConfigError(f"unknown key 'scheduler.{key}' (known keys: {', '.join(sorted(kinds))})")
-        if kind in ("int", int):
+        if kind in ("str", str):
+            values[key] = _typed(f"scheduler.{key}", value, str, "a string")
+        elif kind in ("int", int):
             values[key] = _typed(f"scheduler.{key}", value, int, "an integer")
         else:
-            values[key] = float(_typed(f"scheduler.{key}", value, int | float, "a number of seconds"))
+            what = "a number" if key.endswith(_PLAIN_NUMBERS) else "a number of seconds"
+            values[key] = float(_typed(f"scheduler.{key}", value, int | float, what))
     try:
         return SchedulerConfig(**values)
     except ValueError as e:
@@ -379,6 +389,7 @@ class SchedulerService:
         self.server.handle(SchedAnnounceTask, self._on_announce_task)
         for report in _REPORT_TYPES:
             self.server.on_push(report, self._on_report)
+        self.server.on_push(SchedHostLoad, self._on_host_load)
         self.stats = ServiceStats()
         self._hosts: dict[str, _Binding] = {}
         self._sessions: dict[bytes, _Binding] = {}
@@ -595,11 +606,22 @@ class SchedulerService:
             return
         self._execute(_coalesce(actions))
 
-    def _refuse_report(self, session: PeerSession, msg: Report, err: _Refused) -> None:
+    def _on_host_load(self, session: PeerSession, msg: Message, payload: list[Any]) -> None:
+        assert isinstance(msg, SchedHostLoad)
+        try:
+            binding = self._binding(session)
+            actions = self._apply_or_refuse(HostLoad(binding.host_id, msg.upload_rate, msg.uploads_in_flight, msg.upload_peers))
+        except _Refused as e:
+            self._refuse_report(session, msg, e)
+            return
+        self._execute(actions)
+
+    def _refuse_report(self, session: PeerSession, msg: Report | SchedHostLoad, err: _Refused) -> None:
         name = _code_name(err.code)
         self.stats.refused[name] += 1
-        event(log, 20, "report_refused", type=msg.wire_name(), peer=msg.peer_id, code=name, reason=err.reason)
-        refusal = SchedRefused(type=msg.wire_name(), code=err.code, reason=err.reason, peer_id=msg.peer_id, piece=err.piece)
+        peer_id = "" if isinstance(msg, SchedHostLoad) else msg.peer_id
+        event(log, 20, "report_refused", type=msg.wire_name(), peer=peer_id, code=name, reason=err.reason)
+        refusal = SchedRefused(type=msg.wire_name(), code=err.code, reason=err.reason, peer_id=peer_id, piece=err.piece)
         binding = self._sessions.get(session.routing_id)
         if binding is not None:
             self._enqueue(binding, refusal)
