@@ -250,8 +250,8 @@ def get(  # noqa: PLR0917 - click passes every option as an argument
 
     import trio
 
-    from .peer.api import builtin_schemes, default_endpoint
     from .peer.api_messages import ApiInputError, check_request, parse_header
+    from .peer.endpoints import builtin_schemes, default_endpoint
     from .peer.local import DownloadRequest
     from .tasks import DEFAULT_FILTERED_QUERY_PARAMS, Digest, DigestFormatError
 
@@ -306,13 +306,11 @@ async def _get(request: DownloadRequest, endpoint: str, connect_timeout: float, 
     import os
 
     import trio
-    from rich.console import Console
 
     from .peer.api_client import ApiRequestError, DaemonLost, DaemonUnreachable, open_api_client
     from .peer.api_messages import ApiErrorCode
     from .peer.local import DownloadState
 
-    console = Console(stderr=True)
     started = trio.current_time()
     last: Progress | None = None
     # The daemon enforces --timeout; this guard only covers a daemon that does not answer at all.
@@ -321,7 +319,7 @@ async def _get(request: DownloadRequest, endpoint: str, connect_timeout: float, 
         async with open_api_client(endpoint, connect_timeout=connect_timeout, name=f"dfz-get-{os.getpid()}") as api:
             with trio.move_on_after(guard) as guarded:
                 async with api.download(request) as download:
-                    with _GetProgress(console, os.path.basename(request.output or request.url), show_progress) as bar:
+                    with _progress_display(os.path.basename(request.output or request.url), show_progress) as bar:
                         async for progress in download:
                             last = progress
                             bar.update(progress)
@@ -346,8 +344,11 @@ async def _get(request: DownloadRequest, endpoint: str, connect_timeout: float, 
         return _fail(GetExit.FAILED, "the daemon sent no final state")
     if last.state is DownloadState.SUCCEEDED:
         if show_progress:
+            from rich.console import Console
+
             elapsed = max(trio.current_time() - started, 1e-6)
-            console.print(f"saved {request.output}: {_summary(last)} in {elapsed:.1f} s", soft_wrap=True, highlight=False)
+            saved = f"saved {request.output}: {_summary(last)} in {elapsed:.1f} s"
+            Console(stderr=True).print(saved, soft_wrap=True, highlight=False)
         return GetExit.OK
     if last.state is DownloadState.CANCELLED:
         return _fail(GetExit.FAILED, f"the download was cancelled: {last.error or 'by the daemon'}", "run the command again")
@@ -368,6 +369,27 @@ def _summary(p: Progress) -> str:
     if p.bytes_from_cache:
         parts.append(f"{decimal(p.bytes_from_cache)} from the cache")
     return ", ".join(parts)
+
+
+class _NoProgress:
+    """What ``dfz get --no-progress`` shows while it waits: nothing (and rich is not even imported)."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, p: Progress) -> None:
+        pass
+
+
+def _progress_display(name: str, enabled: bool) -> _GetProgress | _NoProgress:
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+
+    return _GetProgress(Console(stderr=True), name, enabled)
 
 
 class _GetProgress:
@@ -587,7 +609,7 @@ def up(  # noqa: PLR0917 - click passes every option as an argument
     import trio
 
     from .cluster import UpConfig, run_up
-    from .peer.api import default_data_dir
+    from .peer.endpoints import default_data_dir
 
     config = UpConfig(
         data_dir=data_dir if data_dir is not None else default_data_dir(),

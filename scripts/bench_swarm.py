@@ -46,6 +46,12 @@ Python processes (and whatever else runs there): figures are for this machine an
 
     .venv/bin/python scripts/bench_swarm.py [--peers 8] [--size 536870912] [--origin-rate 100000000]
         [--rounds 1] [--cap tc|nginx] [--timeout SECONDS] [--dir /dev/shm]
+        [--heterogeneous [--upload-rate 200000000]]
+
+``--heterogeneous`` (the scheduling benchmark): a tenth of the daemons (at least one) upload at a tenth
+of the rate of the others (``upload_rate_limit``, announced as ``upload_capacity``; the seed as usual), and
+the crowd runs twice per round, with the scheduler's evaluator and with ``evaluator = "random"``, instead
+of against curl. The JSON adds ``random_makespan_s`` and ``evaluator_wins``.
 
 Exit status: 0 when every download succeeded with the right digest (goals met or not), 1 otherwise (see
 the JSON's ``errors``), 130 on Ctrl-C.
@@ -54,6 +60,7 @@ the JSON's ``errors``), 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -232,24 +239,55 @@ def direct_phase(args: argparse.Namespace, url: str, tmp: Path, log: AccessLog, 
     return phase
 
 
-def dfz_phase(args: argparse.Namespace, url: str, tmp: Path, log: AccessLog, expected: str, *, rnd: int) -> Phase:
-    phase = Phase("dfz")
-    root = tmp / f"dfz-{rnd}"
+def slow_daemons(args: argparse.Namespace) -> int:
+    """How many daemons upload at a tenth of the others' rate (--heterogeneous): a tenth, at least one."""
+    return max(1, round(args.peers / 10)) if args.heterogeneous else 0
+
+
+def daemon_config(path: Path, data_dir: Path, *, upload_rate: int = 0, origin_concurrency: int | None = None) -> Path:
+    """A daemon's TOML: its data directory, and an upload rate (limit and announced capacity) when given."""
+    lines = [f'data_dir = "{data_dir}"']
+    if upload_rate:
+        lines += [f"upload_rate_limit = {upload_rate}", f"upload_capacity = {upload_rate}"]
+    if origin_concurrency is not None:
+        lines.append(f"origin_concurrency = {origin_concurrency}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dfz_phase(
+    args: argparse.Namespace, url: str, tmp: Path, log: AccessLog, expected: str, *, rnd: int, kind: str = "dfz"
+) -> Phase:
+    """A dfz crowd. ``kind`` "dfz": the scheduler's default evaluator; "random": parents chosen at random."""
+    phase = Phase(kind)
+    root = tmp / f"{kind}-{rnd}"
     root.mkdir()
     outputs = [root / f"out-{i}" for i in range(args.peers)]
     with Processes(root / "logs") as procs:
-        progress(f"round {rnd}: dfz: starting dfz sched, dfz seed and {args.peers} dfz daemons ...")
-        sched = procs.start("sched", dfz_command("sched", "--listen", "tcp://127.0.0.1:0"))
+        progress(f"round {rnd}: {kind}: starting dfz sched, dfz seed and {args.peers} dfz daemons ...")
+        sched_cmd = dfz_command("sched", "--listen", "tcp://127.0.0.1:0")
+        if kind == "random":
+            (root / "sched.toml").write_text('[scheduler]\nevaluator = "random"\n')
+            sched_cmd += ["--config", str(root / "sched.toml")]
+        verbose = ["-vv"] if args.keep else []
+        sched = procs.start("sched", sched_cmd + verbose)
         scheduler = sched.wait_for(["listening "])["listening "][0]
-        seed_cmd = dfz_command("seed", "--data-dir", str(root / "seed"), "--scheduler", scheduler)
-        if args.cap == "nginx":  # one request at a time: the origin refuses a second one
-            (root / "seed.toml").write_text(f'data_dir = "{root / "seed"}"\norigin_concurrency = 1\n')
-            seed_cmd += ["--config", str(root / "seed.toml")]
-        seed = procs.start("seed", seed_cmd)
-        daemons: list[Service] = [
-            procs.start(f"daemon-{i}", dfz_command("daemon", "--data-dir", str(root / f"d{i}"), "--scheduler", scheduler))
-            for i in range(args.peers)
-        ]
+        fast = args.upload_rate if args.heterogeneous else 0
+        seed_conf = daemon_config(
+            root / "seed.toml",
+            root / "seed",
+            # one request at a time with --cap nginx: the origin refuses a second one
+            origin_concurrency=1 if args.cap == "nginx" else None,
+        )
+        seed = procs.start("seed", dfz_command("seed", "--config", str(seed_conf), "--scheduler", scheduler, *verbose))
+        slow = slow_daemons(args)
+        daemons: list[Service] = []
+        for i in range(args.peers):
+            rate = max(1, fast // 10) if i < slow else fast
+            conf = daemon_config(root / f"d{i}.toml", root / f"d{i}", upload_rate=rate)
+            daemons.append(
+                procs.start(f"daemon-{i}", dfz_command("daemon", "--config", str(conf), "--scheduler", scheduler, *verbose))
+            )
         seed.wait_for(["api "], timeout=60)
         apis = [d.wait_for(["api "], timeout=60)["api "][0] for d in daemons]
         cmds = [
@@ -257,7 +295,7 @@ def dfz_phase(args: argparse.Namespace, url: str, tmp: Path, log: AccessLog, exp
             for out, api in zip(outputs, apis, strict=True)
         ]
         wire0, (req0, sent0) = (wire_bytes() if args.cap == "tc" else None), log.settled()
-        progress(f"round {rnd}: dfz: {args.peers} dfz get at once ...")
+        progress(f"round {rnd}: {kind}: {args.peers} dfz get at once ...")
         cpu0 = [s.cpu_seconds() for s in (*daemons, seed, sched)]
         started = time.time()
         phase.times, phase.errors, phase.clients_cpu_s = crowd(cmds, root / "logs-get", args.timeout)
@@ -280,7 +318,10 @@ def dfz_phase(args: argparse.Namespace, url: str, tmp: Path, log: AccessLog, exp
         codes = {s.name: procs.stop(s) for s in (*reversed(daemons), seed, sched)}
         phase.errors += [f"{name} exited with {code} on SIGTERM" for name, code in codes.items() if code not in (0, None)]
     check_outputs(phase, outputs, expected)
-    shutil.rmtree(root, ignore_errors=True)
+    if args.keep:
+        progress(f"round {rnd}: {kind}: kept {root} (logs in logs/)")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     return phase
 
 
@@ -300,13 +341,31 @@ def main() -> int:
     ap.add_argument("--cap", choices=("tc", "nginx"), default="tc", help="how the origin is capped (see above)")
     ap.add_argument("--timeout", type=float, help="seconds allowed for a crowd (default 60 + 3 N F / U)")
     ap.add_argument(
+        "--heterogeneous",
+        action="store_true",
+        help="a tenth of the daemons (at least one) upload at a tenth of the others' rate (--upload-rate); the"
+        " crowd runs with the scheduler's evaluator and with parents chosen at random, instead of against curl",
+    )
+    ap.add_argument(
+        "--upload-rate",
+        type=int,
+        default=200_000_000,
+        help="with --heterogeneous: the upload rate limit (and announced capacity) of the fast daemons,"
+        " bytes/s (default 200000000); the slow ones get a tenth",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (data, logs of every process) and run the dfz processes with -vv",
+    )
+    ap.add_argument(
         "--dir",
         help="where the temporary directory goes (default: $TMPDIR or /tmp); everything (the origin's file, the"
         " daemons' data, outputs) is on that file system, e.g. /dev/shm to leave the disk's writeback out",
     )
     args = ap.parse_args()
-    if args.peers < 1 or args.size < 1 or args.origin_rate < 1 or args.rounds < 1:
-        ap.error("--peers, --size, --origin-rate and --rounds must be positive")
+    if args.peers < 1 or args.size < 1 or args.origin_rate < 1 or args.rounds < 1 or args.upload_rate < 10:
+        ap.error("--peers, --size, --origin-rate and --rounds must be positive, --upload-rate at least 10")
     if args.timeout is None:
         args.timeout = 60 + 3 * args.peers * args.size / args.origin_rate
     # Install what is missing before leaving the machine's network (the namespace has no route to apt).
@@ -321,7 +380,12 @@ def main() -> int:
     benchlib.stop_on_signals()
     phases: list[tuple[int, Phase]] = []
 
-    with tempfile.TemporaryDirectory(prefix="dfz-bench-swarm-", dir=args.dir) as tmp_name:
+    workdir: contextlib.AbstractContextManager[str] = (
+        contextlib.nullcontext(tempfile.mkdtemp(prefix="dfz-bench-swarm-", dir=args.dir))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="dfz-bench-swarm-", dir=args.dir)
+    )
+    with workdir as tmp_name:
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o755)  # nginx workers run as nobody
         (tmp / "www").mkdir(mode=0o755)
@@ -347,9 +411,13 @@ def main() -> int:
                 f"origin {url}, capped at {args.origin_rate} B/s ({args.cap}); floor F/U = {args.size / args.origin_rate:.2f} s"
             )
             for rnd in range(1, args.rounds + 1):
-                for kind in ("dfz", "direct") if rnd % 2 else ("direct", "dfz"):
+                other = "random" if args.heterogeneous else "direct"
+                for kind in ("dfz", other) if rnd % 2 else (other, "dfz"):
                     try:
-                        phase = (dfz_phase if kind == "dfz" else direct_phase)(args, url, tmp, log, expected, rnd=rnd)
+                        if kind == "direct":
+                            phase = direct_phase(args, url, tmp, log, expected, rnd=rnd)
+                        else:
+                            phase = dfz_phase(args, url, tmp, log, expected, rnd=rnd, kind=kind)
                     except Exception as error:  # a process that did not start, ...: said in the JSON too
                         why = f"{type(error).__name__}: {error}"
                         phase = Phase(kind, times=[None] * args.peers, digests_ok=False, errors=[why])
@@ -357,7 +425,7 @@ def main() -> int:
                     progress(
                         f"round {rnd}: {kind}: makespan {s['makespan_s']} s, p50 {s['p50_s']} s, origin sent"
                         f" {phase.origin_bytes / args.size:.3f} x the file, digests {'ok' if phase.digests_ok else 'NOT ok'}"
-                        + (f", peak RSS MiB {phase.rss_mib} (seed {phase.seed_rss_mib})" if kind == "dfz" else "")
+                        + (f", peak RSS MiB {phase.rss_mib} (seed {phase.seed_rss_mib})" if kind != "direct" else "")
                         + (
                             f"; origin busy from +{phase.origin_window_s[0]} s to +{phase.origin_window_s[1]} s"
                             if phase.origin_window_s
@@ -380,6 +448,8 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
     floor = size / rate
     dfz = [p for _, p in phases if p.kind == "dfz"]
     direct = [p for _, p in phases if p.kind == "direct"]
+    rand = [p for _, p in phases if p.kind == "random"]
+    random_makespan = median([p.stats()["makespan_s"] for p in rand])
     errors = [f"round {rnd}: {p.kind}: {e}" for rnd, p in phases for e in p.errors]
     all_ok = all(p.digests_ok for _, p in phases) and not errors
     makespan = median([p.stats()["makespan_s"] for p in dfz])
@@ -415,6 +485,14 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
               f" the {args.peers} `dfz get` {p.clients_cpu_s:.2f}: {p.cpu_s():.1f} s in all")  # fmt: skip
     for p in direct:
         print(f"direct CPU s: the {args.peers} curl {p.clients_cpu_s:.2f} (nginx not counted, in either crowd)")
+    evaluator_wins = None
+    if args.heterogeneous:
+        evaluator_wins = makespan is not None and (random_makespan is None or makespan < random_makespan)
+        print(
+            f"heterogeneous: {slow_daemons(args)} of {args.peers} daemons upload at {max(1, args.upload_rate // 10)} B/s,"
+            f" the others at {args.upload_rate} B/s; makespan with the evaluator {makespan} s, with random"
+            f" parents {random_makespan} s: the evaluator {'wins' if evaluator_wins else 'does NOT win'}"
+        )
     delivered_gb = args.peers * size / 1e9
     print(
         f"goals: origin_egress_ratio {egress if egress is None else round(egress, 4)} <= {GOAL_EGRESS}:"
@@ -434,6 +512,10 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
         "direct_p50_s": median([p.stats()["p50_s"] for p in direct]),
         "direct_origin_egress_ratio": round(max(p.origin_bytes for p in direct) / size, 4) if direct else None,
         "floor_s": round(floor, 3),
+        "heterogeneous": args.heterogeneous,
+        "random_makespan_s": random_makespan,
+        "random_p50_s": median([p.stats()["p50_s"] for p in rand]),
+        "evaluator_wins": evaluator_wins,
         "makespan_over_floor": None if makespan is None else round(makespan / floor, 3),
         "all_digests_ok": all_ok,
         "peak_rss_mib_max": rss_max,  # over the N daemons and the seed

@@ -31,7 +31,6 @@ import os
 import socket as pysocket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -59,46 +58,18 @@ from .api_messages import (
     request_from_wire,
     task_to_wire,
 )
+from .endpoints import API_SOCKET_NAME as API_SOCKET_NAME
+from .endpoints import DATA_DIR_ENV as DATA_DIR_ENV
+from .endpoints import ENDPOINT_ENV as ENDPOINT_ENV
+from .endpoints import builtin_schemes as builtin_schemes
+from .endpoints import default_data_dir as default_data_dir
+from .endpoints import default_endpoint as default_endpoint
 from .local import DownloadRequest, DownloadService, DownloadState, Progress
-from .source import BUILTIN_BACKENDS
 
 log = get_logger("peer.api")
 
-API_SOCKET_NAME = "api.sock"
-"""The local API's ipc socket, in the daemon's data directory."""
-
-ENDPOINT_ENV = "DFZ_ENDPOINT"
-DATA_DIR_ENV = "DFZ_DATA_DIR"
-
 PAGE_BUDGET = 48 * 1024
 """Encoded bytes of tasks an ``api.tasks`` reply holds at most: well inside the 64 KiB header frame."""
-
-
-def default_data_dir() -> Path:
-    """The daemon's default data directory: ``$DFZ_DATA_DIR``, else ``$XDG_DATA_HOME/dfz``, else
-    ``~/.local/share/dfz``."""
-    explicit = os.environ.get(DATA_DIR_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
-    return base / "dfz"
-
-
-def default_endpoint(data_dir: Path | None = None) -> str:
-    """Where clients find a daemon's API by default: ``$DFZ_ENDPOINT``, else the ipc socket
-    ``api.sock`` in the data directory (``data_dir`` or :func:`default_data_dir`)."""
-    if data_dir is None:
-        explicit = os.environ.get(ENDPOINT_ENV)
-        if explicit:
-            return explicit
-        data_dir = default_data_dir()
-    return f"ipc://{(data_dir / API_SOCKET_NAME).absolute()}"
-
-
-def builtin_schemes() -> list[str]:
-    """The URL schemes of the built-in source backends (without importing any client library)."""
-    return sorted(BUILTIN_BACKENDS)
 
 
 class EndpointInUse(Exception):

@@ -6,7 +6,7 @@ Usage::
     from dfz.peer.api_client import open_api_client
     from dfz.peer.local import DownloadRequest
 
-    async with open_api_client() as api:  # the default endpoint, see dfz.peer.api.default_endpoint
+    async with open_api_client() as api:  # the default endpoint, see dfz.peer.endpoints.default_endpoint
         async with api.download(DownloadRequest(url, output="/abs/path")) as download:
             async for progress in download:
                 print(progress.state, progress.bytes_done)
@@ -30,7 +30,6 @@ from typing import Any
 import trio
 
 from ..broker import Client, ClientConfig, ConnectionLost, CurveClient, FabricError, RemoteError, RequestTimeout
-from .api import default_endpoint
 from .api_messages import (
     API_CATALOGUE,
     FINAL_STATES,
@@ -46,6 +45,7 @@ from .api_messages import (
     request_to_wire,
     task_from_wire,
 )
+from .endpoints import default_endpoint
 from .local import CachedTask, DownloadRequest, Progress
 
 __all__ = ["ApiClient", "ApiRequestError", "DaemonLost", "DaemonUnreachable", "Download", "open_api_client"]

@@ -794,6 +794,7 @@ class ParentFetcher:
                     self._failures = 0
                     self.pieces += 1
                     self.bytes += size
+                    event(log, logging.DEBUG, "download.piece", task=dl.task_id, piece=piece, parent=self.endpoint, cost=cost)
                     dl._piece_done(self, PieceDone(piece, digest, size, cost, self.endpoint))
                 return
         except (_BadPiece, ProtocolError, DigestMismatch, PieceRejected) as e:
