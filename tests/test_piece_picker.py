@@ -224,6 +224,26 @@ def test_endgame_asks_a_second_parent_and_names_the_redundant_fetch() -> None:
     assert any(len(p.fetchers(piece)) == 2 for _, piece in third)
 
 
+def test_no_endgame_while_pieces_that_no_parent_has_are_missing() -> None:
+    """A child at the frontier of a swarm (its parents have nothing more yet) does not double fetches."""
+    p = picker(4, window=2)
+    p.add_parent("a")
+    p.parent_has("a", [0, 1])
+    assert sorted(piece for _, piece in p.next_assignments()) == [0, 1]
+    p.add_parent("b")
+    p.parent_has("b", [0, 1])
+    assert p.next_assignments() == []  # pieces 2 and 3 exist nowhere yet: not the endgame
+    p.parent_has("a", [2, 3])
+    assert p.next_assignments() == []  # a's window is full; b lacks 2 and 3
+    p.piece_done("a", 0)
+    assert [piece for _, piece in p.next_assignments()] in ([2], [3])
+    p.parent_has("b", [2, 3])
+    # b takes the last piece nobody fetches; then every missing piece is in flight: b doubles one of a's.
+    second = p.next_assignments()
+    assert len(second) == 2 and all(parent == "b" for parent, _ in second)
+    assert sorted(len(p.fetchers(piece)) for piece in (1, 2, 3)) == [1, 1, 2]
+
+
 def test_without_endgame_nothing_is_doubled() -> None:
     p = picker(2, window=2, endgame=False)
     p.add_parent("a")

@@ -1138,7 +1138,9 @@ class Daemon:
     def _report_piece(self, peer_id: str, piece: FinishedPiece) -> None:
         finished, _ = self._batches.setdefault(peer_id, ([], []))
         finished.append(piece)
-        if len(finished) >= MAX_FINISHED_PER_REPORT:
+        # A piece from the origin brings its digest, which children wait for before they may fetch it:
+        # told at once. Pieces from parents are batched (every report_interval).
+        if piece.parent is None or len(finished) >= MAX_FINISHED_PER_REPORT:
             self._flush(peer_id)
 
     def _report_failed(self, peer_id: str, piece: FailedPiece) -> None:

@@ -18,9 +18,12 @@ visits the parents with room in their window, in turn, and asks the strategy for
 one has. Rarest-first keeps the candidates in buckets by availability, each in random order (ties are
 broken at random so that the children of one parent spread out over its pieces and can trade them);
 in-order keeps them sorted by index (for streaming a file front to back). When no candidate is left that
-any parent has, the **endgame** starts: a parent with room may also fetch a piece already in flight
-elsewhere (at most two fetches of a piece), and whichever copy lands first wins; the picker then names
-the parents whose fetch became redundant so that the shell cancels them.
+any parent has and every missing piece is in flight, the **endgame** starts: a parent with room may also
+fetch a piece already in flight elsewhere (at most two fetches of a piece), and whichever copy lands
+first wins; the picker then names the parents whose fetch became redundant so that the shell cancels
+them. Pieces that no parent has yet keep the endgame off: a child that keeps up with a swarm still
+downloading waits at its frontier for most of the transfer, and doubling every fetch there cost a
+quarter of its pieces twice (8 daemons, 512 MiB: 128-171 fetches for 128 pieces).
 
 Part 2, :class:`Downloader` with one :class:`ParentFetcher` per parent, is the trio shell: a
 :class:`dfz.broker.Client` per parent, ``peer.subscribe`` and the ``peer.have`` pushes feed the picker,
@@ -451,7 +454,7 @@ class PiecePicker:
             picks = self.strategy.pick(None if p.has_all else p.has, free) if self._held_candidates else []
             self._start(p, picks, out)
             free -= len(picks)
-            if free > 0 and self.endgame and not self._held_candidates:
+            if free > 0 and self.endgame and self._missing == len(self._in_flight):
                 self._start(p, self._endgame_picks(p, free), out)
         return out
 
