@@ -67,6 +67,10 @@ class DaemonConfig:
     """Seconds piece reports are collected before they are sent in one ``sched.pieces``."""
     heartbeat: float = 1.0
     """Fabric heartbeat of the scheduler session (seconds); silent for ``heartbeat * 3``: reconnect."""
+    direct_io: bool = True
+    """Write piece data with ``O_DIRECT`` where the filesystem allows it (see :mod:`dfz.peer.storage`)."""
+    piece_cache_bytes: int = 64 * 1024 * 1024
+    """Memory for pieces kept to serve children (the ones that just landed, and the ones read)."""
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -88,6 +92,7 @@ class DaemonConfig:
             ("download_rate_limit", 0, 1 << 62),
             ("upload_capacity", 0, 1 << 62),
             ("origin_concurrency", 1, 64),
+            ("piece_cache_bytes", 0, 1 << 40),
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -144,7 +149,7 @@ class DaemonConfig:
                     items = value if isinstance(value, list | tuple) else [value]
                     name = "schedulers" if key == "scheduler" else key
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
-                elif key == "seed":
+                elif key in ("seed", "direct_io"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
                 elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location"):
                     values[key] = _typed(key, value, str, "a string")

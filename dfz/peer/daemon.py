@@ -40,6 +40,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -119,6 +120,10 @@ _LOAD_INTERVAL = 1.0
 _LOAD_WINDOW = 5.0
 """Seconds the upload rate of ``sched.host_load`` is measured over."""
 _KIND_IN_REASON = re.compile(r"\[([a-z_]{1,40})\]")
+
+
+DIGEST_WAIT = 2.0
+"""Seconds a download that has every piece waits for the whole-file digest before computing it."""
 
 
 class _Failed(Exception):
@@ -208,6 +213,7 @@ class _Download:
         self.content_length: int | None = None
         self.piece_length: int | None = None
         self.digest: str | None = None
+        self.digest_known = trio.Event()
         self.digests: dict[int, str] = {}
         self.parents: list[SchedParent] = []
         self.peer_of_endpoint: dict[str, str] = {}
@@ -268,6 +274,10 @@ class _Download:
     # -- from the daemon --
 
     def deliver(self, msg: Message | str) -> None:
+        if isinstance(msg, SchedTaskInfo) and msg.digest is not None and self.digest is None:
+            # Also wanted after the inbox's loop has ended (every piece stored, _finish waiting for it).
+            self.digest = msg.digest
+            self.digest_known.set()
         self._inbox_send.send_nowait(msg)
 
     def relink(self) -> None:
@@ -390,6 +400,7 @@ class _Download:
             self.piece_length = piece_length
         if digest is not None:
             self.digest = digest
+            self.digest_known.set()
         fresh = {k: d for k, d in digests if k not in self.digests}
         self.digests.update(fresh)
         if fresh and self._downloader is not None:
@@ -492,16 +503,26 @@ class _Download:
     async def _open_task(self, layout: PieceLayout) -> StoredTask:
         storage = self.daemon.storage
         try:
+            # Every piece is checked against the scheduler's digests, so the whole-file digest needs no
+            # second pass over the data: the one the origin's fetcher reported is adopted (see _finish).
             task = await trio.to_thread.run_sync(
                 lambda: storage.get_or_create(
-                    self.task_id, url=self.url, piece_length=layout.piece_length, content_length=layout.content_length
+                    self.task_id,
+                    url=self.url,
+                    piece_length=layout.piece_length,
+                    content_length=layout.content_length,
+                    hash_content=False,
                 )
             )
         except LayoutConflict:
             await trio.to_thread.run_sync(storage.delete, self.task_id)
             task = await trio.to_thread.run_sync(
                 lambda: storage.create(
-                    self.task_id, url=self.url, piece_length=layout.piece_length, content_length=layout.content_length
+                    self.task_id,
+                    url=self.url,
+                    piece_length=layout.piece_length,
+                    content_length=layout.content_length,
+                    hash_content=False,
                 )
             )
         self.stored = task
@@ -569,6 +590,11 @@ class _Download:
         knows one), report success, and tell the children this parent has everything."""
         task = self.stored
         assert task is not None
+        if self.digest is None and not task.hashes_content:
+            # The last piece may come a moment before the whole-file digest its fetcher reports; without
+            # it, finish() computes the digest from the data (one pass).
+            with trio.move_on_after(DIGEST_WAIT):
+                await self.digest_known.wait()
         try:
             info = await trio.to_thread.run_sync(lambda: task.finish(content_digest=self.digest))
         except DigestMismatch as e:
@@ -797,7 +823,10 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         data_dir = Path(cfg.data_dir)
-        self._storage = await trio.to_thread.run_sync(Storage, data_dir)
+        open_storage = functools.partial(
+            Storage, data_dir, direct_io=self.config.direct_io, piece_cache_bytes=self.config.piece_cache_bytes
+        )
+        self._storage = await trio.to_thread.run_sync(open_storage)
         try:
             if not self.host_id:
                 self.host_id = await trio.to_thread.run_sync(_host_id, data_dir)

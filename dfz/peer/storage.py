@@ -329,6 +329,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+AHEAD_LIMIT = 16
+"""Pieces that landed past the whole-file hash's cursor (with ``retain``) kept in memory until it
+reaches them, at most: an origin fetch with a few ranges in flight lands a few pieces out of order."""
+
 PAGE = 4096
 """Alignment of ``O_DIRECT`` I/O: offsets, lengths and buffer addresses (the largest logical block size)."""
 
@@ -447,6 +451,7 @@ class StoredTask:
         self._stored = sum(d is not None for d in meta.digests)
         self._hasher = content_hasher()
         self._hashed = 0  # pieces [0, _hashed) have been fed to _hasher
+        self._ahead: dict[int, BytesLike] = {}  # retained pieces past the hash cursor, kept until hashed
 
     # -- state, read under the lock --
 
@@ -476,6 +481,11 @@ class StoredTask:
     def content_digest(self) -> str | None:
         with self._lock:
             return self._meta.content_digest
+
+    @property
+    def hashes_content(self) -> bool:
+        """Whether this peer computes the whole-file digest itself (else it adopts a reported one)."""
+        return self._meta.hash_content
 
     @property
     def data_path(self) -> Path:
@@ -631,6 +641,10 @@ class StoredTask:
             self._write_at(fd, view, index * pl)
         if retain:
             self._storage._cache.put(self.task_id, index, view)
+            if self._meta.hash_content:
+                with self._lock:
+                    if index > self._hashed and len(self._ahead) < AHEAD_LIMIT:
+                        self._ahead[index] = view
         else:
             self._storage._cache.drop(self.task_id, (index,))
         if self._record(index, digest):
@@ -722,8 +736,12 @@ class StoredTask:
                 if i >= len(self._meta.digests) or self._meta.digests[i] is None:
                     return
                 size = self._piece_size(i)
+            with self._lock:
+                ahead = self._ahead.pop(i, None)
             if i == index and view is not None:
                 data: BytesLike = view
+            elif ahead is not None:
+                data = ahead
             else:
                 cached = self._storage._cache.get(self.task_id, i)
                 if cached is not None:
@@ -735,10 +753,25 @@ class StoredTask:
             with self._lock:
                 self._hashed = i + 1
 
+    def _hash_all(self) -> str:
+        """The whole-file digest, computed in one pass over the stored pieces (read direct)."""
+        hasher = content_hasher()
+        layout = self.layout()
+        assert layout is not None
+        with self._io() as fd:
+            for i in range(layout.count):
+                data = self._storage._cache.get(self.task_id, i)
+                if data is None:
+                    data = self._read_at(fd, layout.size(i), i * self._meta.piece_length, direct=True)
+                hasher.update(data)
+        return str(hasher.hexdigest())
+
     def _drop_pieces(self, indices: list[int]) -> None:
         """Forget damaged pieces: the task runs again and they are fetched again."""
         self._storage._cache.drop(self.task_id, indices)
         with self._hash_lock, self._lock:
+            for i in indices:
+                self._ahead.pop(i, None)
             for i in indices:
                 if self._meta.digests[i] is not None:
                     self._meta.digests[i] = None
@@ -762,8 +795,9 @@ class StoredTask:
         With ``hash_content`` (the default) the whole-file digest is computed here (completing the
         incremental pass) and, if ``content_digest`` is given, compared with it: a mismatch raises
         :class:`dfz.tasks.DigestMismatch` and the task stays running. Without it, ``content_digest`` (the
-        digest the scheduler reported) is required and recorded. Raises :class:`TaskIncomplete` while
-        pieces are missing or the length is unknown. Finishing a finished task returns its info.
+        digest the scheduler reported) is recorded; when none is given, the digest is computed here in one
+        pass over the data. Raises :class:`TaskIncomplete` while pieces are missing or the length is
+        unknown. Finishing a finished task returns its info.
         """
         with self._lock:
             meta = self._meta
@@ -786,9 +820,7 @@ class StoredTask:
             if content_digest is not None and content_digest != actual:
                 raise DigestMismatch(f"content of task {self.task_id}", content_digest, actual)
         else:
-            adopted = content_digest or meta.content_digest
-            if adopted is None:
-                raise ValueError(f"task {self.task_id} does not hash its content: give the reported content_digest")
+            adopted = content_digest or meta.content_digest or self._hash_all()
             if not is_hex_digest(adopted):
                 raise ValueError(f"content digest {adopted!r} is not 64 lowercase hex digits")
             actual = adopted
