@@ -101,6 +101,65 @@ def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> No
     default_context().term()
 
 
+# --- dfz mgr ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file of settings: database, data_dir, listen, session_ttl, cookie_secure (see dfz/mgr/service.py).",
+)
+@click.option(
+    "--database",
+    metavar="URL",
+    envvar="DFZ_MGR_DATABASE",
+    help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB [default: $DFZ_MGR_DATABASE, else the config's, "
+    "else SQLite in DATA_DIR/manager.db].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the embedded SQLite database lives [default: $DFZ_DATA_DIR/mgr, else ~/.local/share/dfz/mgr].",
+)
+@click.option("--listen", metavar="HOST:PORT", help="HTTP address [default: 127.0.0.1:8080]; port 0 picks a free one.")
+@click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
+def mgr(config_file: Path | None, database: str | None, data_dir: Path | None, listen: str | None, verbose: int) -> None:
+    """Run the manager until SIGTERM or SIGINT (then exit 0): the REST API under /api/v1 (OpenAPI at
+    /api/v1/openapi.json) over its database, migrated to the latest schema at start.
+
+    Prints `database URL` (password hidden), `listening http://HOST:PORT` once it serves and, at the very
+    first start when $DFZ_MGR_ROOT_PASSWORD is not set, `root-password PASSWORD` for the user `root` (shown
+    this once).
+    """
+    import functools
+
+    import trio
+
+    from .config import ConfigError
+    from .mgr.db import display_url
+    from .mgr.service import ListenError, Manager, ManagerConfig, serve, with_overrides
+
+    def ready(manager: Manager) -> None:
+        if manager.db is not None:
+            click.echo(f"database {display_url(manager.db.url)}")
+        if manager.root_password is not None:
+            click.echo(f"root-password {manager.root_password}")
+        for url in manager.urls:
+            click.echo(f"listening {url}")
+        sys.stdout.flush()
+
+    if verbose:
+        setup(verbose)
+    try:
+        config = ManagerConfig.load(config_file) if config_file is not None else ManagerConfig()
+        config = with_overrides(config, database=database, data_dir=data_dir, listen=listen)
+        trio.run(functools.partial(serve, config, on_ready=ready))
+    except (ConfigError, ListenError) as e:
+        raise click.ClickException(str(e)) from None
+
+
 # --- dfz get ---------------------------------------------------------------------------------------------
 
 GET_EXIT_CODES = """\b

@@ -1,0 +1,143 @@
+"""Who is asking, and may they: personal access tokens (``Authorization: Bearer dfz_...``) for programs,
+sign-in sessions (the ``dfz_session`` cookie) for people.
+
+A request is authenticated once, by :func:`authenticate`, into a :class:`Principal`; endpoints declare
+what they need with ``Depends(requires(group, action))``. Failures: 401 (no credentials, or an unknown,
+expired or revoked token or session, or a disabled user) with ``WWW-Authenticate: Bearer``; 403 (the role
+or the token's scopes do not allow it, saying which permission is missing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import HTTPException, Request, status
+from sqlmodel import Session, select
+
+from .audit import Actor
+from .db import Database
+from .models import PersonalAccessToken, Role, User, UserSession, utcnow
+from .security import PERMISSION_GROUPS, SESSION_COOKIE, Action, allows, secret_digest
+
+TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
+"""``last_used_at`` of a token is written at most this often (a read must not become a write each time)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated user, with the role's permissions and, through a token, the token's scopes."""
+
+    user_id: int
+    name: str
+    role: str
+    permissions: tuple[str, ...]
+    tenant_id: int | None
+    via: str
+    """``session`` or ``token``."""
+    token_id: int | None = None
+    scopes: tuple[str, ...] | None = None
+    ip: str = ""
+
+    def may(self, group: str, action: Action) -> bool:
+        if not allows(self.permissions, group, action):
+            return False
+        return self.scopes is None or allows(self.scopes, group, action)
+
+    def missing(self, group: str, action: Action) -> str:
+        """Why :meth:`may` said no, for the 403's message."""
+        if not allows(self.permissions, group, action):
+            return f"role {self.role!r} does not allow {group}:{action}"
+        return f"the token's scopes ({', '.join(self.scopes or ())}) do not allow {group}:{action}"
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(user_id=self.user_id, name=self.name, via=self.via, token_id=self.token_id, ip=self.ip)
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client is not None else ""
+
+
+def _principal(session: Session, user: User, via: str, ip: str, token: PersonalAccessToken | None = None) -> Principal:
+    if user.state != "enabled":
+        raise unauthorized(f"user {user.name!r} is disabled")
+    role = session.get(Role, user.role_id)
+    assert role is not None and user.id is not None
+    return Principal(
+        user_id=user.id,
+        name=user.name,
+        role=role.name,
+        permissions=tuple(role.permissions),
+        tenant_id=user.tenant_id,
+        via=via,
+        token_id=None if token is None else token.id,
+        scopes=None if token is None else tuple(token.scopes),
+        ip=ip,
+    )
+
+
+def authenticate(db: Database, request: Request) -> Principal:
+    """The :class:`Principal` of ``request``; 401 when it has no valid credentials. A bearer token wins
+    over a session cookie."""
+    header = request.headers.get("authorization")
+    ip = client_ip(request)
+    now = utcnow()
+    if header is not None:
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise unauthorized("Authorization must be 'Bearer <personal access token>'")
+        with db.reading() as session:
+            token = session.exec(
+                select(PersonalAccessToken).where(PersonalAccessToken.token_hash == secret_digest(secret.strip()))
+            ).first()
+            if token is None:
+                raise unauthorized("unknown token")
+            if token.revoked_at is not None:
+                raise unauthorized(f"token {token.prefix}… was revoked")
+            if token.expires_at <= now:
+                raise unauthorized(f"token {token.prefix}… expired at {token.expires_at.isoformat()}")
+            user = session.get(User, token.user_id)
+            assert user is not None
+            principal = _principal(session, user, "token", ip, token)
+            stale = token.last_used_at is None or now - token.last_used_at >= TOKEN_TOUCH_INTERVAL
+        if stale:
+            with db.writing() as session:
+                fresh = session.get(PersonalAccessToken, token.id)
+                if fresh is not None:
+                    fresh.last_used_at = now
+        return principal
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        with db.reading() as session:
+            signed_in = session.exec(select(UserSession).where(UserSession.token_hash == secret_digest(cookie))).first()
+            if signed_in is None or signed_in.revoked_at is not None or signed_in.expires_at <= now:
+                raise unauthorized("the session has ended: sign in again (POST /api/v1/sessions)")
+            user = session.get(User, signed_in.user_id)
+            assert user is not None
+            return _principal(session, user, "session", ip)
+    raise unauthorized("sign in (POST /api/v1/sessions) or send 'Authorization: Bearer <personal access token>'")
+
+
+def requires(group: str, action: Action) -> Callable[[Request], Principal]:
+    """A FastAPI dependency: the request's principal, who must be allowed ``action`` on ``group``."""
+    assert group in PERMISSION_GROUPS, group
+
+    def dependency(request: Request) -> Principal:
+        principal = authenticate(request.app.state.db, request)
+        if not principal.may(group, action):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, principal.missing(group, action))
+        return principal
+
+    dependency.__name__ = f"requires_{group}_{action}"
+    return dependency
+
+
+def signed_in(request: Request) -> Principal:
+    """A FastAPI dependency: any authenticated principal (for endpoints about oneself)."""
+    return authenticate(request.app.state.db, request)

@@ -1,0 +1,247 @@
+"""``dfz mgr``: the manager as a process: its settings, the first root user, and the HTTP server.
+
+:class:`Manager` is a trio component: ``await nursery.start(Manager(config).run)`` migrates the database
+(Alembic, to the latest revision: an empty database gets the whole schema, an up-to-date one is left
+alone), creates the first root user when there are no users, and serves the API with hypercorn's trio
+worker; it returns once the server listens (``manager.urls``). :meth:`Manager.stop` shuts down gracefully
+(requests in progress finish, up to ``graceful_timeout``); cancelling stops at once.
+
+The first root user is ``root``, with the password in ``$DFZ_MGR_ROOT_PASSWORD`` when it is set, or else a
+generated one that :func:`serve` prints once (``root-password ...``): it is stored only as a hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import func, select
+
+from ..config import ConfigError, read_toml
+from ..log import event, get_logger
+from . import audit
+from .db import Database, display_url, parse_url
+from .models import Role, User
+from .security import hash_password, new_password
+
+log = get_logger("mgr")
+
+ROOT_USER = "root"
+ROOT_PASSWORD_ENV = "DFZ_MGR_ROOT_PASSWORD"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DATABASE_FILE = "manager.db"
+
+
+class ListenError(Exception):
+    """The HTTP server could not bind its address (in use, bad address, no permission)."""
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Settings of ``dfz mgr``; a TOML file's top-level keys are these fields."""
+
+    database: str = ""
+    """Database URL: ``sqlite:///PATH`` (WAL) or ``postgresql://USER:PASSWORD@HOST:PORT/DB``. Empty: SQLite in
+    ``data_dir/manager.db``."""
+    data_dir: Path | None = None
+    """Where the embedded SQLite database lives; default ``$DFZ_DATA_DIR/mgr`` (``~/.local/share/dfz/mgr``)."""
+    listen: str = DEFAULT_LISTEN
+    """HTTP address, ``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 picks a free one."""
+    session_ttl: float = 12 * 3600.0
+    """Seconds a sign-in session lasts."""
+    cookie_secure: bool = False
+    """Mark the session cookie Secure (HTTPS only): set it when a TLS proxy fronts the manager."""
+    graceful_timeout: float = 5.0
+    """Seconds requests in progress get to finish at shutdown."""
+
+    def __post_init__(self) -> None:
+        if self.database:
+            parse_url(self.database)
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8080, 0.0.0.0:8080, [::1]:8080)")
+        if not self.session_ttl > 0:
+            raise ConfigError("session_ttl: must be a positive number of seconds")
+        if self.graceful_timeout < 0:
+            raise ConfigError("graceful_timeout: must be 0 or more seconds")
+
+    def database_url(self) -> str:
+        if self.database:
+            return self.database
+        if self.data_dir is not None:
+            base = self.data_dir
+        else:
+            from ..peer.api import default_data_dir
+
+            base = default_data_dir() / "mgr"
+        return f"sqlite:///{base.expanduser().resolve() / DATABASE_FILE}"
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> ManagerConfig:
+        """Read a TOML file (relative ``data_dir`` is relative to the file), then apply ``overrides``."""
+        path = Path(path)
+        return cls.from_mapping({**read_toml(path), **overrides}, source=str(path), base=path.parent)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config", base: Path | None = None) -> ManagerConfig:
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
+            if key in ("database", "listen"):
+                if not isinstance(value, str):
+                    raise ConfigError(f"{source}: {key} must be a string")
+                values[key] = value
+            elif key == "data_dir":
+                if not isinstance(value, str | Path):
+                    raise ConfigError(f"{source}: data_dir must be a directory name")
+                path = Path(value).expanduser()
+                values[key] = base / path if base is not None and not path.is_absolute() else path
+            elif key == "cookie_secure":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{source}: cookie_secure must be true or false")
+                values[key] = value
+            else:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{source}: {key} must be a number of seconds")
+                values[key] = float(value)
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def check_root_password(environ: Mapping[str, str]) -> None:
+    given = environ.get(ROOT_PASSWORD_ENV)
+    if given is not None and not 8 <= len(given) <= 256:
+        raise ConfigError(f"${ROOT_PASSWORD_ENV} must be 8 to 256 characters")
+
+
+def ensure_root(db: Database, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Create the root user when there are no users at all. Returns the password when it was generated
+    (the caller shows it once), None when it came from ``$DFZ_MGR_ROOT_PASSWORD`` or users exist."""
+    check_root_password(environ)
+    with db.reading() as session:
+        if session.exec(select(func.count()).select_from(User)).one():
+            return None
+    given = environ.get(ROOT_PASSWORD_ENV)
+    password = given or new_password()
+    try:
+        with db.writing() as session:
+            if session.exec(select(func.count()).select_from(User)).one():
+                return None
+            role = session.exec(select(Role).where(Role.name == "root")).one()
+            user = User(name=ROOT_USER, password_hash=hash_password(password), role_id=role.id, bio="created at the first start")  # type: ignore[arg-type]
+            session.add(user)
+            session.flush()
+            audit.record(session, audit.SYSTEM, "create", "user", user.id, {"name": ROOT_USER, "role": "root"})
+    except IntegrityError:
+        return None  # another manager on the same database created it first
+    event(log, logging.WARNING, "mgr_root_user_created", password_from=ROOT_PASSWORD_ENV if given else "generated")
+    return None if given else password
+
+
+class Manager:
+    """The manager (see the module's docstring). ``urls`` holds the HTTP addresses once it serves;
+    ``root_password`` the generated first password, if one was generated at this start."""
+
+    def __init__(self, config: ManagerConfig | None = None, *, environ: Mapping[str, str] = os.environ) -> None:
+        self.config = config or ManagerConfig()
+        self.environ = environ
+        self.urls: list[str] = []
+        self.root_password: str | None = None
+        self.db: Database | None = None
+        self._shutdown = trio.Event()
+
+    def stop(self) -> None:
+        """Stop serving gracefully: :meth:`run` returns once requests in progress finished."""
+        self._shutdown.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Manager] = trio.TASK_STATUS_IGNORED) -> None:
+        from hypercorn.config import Config as HypercornConfig
+        from hypercorn.trio.run import worker_serve
+        from hypercorn.utils import wrap_app
+
+        from .api import ApiSettings, create_app
+
+        check_root_password(self.environ)
+        http = HypercornConfig()
+        http.bind = [self.config.listen]
+        http.errorlog = get_logger("mgr.http")
+        http.accesslog = None
+        http.graceful_timeout = self.config.graceful_timeout
+        try:
+            # Bound first, before the database is touched: a bad or busy address is a clear error, and a
+            # generated root password is never made by a manager that then cannot serve.
+            sockets = http.create_sockets()
+            for sock in sockets.insecure_sockets:
+                sock.listen(http.backlog)
+        except OSError as e:
+            raise ListenError(f"cannot listen on {self.config.listen}: {e.strerror or e}") from None
+        db = Database(self.config.database_url())
+        self.db = db
+        try:
+            await trio.to_thread.run_sync(db.upgrade)
+            self.root_password = await trio.to_thread.run_sync(ensure_root, db, self.environ)
+            app = create_app(db, ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure))
+            async with trio.open_nursery() as nursery:
+                self.urls = await nursery.start(
+                    functools.partial(
+                        worker_serve,
+                        wrap_app(app, http.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                        http,
+                        sockets=sockets,
+                        shutdown_trigger=self._shutdown.wait,
+                    )
+                )
+                event(log, logging.INFO, "mgr_listening", urls=",".join(self.urls), database=display_url(db.url))
+                task_status.started(self)
+        finally:
+            for sock in sockets.insecure_sockets:
+                sock.close()
+            db.close()
+
+
+async def serve(
+    config: ManagerConfig,
+    *,
+    on_ready: Callable[[Manager], None] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> None:
+    """Run the manager until SIGTERM or SIGINT, then shut down gracefully. ``on_ready`` is called once it
+    listens. Raises :class:`ListenError` or :class:`ConfigError` when it cannot start."""
+    manager = Manager(config, environ=environ)
+    started = False
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(manager.run)
+                started = True
+                if on_ready is not None:
+                    on_ready(manager)
+                async for signum in signals:
+                    event(log, logging.INFO, "mgr_stopping", signal=signal.Signals(signum).name)
+                    break
+                manager.stop()
+    except BaseExceptionGroup as group:
+        causes = group.subgroup((ConfigError, ListenError))
+        if started or causes is None:
+            raise
+        cause: BaseException = causes
+        while isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        raise cause from None
+
+
+def with_overrides(config: ManagerConfig, **overrides: Any) -> ManagerConfig:
+    """``config`` with the given fields replaced (None: keep), checked again."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
