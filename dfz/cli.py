@@ -70,11 +70,29 @@ def keygen(name: str, directory: Path, force: bool) -> None:
     metavar="ENDPOINT",
     help="Endpoint to bind, e.g. tcp://0.0.0.0:8002 (repeatable; replaces the config's `listen`). Port 0 picks a free one.",
 )
+@click.option(
+    "--manager",
+    metavar="ENDPOINT",
+    help="Register with the manager at this fabric endpoint (dfz mgr prints it), keep alive, and take its settings.",
+)
+@click.option("--cluster", help="The scheduler cluster to register in (its name) [default: the manager's default cluster].")
+@click.option(
+    "--hostname",
+    help="The name to register with [default: this machine's]; two schedulers of a cluster on one machine need two.",
+)
 @click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
-def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> None:
+def sched(  # noqa: PLR0917 - click passes every option as an argument
+    config_file: Path | None,
+    listen: tuple[str, ...],
+    manager: str | None,
+    cluster: str | None,
+    hostname: str | None,
+    verbose: int,
+) -> None:
     """Run the scheduler until SIGTERM or SIGINT.
 
-    Prints one line `listening ENDPOINT` per bound endpoint once it serves, then exits 0 when stopped.
+    Prints one line `listening ENDPOINT` per bound endpoint once it serves, then exits 0 when stopped. With
+    --manager it registers there (its first tcp endpoint) and takes its cluster's settings while running.
     """
     import dataclasses
     import functools
@@ -95,6 +113,8 @@ def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> No
         config = ServiceConfig.load(config_file) if config_file is not None else ServiceConfig()
         if listen:
             config = dataclasses.replace(config, listen=listen)
+        given: dict[str, Any] = {"manager": manager, "cluster": cluster, "hostname": hostname}
+        config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
         trio.run(functools.partial(serve, config, on_listening=listening))
     except (ConfigError, ListenError) as e:
         raise click.ClickException(str(e)) from None
@@ -124,14 +144,25 @@ def sched(config_file: Path | None, listen: tuple[str, ...], verbose: int) -> No
     help="Where the embedded SQLite database lives [default: $DFZ_DATA_DIR/mgr, else ~/.local/share/dfz/mgr].",
 )
 @click.option("--listen", metavar="HOST:PORT", help="HTTP address [default: 127.0.0.1:8080]; port 0 picks a free one.")
+@click.option(
+    "--fabric",
+    metavar="ENDPOINT",
+    help="Fabric endpoint for schedulers, seed peers and daemons (mgr.*), e.g. tcp://0.0.0.0:8003 "
+    "[default: the --listen host, port 8003; a free port when --listen's port is 0].",
+)
 @click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
-def mgr(config_file: Path | None, database: str | None, data_dir: Path | None, listen: str | None, verbose: int) -> None:
+def mgr(  # noqa: PLR0917 - click passes every option as an argument
+    config_file: Path | None, database: str | None, data_dir: Path | None, listen: str | None, fabric: str | None, verbose: int
+) -> None:
     """Run the manager until SIGTERM or SIGINT (then exit 0): the REST API under /api/v1 (OpenAPI at
     /api/v1/openapi.json) over its database, migrated to the latest schema at start.
 
-    Prints `database URL` (password hidden), `listening http://HOST:PORT` once it serves and, at the very
-    first start when $DFZ_MGR_ROOT_PASSWORD is not set, `root-password PASSWORD` for the user `root` (shown
-    this once).
+    Schedulers and seed peers register with it and keep alive, and daemons ask it for their schedulers, on
+    its fabric endpoint (--fabric); dynamic configs reach them from there without a restart.
+
+    Prints `database URL` (password hidden), at the very first start when $DFZ_MGR_ROOT_PASSWORD is not set
+    `root-password PASSWORD` for the user `root` (shown this once), `fabric ENDPOINT` and, last,
+    `listening http://HOST:PORT` once it serves.
     """
     import functools
 
@@ -146,6 +177,8 @@ def mgr(config_file: Path | None, database: str | None, data_dir: Path | None, l
             click.echo(f"database {display_url(manager.db.url)}")
         if manager.root_password is not None:
             click.echo(f"root-password {manager.root_password}")
+        for endpoint in manager.fabric_endpoints:
+            click.echo(f"fabric {endpoint}")
         for url in manager.urls:
             click.echo(f"listening {url}")
         sys.stdout.flush()
@@ -154,7 +187,7 @@ def mgr(config_file: Path | None, database: str | None, data_dir: Path | None, l
         setup(verbose)
     try:
         config = ManagerConfig.load(config_file) if config_file is not None else ManagerConfig()
-        config = with_overrides(config, database=database, data_dir=data_dir, listen=listen)
+        config = with_overrides(config, database=database, data_dir=data_dir, listen=listen, fabric=fabric)
         trio.run(functools.partial(serve, config, on_ready=ready))
     except (ConfigError, ListenError) as e:
         raise click.ClickException(str(e)) from None
@@ -540,6 +573,13 @@ def _daemon_options(f: Any) -> Any:
         click.option("--upload-slots", type=click.IntRange(1, 65535), help="Children served at once (default 32)."),
         click.option("--upload-rate", type=click.IntRange(0), help="Upload limit in bytes/s over all children (0: none)."),
         click.option("--download-rate", type=click.IntRange(0), help="Download limit in bytes/s from parents (0: none)."),
+        click.option(
+            "--manager",
+            metavar="ENDPOINT",
+            help="The manager's fabric endpoint (dfz mgr prints it): without --scheduler the schedulers come from it; "
+            "its dynamic settings (rate limits, upload slots) apply while running; a seed peer registers there.",
+        ),
+        click.option("--cluster", help="dfz seed: the seed-peer cluster to register in at the manager (default: its default)."),
         click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug."),
     ]
     for option in reversed(options):
@@ -571,6 +611,8 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
         click.echo(f"announce {daemon.ip}:{daemon.port}")
         for endpoint in daemon.config.scheduler_endpoints:
             click.echo(f"scheduler {endpoint}")
+        if daemon.config.manager:
+            click.echo(f"manager {daemon.config.manager}")
         for endpoint in api:
             click.echo(f"api {endpoint}")
         sys.stdout.flush()
@@ -632,6 +674,7 @@ def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
     "(unauthenticated: trusted networks only).",
 )
 @click.option("--no-seed", is_flag=True, help="No seed peer: the first daemon to want a file fetches it from the origin.")
+@click.option("--no-manager", is_flag=True, help="No manager (dfz mgr): the schedulers and peers run on their own settings.")
 @click.option(
     "--schedulers",
     "scheduler_count",
@@ -652,16 +695,18 @@ def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("-v", "--verbose", count=True, help="More logs from the parts (in DATA_DIR/logs/): -v info, -vv debug.")
 def up(  # noqa: PLR0917 - click passes every option as an argument
-    data_dir: Path | None, host: str, no_seed: bool, scheduler_count: int, start_timeout: float, verbose: int
+    data_dir: Path | None, host: str, no_seed: bool, no_manager: bool, scheduler_count: int, start_timeout: float, verbose: int
 ) -> None:
-    """Run a whole cluster on this machine: a scheduler (or --schedulers N), a seed peer and a daemon, until
-    SIGTERM or SIGINT.
+    """Run a whole cluster on this machine: a manager, a scheduler (or --schedulers N), a seed peer and a
+    daemon, until SIGTERM or SIGINT.
 
-    Each part is a child process (`dfz sched`, `dfz seed`, `dfz daemon`) on free ports, with its own
-    subdirectory of --data-dir. Once all serve, it writes DATA_DIR/cluster.json (every endpoint, the pids,
-    the version) and prints how to use it: `dfz get URL -O FILE --endpoint ...`, or
-    `dfz daemon --scheduler ...` (once per scheduler) to add daemons. Stopping removes cluster.json, stops
-    the daemons, then the schedulers, and exits 0 when all stopped cleanly (1 if a part failed).
+    Each part is a child process (`dfz mgr`, `dfz sched`, `dfz seed`, `dfz daemon`) on free ports, with its
+    own subdirectory of --data-dir (the manager's SQLite database in DATA_DIR/mgr); the schedulers and the
+    seed register with the manager. Once all serve, it writes DATA_DIR/cluster.json (every endpoint, the
+    manager's URL and fabric endpoint, the pids, the version) and prints how to use it:
+    `dfz get URL -O FILE --endpoint ...`, or `dfz daemon --scheduler ...` (once per scheduler) or
+    `dfz daemon --manager ...` to add daemons. Stopping removes cluster.json, stops the daemons, then the
+    schedulers, then the manager, and exits 0 when all stopped cleanly (1 if a part failed).
     """
     import functools
 
@@ -674,6 +719,7 @@ def up(  # noqa: PLR0917 - click passes every option as an argument
         data_dir=data_dir if data_dir is not None else default_data_dir(),
         host=host,
         seed=not no_seed,
+        manager=not no_manager,
         schedulers=scheduler_count,
         verbose=verbose,
         start_timeout=start_timeout,

@@ -4,11 +4,14 @@ With ``--schedulers N`` it runs N schedulers (``sched``, ``sched-2``, ...); the 
 (each task goes to one by consistent hashing of its id, see :mod:`dfz.peer.schedring`) and ``cluster.json``
 lists them all under ``schedulers``, for daemons that join.
 
-It runs the three parts as **child processes** of the very commands a real deployment runs (``dfz sched``,
-``dfz seed``, ``dfz daemon``), each with its own subdirectory of the data directory and free ports, then
+It runs the parts as **child processes** of the very commands a real deployment runs (``dfz mgr``,
+``dfz sched``, ``dfz seed``, ``dfz daemon``), each with its own subdirectory of the data directory and free
+ports, then
 writes ``DIR/cluster.json`` (:func:`read_cluster`) with every endpoint so that scripts, ``dfz get`` and
 other daemons (``dfz daemon --scheduler ...``) can join it. SIGTERM or SIGINT stops it: the daemons first
-(they say ``bye`` to the scheduler), then the scheduler; ``cluster.json`` is removed first of all.
+(they say ``bye`` to the scheduler), then the scheduler, then the manager; ``cluster.json`` is removed first
+of all. The manager comes first: the schedulers and the seed register with it (``--manager``) and every
+peer takes its dynamic settings; ``cluster.json`` has its HTTP URL and its fabric endpoint.
 
 Why child processes rather than three trio components in one nursery:
 
@@ -28,6 +31,7 @@ Layout of ``DIR``::
 
     cluster.json      endpoints, pids, version (only while the cluster runs)
     api.sock          the daemon's local API (so ``DFZ_DATA_DIR=DIR dfz get ...`` needs no --endpoint)
+    mgr/              the manager's SQLite database (manager.db); not with --no-manager
     sched/            the scheduler (nothing but its log today); sched-2/, ... with --schedulers N
     seed/             the seed peer's data directory (its tasks, host id, api.sock)
     daemon/           the daemon's data directory
@@ -79,6 +83,9 @@ class UpConfig:
     """Run a seed peer (the root of every swarm); without one the first peer fetches from the origin."""
     schedulers: int = 1
     """Schedulers to run; the peers use them all (a task goes to one of them by consistent hashing)."""
+    manager: bool = True
+    """Run the manager (``dfz mgr``, SQLite in ``DIR/mgr``): the schedulers and the seed register with it,
+    and the peers take its dynamic settings."""
     verbose: int = 0
     """Log level of the parts (``-v`` info, ``-vv`` debug), into ``DIR/logs/*.log``."""
     start_timeout: float = 30.0
@@ -141,7 +148,9 @@ def read_cluster(data_dir: Path) -> dict[str, Any]:
     first of them), ``endpoint`` (the daemon's local API, for ``dfz get --endpoint`` or
     ``DFZ_ENDPOINT``), ``seed_endpoint`` (the seed's local API, or null) and ``parts``: ``sched`` (and
     ``sched-2``, ... with several; pid, listen), ``seed`` and ``daemon`` (pid, host_id, piece_server,
-    announce, api, data_dir, log)."""
+    announce, api, data_dir, log); ``manager`` (null with ``--no-manager``): ``url`` (the REST API),
+    ``fabric`` (for ``--manager``), pid, data_dir, log. (The password of its user ``root``, generated at its
+    first start, is in its log only: the ``root-password`` line.)"""
     with cluster_file(data_dir).open() as f:
         data: dict[str, Any] = json.load(f)
     return data
@@ -346,6 +355,8 @@ class Cluster:
         self.data_dir = Path(config.data_dir).expanduser().absolute()
         self.children: dict[str, _Child] = {}
         self.parts: dict[str, Part] = {}
+        self.manager: Part | None = None
+        """The manager, when it runs (not among :attr:`parts`: it is no peer and no scheduler)."""
         self.wrote = False
         """Whether this process wrote ``cluster.json`` (and so removes it)."""
 
@@ -365,12 +376,24 @@ class Cluster:
         cfg = self.config
         d = self.data_dir
         sched_names = _sched_names(cfg.schedulers)
-        for sub in (*sched_names, "seed", "daemon", "logs"):
+        for sub in (*sched_names, "seed", "daemon", "logs", *(["mgr"] if cfg.manager else [])):
             (d / sub).mkdir(parents=True, exist_ok=True)
         _claim(d)
-        # The schedulers first: the peers need their addresses.
+        manager: list[str] = []
+        if cfg.manager:  # first of all: the schedulers and the seed register with it
+            mgr = self._spawn(
+                "mgr",
+                self._cli("mgr", "--data-dir", str(d / "mgr"), "--listen", f"{cfg.host}:0", "--fabric", f"tcp://{cfg.host}:0"),
+            )
+            got = await mgr.lines_until(lambda got: bool(got.get("listening")), cfg.start_timeout)
+            self.manager = Part("mgr", mgr.pid, d / "mgr", mgr.log_path, got)
+            manager = ["--manager", _connectable(self.manager.first("fabric"))]
+        # The schedulers next: the peers need their addresses.
+        hostname = _hostname()
         for name in sched_names:
-            self._spawn(name, self._cli("sched", "--listen", f"tcp://{cfg.host}:0"))
+            # The manager knows one scheduler per host name and cluster: each gets a name of its own.
+            named = ["--hostname", hostname if name == "sched" else f"{hostname}-{name}"] if manager else []
+            self._spawn(name, self._cli("sched", "--listen", f"tcp://{cfg.host}:0", *manager, *named))
 
         async def sched_ready(name: str) -> None:
             child = self.children[name]
@@ -386,7 +409,7 @@ class Cluster:
             argv = ["seed" if name == "seed" else "daemon", "--data-dir", str(data_dir)]
             for scheduler in schedulers:
                 argv += ["--scheduler", scheduler]
-            argv += ["--listen", f"tcp://{cfg.host}:0", "--api", api]
+            argv += ["--listen", f"tcp://{cfg.host}:0", "--api", api, *manager]
             self._spawn(name, self._cli(*argv))
         dirs = {name: data_dir for name, data_dir, _ in peers}
 
@@ -413,7 +436,20 @@ class Cluster:
             "schedulers": schedulers,
             "endpoint": self.parts["daemon"].first("api"),
             "seed_endpoint": seed.first("api") if seed is not None else None,
+            "manager": self._describe_manager(),
             "parts": {name: self.parts[name].describe() for name in self.children if name in self.parts},  # in start order
+        }
+
+    def _describe_manager(self) -> dict[str, Any] | None:
+        m = self.manager
+        if m is None:
+            return None
+        return {
+            "url": m.first("listening"),
+            "fabric": _connectable(m.first("fabric")),
+            "pid": m.pid,
+            "data_dir": str(m.data_dir),
+            "log": str(m.log),
         }
 
     async def watch(self) -> str:
@@ -446,11 +482,14 @@ class Cluster:
             if running and code not in (0, -signal.SIGTERM):
                 problems.append(f"the {child.name} (pid {child.pid}) stopped with {_status(code)}{child.tail(5)}")
 
+        def rank(name: str) -> int:  # the peers, then the schedulers, then the manager
+            return 2 if name == "mgr" else 1 if _is_sched(name) else 0
+
         with trio.CancelScope(shield=True):
-            for schedulers in (False, True):
+            for round_ in (0, 1, 2):
                 async with trio.open_nursery() as nursery:
                     for name, child in self.children.items():
-                        if _is_sched(name) == schedulers:
+                        if rank(name) == round_:
                             nursery.start_soon(stop, child)
         for child in self.children.values():
             child.close()
@@ -496,11 +535,22 @@ def _connectable(endpoint: str) -> str:
     return endpoint
 
 
+def _hostname() -> str:
+    from .mgr.agent import local_hostname
+
+    return local_hostname()
+
+
 def summary(info: dict[str, Any]) -> str:
     """What ``dfz up`` prints once the cluster serves: where things are and how to use them."""
     parts = info["parts"]
     lines = [f"dfz {info['version']} up in {info['data_dir']} (pid {info['pid']})"]
     schedulers: list[str] = info["schedulers"]
+    manager = info.get("manager")
+    if manager:
+        lines.append(
+            f"  manager    {manager['url']}  fabric {manager['fabric']}  (user root: see root-password in {manager['log']})"
+        )
     lines.append(f"  scheduler  {', '.join(schedulers)}")
     for name in ("seed", "daemon"):
         if name in parts:
@@ -514,6 +564,11 @@ def summary(info: dict[str, Any]) -> str:
         f"  (or export DFZ_ENDPOINT={info['endpoint']} and run dfz get URL -O FILE)",
         "Join it with another daemon:",
         "  dfz daemon --data-dir DIR " + " ".join(f"--scheduler {s}" for s in schedulers),
+        *(
+            [f"  (or dfz daemon --data-dir DIR --manager {manager['fabric']}: the manager gives the schedulers)"]
+            if manager
+            else []
+        ),
         f"Stop it with Ctrl-C or kill -TERM {info['pid']}.",
     ]
     return "\n".join(lines)

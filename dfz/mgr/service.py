@@ -12,7 +12,6 @@ generated one that :func:`serve` prints once (``root-password ...``): it is stor
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import zmq
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import func, select
 
@@ -29,6 +29,7 @@ from ..config import ConfigError, read_toml
 from ..log import event, get_logger
 from . import audit
 from .db import Database, display_url, parse_url
+from .fabric import FabricSettings, ManagerFabric
 from .models import Role, User
 from .security import hash_password, new_password
 
@@ -61,6 +62,17 @@ class ManagerConfig:
     """Mark the session cookie Secure (HTTPS only): set it when a TLS proxy fronts the manager."""
     graceful_timeout: float = 5.0
     """Seconds requests in progress get to finish at shutdown."""
+    fabric: str = ""
+    """The fabric endpoint schedulers, seed peers and daemons talk to (``mgr.*``, ``protocol.md`` §17), e.g.
+    ``tcp://0.0.0.0:8003``. Empty: ``listen``'s host on port 8003 (on a free port when ``listen``'s port is 0)."""
+    keepalive: float = 1.0
+    """Seconds between the keepalives of a registered scheduler or seed peer."""
+    liveness: int = 3
+    """Keepalives an instance may miss before it is marked inactive (the bound is ``keepalive * liveness``)."""
+    refresh: float = 30.0
+    """Seconds after which a daemon asks again which schedulers serve it."""
+    config_poll: float = 1.0
+    """Seconds between two looks at the database for changed clusters and dynamic configs to push."""
 
     def __post_init__(self) -> None:
         if self.database:
@@ -72,6 +84,30 @@ class ManagerConfig:
             raise ConfigError("session_ttl: must be a positive number of seconds")
         if self.graceful_timeout < 0:
             raise ConfigError("graceful_timeout: must be 0 or more seconds")
+        if self.fabric:
+            scheme, sep, rest = self.fabric.partition("://")
+            if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+                raise ConfigError(f"fabric: {self.fabric!r} is not an endpoint such as tcp://0.0.0.0:8003")
+        for key in ("keepalive", "refresh", "config_poll"):
+            value = getattr(self, key)
+            if not (isinstance(value, int | float) and 0.01 <= value <= 86400):
+                raise ConfigError(f"{key}: must be from 0.01 to 86400 seconds, got {value!r}")
+        if isinstance(self.liveness, bool) or not isinstance(self.liveness, int) or not 1 <= self.liveness <= 1000:
+            raise ConfigError(f"liveness: must be an integer from 1 to 1000, got {self.liveness!r}")
+
+    def fabric_listen(self) -> str:
+        from .fabric import default_fabric_listen
+
+        return self.fabric or default_fabric_listen(self.listen)
+
+    def fabric_settings(self) -> FabricSettings:
+        return FabricSettings(
+            listen=(self.fabric_listen(),),
+            keepalive=self.keepalive,
+            liveness=self.liveness,
+            refresh=self.refresh,
+            config_poll=self.config_poll,
+        )
 
     def database_url(self) -> str:
         if self.database:
@@ -97,7 +133,7 @@ class ManagerConfig:
         for key, value in data.items():
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
-            if key in ("database", "listen"):
+            if key in ("database", "listen", "fabric"):
                 if not isinstance(value, str):
                     raise ConfigError(f"{source}: {key} must be a string")
                 values[key] = value
@@ -109,6 +145,10 @@ class ManagerConfig:
             elif key == "cookie_secure":
                 if not isinstance(value, bool):
                     raise ConfigError(f"{source}: cookie_secure must be true or false")
+                values[key] = value
+            elif key == "liveness":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{source}: liveness must be an integer")
                 values[key] = value
             else:
                 if isinstance(value, bool) or not isinstance(value, int | float):
@@ -160,6 +200,9 @@ class Manager:
         self.urls: list[str] = []
         self.root_password: str | None = None
         self.db: Database | None = None
+        self.fabric: ManagerFabric | None = None
+        self.fabric_endpoints: list[str] = []
+        """Where the fabric endpoint listens (``mgr.*``), once it serves."""
         self._shutdown = trio.Event()
 
     def stop(self) -> None:
@@ -174,41 +217,60 @@ class Manager:
         from .api import ApiSettings, create_app
 
         check_root_password(self.environ)
-        http = HypercornConfig()
-        http.bind = [self.config.listen]
-        http.errorlog = get_logger("mgr.http")
-        http.accesslog = None
-        http.graceful_timeout = self.config.graceful_timeout
+        http_config = HypercornConfig()
+        http_config.bind = [self.config.listen]
+        http_config.errorlog = get_logger("mgr.http")
+        http_config.accesslog = None
+        http_config.graceful_timeout = self.config.graceful_timeout
         try:
             # Bound first, before the database is touched: a bad or busy address is a clear error, and a
             # generated root password is never made by a manager that then cannot serve.
-            sockets = http.create_sockets()
+            sockets = http_config.create_sockets()
             for sock in sockets.insecure_sockets:
-                sock.listen(http.backlog)
+                sock.listen(http_config.backlog)
         except OSError as e:
             raise ListenError(f"cannot listen on {self.config.listen}: {e.strerror or e}") from None
-        db = Database(self.config.database_url())
-        self.db = db
+        fabric = self.fabric = ManagerFabric(None, self.config.fabric_settings())
+        db: Database | None = None
         try:
-            await trio.to_thread.run_sync(db.upgrade)
-            self.root_password = await trio.to_thread.run_sync(ensure_root, db, self.environ)
-            app = create_app(db, ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure))
             async with trio.open_nursery() as nursery:
-                self.urls = await nursery.start(
-                    functools.partial(
-                        worker_serve,
-                        wrap_app(app, http.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                        http,
+                try:
+                    await nursery.start(fabric.run)  # bound before the database is touched, like the HTTP socket
+                except zmq.ZMQError as e:
+                    raise ListenError(f"cannot listen on {self.config.fabric_listen()} (fabric): {e}") from None
+                self.fabric_endpoints = fabric.endpoints
+                db = Database(self.config.database_url())
+                self.db = db
+                await trio.to_thread.run_sync(db.upgrade)
+                self.root_password = await trio.to_thread.run_sync(ensure_root, db, self.environ)
+                fabric.attach(db)
+                app = create_app(db, ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure))
+
+                async def http(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                    await worker_serve(
+                        wrap_app(app, http_config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                        http_config,
                         sockets=sockets,
                         shutdown_trigger=self._shutdown.wait,
+                        task_status=task_status,
                     )
+                    nursery.cancel_scope.cancel()  # the HTTP server stopped (gracefully): so does the fabric
+
+                self.urls = await nursery.start(http)
+                event(
+                    log,
+                    logging.INFO,
+                    "mgr_listening",
+                    urls=",".join(self.urls),
+                    fabric=",".join(fabric.endpoints),
+                    database=display_url(db.url),
                 )
-                event(log, logging.INFO, "mgr_listening", urls=",".join(self.urls), database=display_url(db.url))
                 task_status.started(self)
         finally:
             for sock in sockets.insecure_sockets:
                 sock.close()
-            db.close()
+            if db is not None:
+                db.close()
 
 
 async def serve(

@@ -2,7 +2,8 @@
 
 A TOML file holds the fields of :class:`DaemonConfig` as top-level keys (``data_dir``, ``scheduler``,
 ``listen``, ``upload_slots``, ...); command-line flags replace what the file says. Several schedulers are
-``schedulers = ["tcp://...", ...]`` (or ``scheduler`` given a list); one is ``scheduler = "tcp://..."``. An unknown key, or a
+``schedulers = ["tcp://...", ...]`` (or ``scheduler`` given a list); one is ``scheduler = "tcp://..."``; none,
+with ``manager = "tcp://..."``, means the manager tells which ones. An unknown key, or a
 value of the wrong type or range, is a :class:`ConfigError` whose message names the key and the file.
 """
 
@@ -30,12 +31,20 @@ class DaemonConfig:
 
     data_dir: Path
     """Where tasks are stored (``<data_dir>/tasks``), the host id kept, and the API socket made."""
-    scheduler: str = DEFAULT_SCHEDULER
-    """The scheduler's endpoint (``dfz sched`` prints it), when there is one; see :attr:`schedulers`."""
+    scheduler: str = ""
+    """The scheduler's endpoint (``dfz sched`` prints it), when there is one; see :attr:`schedulers`. Empty
+    and no :attr:`schedulers`: the manager's schedulers when :attr:`manager` is set, else
+    ``tcp://127.0.0.1:8002``."""
     schedulers: tuple[str, ...] = ()
     """Several schedulers' endpoints; when given, :attr:`scheduler` is ignored. Each task goes to one of
     them by consistent hashing of its id (:mod:`dfz.peer.schedring`): every daemon of a cluster must list
     the same endpoint strings (in any order)."""
+    manager: str = ""
+    """The manager's fabric endpoint (``dfz mgr`` prints it). With no scheduler configured, the daemon asks
+    it which schedulers serve it (and again now and then, and when they fail); in any case it takes the
+    manager's dynamic settings (rate limits, upload slots) while running. A seed peer registers there too."""
+    cluster: str = ""
+    """A seed peer's seed-peer cluster at the manager (its name); empty: the manager's default one."""
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     """Endpoints of the piece server; the first tcp one is announced to the scheduler."""
     advertise_ip: str = ""
@@ -75,7 +84,12 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if not str(self.data_dir):
             raise ConfigError("data_dir: must be a directory name")
-        _endpoint("scheduler", self.scheduler)
+        if self.scheduler:
+            _endpoint("scheduler", self.scheduler)
+        if self.manager:
+            _endpoint("manager", self.manager)
+        if len(self.cluster) > 255:
+            raise ConfigError("cluster: at most 255 characters")
         for e in self.schedulers:
             _endpoint("schedulers", e)
         if len(set(self.schedulers)) != len(self.schedulers):
@@ -106,8 +120,18 @@ class DaemonConfig:
 
     @property
     def scheduler_endpoints(self) -> tuple[str, ...]:
-        """Every scheduler this daemon uses: :attr:`schedulers`, else :attr:`scheduler` alone."""
-        return self.schedulers or (self.scheduler,)
+        """Every scheduler configured: :attr:`schedulers`, else :attr:`scheduler` alone; none when the
+        manager gives them (:attr:`from_manager`)."""
+        if self.schedulers:
+            return self.schedulers
+        if self.scheduler:
+            return (self.scheduler,)
+        return () if self.manager else (DEFAULT_SCHEDULER,)
+
+    @property
+    def from_manager(self) -> bool:
+        """The schedulers come from the manager (it is set, and no scheduler is configured)."""
+        return not self.scheduler_endpoints
 
     def api_endpoints(self) -> list[str]:
         """The local API's endpoints: :attr:`api`, or the default ipc socket in the data directory.
@@ -151,7 +175,7 @@ class DaemonConfig:
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
                 elif key in ("seed", "direct_io"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
-                elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location"):
+                elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location", "manager", "cluster"):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))

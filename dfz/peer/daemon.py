@@ -41,6 +41,7 @@ Rules of this file:
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -60,6 +61,8 @@ import zmq
 from ..broker import ClientConfig, ConnectionLost, Message, RemoteError, RequestTimeout
 from ..broker.client import Client
 from ..log import event, get_logger
+from ..mgr.agent import ManagerAgent, local_hostname
+from ..mgr.messages import MgrListSchedulers, MgrRegister, MgrSchedulers
 from ..sched.messages import (
     MAX_AVOID,
     MAX_DIGESTS_PER_MESSAGE,
@@ -726,6 +729,8 @@ class _SchedLink:
     def __init__(self, endpoint: str, client: Client) -> None:
         self.endpoint = endpoint
         self.client = client
+        self.scope = trio.CancelScope()
+        """Around the link's tasks: cancelled when the manager no longer lists this scheduler."""
         self.announced = trio.Event()
         self.need_announce = trio.Event()
         self.outbox: deque[Message] = deque()
@@ -773,7 +778,13 @@ class Daemon:
         self.boot = secrets.token_hex(8)
         self.host_id = config.host_id
         self.download_limiter = RateLimiter(config.download_rate_limit)
-        self.ring = SchedulerRing(config.scheduler_endpoints)
+        endpoints = config.scheduler_endpoints
+        self.ring: SchedulerRing | None = SchedulerRing(endpoints) if endpoints else None
+        """The schedulers' hash ring; None while the manager has given none (``config.from_manager``)."""
+        self.manager: ManagerAgent | None = None
+        """The link to the manager when ``config.manager`` is set."""
+        self.settings: dict[str, int] = {}
+        """The dynamic settings in force that came from the manager (:meth:`apply_settings`)."""
         self._storage: Storage | None = None
         self._piece_server: PieceServer | None = None
         self._links: dict[str, _SchedLink] = {}
@@ -839,6 +850,8 @@ class Daemon:
                 self.ip, self.port = _advertised(cfg, self._piece_server.endpoints)
                 for endpoint in cfg.scheduler_endpoints:
                     await self._open_link(nursery, endpoint)
+                if cfg.manager:
+                    self.manager = await nursery.start(self._manager_agent().run)
                 nursery.start_soon(self._cache_announcer)
                 nursery.start_soon(self._load_reporter)
                 nursery.start_soon(self._syncer)
@@ -849,7 +862,7 @@ class Daemon:
                     host=self.host_id,
                     seed=cfg.seed,
                     pieces=",".join(self._piece_server.endpoints),
-                    scheduler=",".join(cfg.scheduler_endpoints),
+                    scheduler=",".join(cfg.scheduler_endpoints) or f"from the manager at {cfg.manager}",
                 )
                 task_status.started(self)
         finally:
@@ -873,9 +886,129 @@ class Daemon:
         )
         link = self._links[endpoint] = _SchedLink(endpoint, client)
         self._install_push_handlers(link)
-        await nursery.start(client.run)
-        nursery.start_soon(self._announcer, link)
-        nursery.start_soon(self._reporter, link)
+        await nursery.start(self._run_link, link)
+
+    async def _run_link(self, link: _SchedLink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with link.scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(link.client.run)
+                nursery.start_soon(self._announcer, link)
+                nursery.start_soon(self._reporter, link)
+                task_status.started()
+
+    # -- the manager --
+
+    def _manager_agent(self) -> ManagerAgent:
+        """The link to the manager: a seed peer registers; a daemon without configured schedulers asks for
+        them; both take the ``daemon`` settings (:meth:`apply_settings`)."""
+        cfg = self.config
+
+        def registration() -> MgrRegister:
+            return MgrRegister(
+                kind="seed_peer",
+                hostname=local_hostname(),
+                ip=self.ip,
+                port=self.port,
+                download_port=self.port,
+                cluster=cfg.cluster,
+                idc=cfg.idc,
+                location=cfg.location,
+            )
+
+        def lookup() -> MgrListSchedulers:
+            return MgrListSchedulers(
+                host_id=self.host_id, hostname=socket.gethostname()[:255], ip=self.ip, idc=cfg.idc, location=cfg.location
+            )
+
+        async def on_schedulers(reply: MgrSchedulers) -> None:
+            endpoints = []
+            for s in reply.schedulers:  # made here from the address and port, never taken as given
+                try:
+                    ip = str(ipaddress.ip_address(s.ip))
+                except ValueError:
+                    event(log, logging.WARNING, "daemon.bad_scheduler", ip=s.ip, port=s.port)
+                    continue
+                if s.port > 0:
+                    endpoints.append(f"tcp://[{ip}]:{s.port}" if ":" in ip else f"tcp://{ip}:{s.port}")
+            await self.set_schedulers(endpoints)
+
+        def on_config(target: str, settings: dict[str, Any]) -> None:
+            if target == "daemon":
+                self.apply_settings(settings)
+
+        return ManagerAgent(
+            cfg.manager,
+            name=f"dfz-{'seed' if cfg.seed else 'daemon'}-{self.host_id}",
+            on_config=on_config,
+            registration=registration if cfg.seed else None,
+            lookup=lookup if cfg.from_manager else None,
+            on_schedulers=on_schedulers if cfg.from_manager else None,
+            heartbeat=cfg.heartbeat,
+            ctx=self.ctx,
+        )
+
+    def apply_settings(self, settings: dict[str, Any]) -> dict[str, int]:
+        """Take the manager's dynamic settings now: ``upload_rate_limit``, ``download_rate_limit`` (bytes/s,
+        0 unlimited) and ``upload_slots``. ``settings`` is a whole snapshot: a setting absent (or of a wrong
+        type or range, which is logged) is the daemon's own configured value. Upload slots are announced
+        again to every scheduler. Returns the settings in force that came from the manager."""
+        cfg = self.config
+        bounds = {"upload_rate_limit": (0, 1 << 62), "download_rate_limit": (0, 1 << 62), "upload_slots": (1, 65535)}
+        taken: dict[str, int] = {}
+        for key, value in settings.items():
+            if key not in bounds:
+                continue  # a setting for another kind of process, or a newer one: not this daemon's
+            low, high = bounds[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                event(log, logging.WARNING, "daemon.setting_refused", key=key, value=value)
+                continue
+            taken[key] = value
+        upload = taken.get("upload_rate_limit", cfg.upload_rate_limit)
+        download = taken.get("download_rate_limit", cfg.download_rate_limit)
+        slots = taken.get("upload_slots", cfg.upload_slots)
+        server = self.piece_server
+        if server.limiter.bucket.rate != upload:
+            server.limiter.bucket.configure(upload)
+        if self.download_limiter.bucket.rate != download:
+            self.download_limiter.bucket.configure(download)
+        if server.config.upload_slots != slots:
+            server.config.upload_slots = slots  # new subscriptions count against it; children served stay
+            for link in self._links.values():
+                if link.up:
+                    link.need_announce.set()  # the schedulers weigh hosts by their upload slots
+        self.settings = taken
+        event(
+            log,
+            logging.INFO,
+            "daemon.settings",
+            upload_rate_limit=upload,
+            download_rate_limit=download,
+            upload_slots=slots,
+            from_manager=",".join(sorted(taken)) or "-",
+        )
+        return taken
+
+    async def set_schedulers(self, endpoints: list[str]) -> None:
+        """Use these schedulers from now on (the manager's answer). New ones are connected; the tasks of
+        those gone move to the others, like a fail-over. An empty list changes nothing: the daemon keeps
+        trying the schedulers it has (the manager knows of none up just now)."""
+        wanted = list(dict.fromkeys(endpoints))
+        if not wanted or set(wanted) == set(self._links) or self._nursery is None:
+            return
+        event(log, logging.INFO, "daemon.schedulers", old=",".join(sorted(self._links)) or "-", new=",".join(sorted(wanted)))
+        gone = [self._links[e] for e in self._links if e not in wanted]
+        for endpoint in wanted:
+            if endpoint not in self._links:
+                await self._open_link(self._nursery, endpoint)
+        self.ring = SchedulerRing(wanted)
+        for link in gone:
+            del self._links[link.endpoint]
+            link.announced = trio.Event()
+            link.scope.cancel()  # the client says bye: that scheduler forgets this host
+            self._fail_over(link)
+            self._forget_served(link)
+        self._links_moved()
+        self._cache_wake.set()
 
     async def _syncer(self) -> None:
         """Make the stored data durable now and then (``Storage.sync``), so that a crash does not make
@@ -895,6 +1028,8 @@ class Daemon:
         if state == "connected":
             link.need_announce.set()
         elif state == "lost" and link.up:
+            if self.manager is not None:
+                self.manager.wake_lookup()  # the manager may know of other schedulers
             link.announced = trio.Event()
             event(log, logging.WARNING, "daemon.scheduler_lost", scheduler=link.endpoint, up=",".join(self.schedulers_up))
             self._links_moved()
@@ -936,8 +1071,11 @@ class Daemon:
         task's preference order on the ring that is up (None: none is)."""
         if home is not None and home.up:
             return home
-        endpoint = self.ring.choose(task_id, lambda e: self._links[e].up)
-        return None if endpoint is None else self._links[endpoint]
+        if self.ring is None:
+            return None
+        links = self._links
+        endpoint = self.ring.choose(task_id, lambda e: e in links and links[e].up)
+        return None if endpoint is None else links[endpoint]
 
     async def _wait_for_link(self, task_id: str, home: _SchedLink | None = None) -> _SchedLink:
         """The scheduler of ``task_id``, waiting up to ``scheduler_wait`` for one to be up; else the
@@ -947,7 +1085,16 @@ class Daemon:
                 link = self._link_for(task_id, home)
                 if link is not None:
                     return link
+                if self.manager is not None:
+                    self.manager.wake_lookup()
                 await self._links_changed.wait()
+        if self.config.from_manager:
+            raise _Failed(
+                "scheduler_unreachable",
+                f"no scheduler up among those the manager at {self.config.manager} gives "
+                f"({', '.join(self._links) or 'none yet'}; waited {self.config.scheduler_wait:g} s): "
+                "check `dfz mgr` and that its cluster has active schedulers",
+            )
         endpoints = self.config.scheduler_endpoints
         where = f"the scheduler at {endpoints[0]}" if len(endpoints) == 1 else f"any scheduler of {', '.join(endpoints)}"
         raise _Failed(
@@ -968,7 +1115,7 @@ class Daemon:
             idc=cfg.idc,
             location=cfg.location,
             upload_capacity=cfg.upload_capacity,
-            upload_slots=cfg.upload_slots,
+            upload_slots=self.piece_server_config.upload_slots,
         )
 
     async def _announcer(self, link: _SchedLink) -> None:
@@ -1039,7 +1186,7 @@ class Daemon:
                 upload_peers=server.children,
             )
             async with trio.open_nursery() as nursery:
-                for link in self._links.values():
+                for link in list(self._links.values()):
                     welcome = link.client.welcome
                     if link.up and welcome is not None and name in welcome.types:
                         nursery.start_soon(self._push_load, link, msg)

@@ -83,10 +83,10 @@ from .actions import (
     PushParents,
     TriggerSeed,
 )
-from .config import SchedulerConfig
+from .config import WEIGHT_KEYS, SchedulerConfig
 from .core import SchedulerCore
 from .errors import InvalidTransition, SchedulerError, UnknownHost, UnknownPeer
-from .evaluator import Evaluator
+from .evaluator import Evaluator, evaluator_for
 from .events import (
     AnnounceHost,
     AnnounceTask,
@@ -148,6 +148,27 @@ _MAX_STRAY_PUSHES = 64
 """Refusals in flight to sessions that have no host (and so no outbox); more are dropped."""
 _MAX_TEXT = 4096
 
+RUNTIME_SETTINGS = frozenset(
+    (
+        "evaluator",
+        *WEIGHT_KEYS,
+        "candidate_parent_limit",
+        "candidate_parent_sample",
+        "bad_parent_ratio",
+        "bad_parent_sigmas",
+        "bad_parent_cost_floor",
+        "bad_parent_timeout",
+        "retry_interval",
+        "retry_jitter",
+        "seed_trigger_timeout",
+    )
+)
+"""Settings :meth:`SchedulerService.reconfigure` takes while running: they are read afresh at every decision.
+The others need a restart, because the core's state was built or is checked against them: ``host_timeout``
+(the tick loop's period), ``task_ttl``, ``max_peers_per_task`` and ``back_to_source_limit`` (bounds the
+core's invariants hold what it has against), ``bad_parent_window`` (the parents' cost windows),
+``retry_limit`` (attempts counted so far) and ``seed`` (the random generator)."""
+
 Report = SchedTaskMetadata | SchedPieces | SchedPeerFinished | SchedPeerFailed | SchedPeerLeft | SchedReschedule
 _REPORT_TYPES: tuple[type[Report], ...] = (
     SchedTaskMetadata,
@@ -184,6 +205,16 @@ class ServiceConfig:
     """The scheduler's CURVE key pair (``NAME.key_secret`` from ``dfz keygen``); unset: no encryption."""
     curve_allowed_keys: tuple[Path, ...] = ()
     """Public key files (``*.key``) of the daemons allowed to connect, or directories of them."""
+    manager: str = ""
+    """The manager's fabric endpoint (``dfz mgr`` prints it): register there, keep alive, and take the
+    cluster's scheduling settings and dynamic configs while running (:data:`RUNTIME_SETTINGS`). Empty: none."""
+    cluster: str = ""
+    """The scheduler cluster to register in (its name); empty: the manager's default cluster."""
+    hostname: str = ""
+    """The name registered with the manager; empty: this machine's host name. The manager knows one scheduler
+    per host name, address and cluster: two schedulers of a cluster on one machine need two names."""
+    advertise_ip: str = ""
+    """The address daemons reach this scheduler at, as registered; empty: the first tcp endpoint's host."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -209,6 +240,14 @@ class ServiceConfig:
             raise ConfigError(f"scheduler.candidate_parent_limit: at most {MAX_PARENTS} (parents in one sched.parents push)")
         if self.curve_allowed_keys and self.curve_secret_key is None:
             raise ConfigError("curve_allowed_keys: set curve_secret_key too (the scheduler's own key pair)")
+        if self.manager:
+            scheme, sep, rest = self.manager.partition("://")
+            if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+                raise ConfigError(f"manager: {self.manager!r} is not an endpoint such as tcp://10.0.0.1:8003")
+            if not any(e.startswith("tcp://") for e in self.listen):
+                raise ConfigError("manager: registering needs a tcp listen endpoint (daemons connect to what is registered)")
+        if len(self.cluster) > 255 or len(self.hostname) > 255 or len(self.advertise_ip) > 64:
+            raise ConfigError("cluster and hostname: at most 255 characters; advertise_ip: at most 64")
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
@@ -233,7 +272,7 @@ class ServiceConfig:
                     values[key] = _scheduler_config(value)
                 elif key == "listen":
                     values[key] = _endpoints(value)
-                elif key == "name":
+                elif key in ("name", "manager", "cluster", "hostname", "advertise_ip"):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("heartbeat", "send_timeout"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))
@@ -375,6 +414,7 @@ class SchedulerService:
     ) -> None:
         self.config = config or ServiceConfig()
         self.core = SchedulerCore(self.config.scheduler, clock=trio.current_time, evaluator=evaluator)
+        self._own_evaluator = evaluator is None
         self.server = Server(
             SCHED_CATALOGUE,
             self.config.listen,
@@ -402,6 +442,29 @@ class SchedulerService:
     def endpoints(self) -> list[str]:
         """The bound endpoints (a ``tcp://...:0`` resolved to its port), once started."""
         return self.server.endpoints
+
+    def reconfigure(self, settings: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+        """Take new settings while running (the manager's ``mgr.config``): ``settings`` is a whole snapshot
+        over the start configuration (``config.scheduler``; a key absent returns to its start value). Only
+        :data:`RUNTIME_SETTINGS` are taken; the others are returned as ignored. The core's config object is
+        replaced whole, between two events (this runs on the trio thread, like every ``apply``), and the
+        evaluator is rebuilt when its settings changed unless the service was given one of its own.
+        Raises ``ValueError`` (nothing changes) when the result breaks a rule of :class:`SchedulerConfig`.
+        Returns ``(taken, ignored)`` key names."""
+        taken = {k: v for k, v in settings.items() if k in RUNTIME_SETTINGS}
+        ignored = sorted(k for k in settings if k not in RUNTIME_SETTINGS)
+        try:
+            new = replace(self.config.scheduler, **taken)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"scheduler settings refused: {e}") from None
+        if new.candidate_parent_limit > MAX_PARENTS:
+            raise ValueError(f"candidate_parent_limit: at most {MAX_PARENTS} (parents in one sched.parents push)")
+        old = self.core.config
+        self.core.config = new
+        if self._own_evaluator and any(getattr(old, k) != getattr(new, k) for k in ("evaluator", *WEIGHT_KEYS)):
+            self.core.evaluator = evaluator_for(new)
+        event(log, 20, "sched_reconfigured", taken=",".join(sorted(taken)) or "-", ignored=",".join(ignored) or "-")
+        return sorted(taken), ignored
 
     def host_of(self, routing_id: bytes) -> str | None:
         """The host a session announced, if any."""
@@ -966,6 +1029,8 @@ async def serve(config: ServiceConfig, *, on_listening: Callable[[list[str]], No
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.run)
                 started = True
+                if config.manager:
+                    await nursery.start(_manager_agent(service).run)
                 if on_listening is not None:
                     on_listening(service.endpoints)
                 async for signum in signals:
@@ -977,6 +1042,38 @@ async def serve(config: ServiceConfig, *, on_listening: Callable[[list[str]], No
         if started or bind is None:
             raise
         raise ListenError(f"cannot listen on {', '.join(config.listen)}: {_first(bind)}") from None
+
+
+def _manager_agent(service: SchedulerService) -> Any:
+    """The scheduler's link to its manager (``dfz.mgr.agent``): registers the first tcp endpoint, keeps
+    alive, and hands ``scheduler`` settings to :meth:`SchedulerService.reconfigure`."""
+    from ..mgr.agent import ManagerAgent, local_hostname, tcp_address
+    from ..mgr.messages import MgrRegister
+
+    config = service.config
+    address = tcp_address(service.endpoints, config.advertise_ip)
+    assert address is not None  # ServiceConfig requires a tcp endpoint with a manager
+
+    def registration() -> MgrRegister:
+        return MgrRegister(
+            kind="scheduler",
+            hostname=config.hostname or local_hostname(),
+            ip=address[0],
+            port=address[1],
+            cluster=config.cluster,
+        )
+
+    def on_config(target: str, settings: dict[str, Any]) -> None:
+        if target != "scheduler":
+            return
+        try:
+            service.reconfigure(settings)
+        except ValueError as e:
+            event(log, 30, "sched_settings_refused", error=str(e))
+
+    return ManagerAgent(
+        config.manager, name=f"{config.name}-{address[0]}:{address[1]}", on_config=on_config, registration=registration
+    )
 
 
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:
