@@ -276,6 +276,7 @@ def dfz_phase(
         seed_conf = daemon_config(
             root / "seed.toml",
             root / "seed",
+            upload_rate=args.seed_upload_rate,
             # one request at a time with --cap nginx: the origin refuses a second one
             origin_concurrency=1 if args.cap == "nginx" else None,
         )
@@ -352,6 +353,12 @@ def main() -> int:
         default=200_000_000,
         help="with --heterogeneous: the upload rate limit (and announced capacity) of the fast daemons,"
         " bytes/s (default 200000000); the slow ones get a tenth",
+    )
+    ap.add_argument(
+        "--seed-upload-rate",
+        type=int,
+        default=0,
+        help="the seed's upload rate limit (and announced capacity), bytes/s; 0: unlimited (default)",
     )
     ap.add_argument(
         "--keep",

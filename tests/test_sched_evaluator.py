@@ -198,6 +198,17 @@ def test_bandwidth_is_announced_capacity_minus_measured_rate_over_the_best_candi
     assert bandwidth_score(make_host(capacity=10, rate=10), best_free=0) == 0.0
 
 
+def test_the_bandwidth_share_is_the_free_bandwidth_capped_by_a_fair_share_among_children() -> None:
+    assert make_host(capacity=1000).bandwidth_share == 1000  # idle: all of it for the first child
+    assert make_host(capacity=1000, uploads=3).bandwidth_share == 250  # a fourth child gets a fourth
+    assert make_host(capacity=1000, upload_peers=4).bandwidth_share == 200  # children of other schedulers too
+    assert make_host(capacity=1000, rate=900, uploads=1).bandwidth_share == 100  # measured: only 100 free
+    assert make_host(capacity=0, uploads=1).bandwidth_share is None
+    # Before any rate is measured, a crowded seed scores below an idle peer of the same capacity.
+    crowded, idle = make_host(capacity=1000, uploads=4), make_host(capacity=1000)
+    assert bandwidth_score(crowded, best_free=1000) == 0.2 < bandwidth_score(idle, best_free=1000) == 1.0
+
+
 def test_free_slots_count_the_busier_of_the_schedulers_edges_and_the_daemons_report() -> None:
     assert slots_score(make_host(slots=4)) == 1.0
     assert slots_score(make_host(slots=4, uploads=1)) == 0.75
@@ -217,7 +228,8 @@ def test_the_load_score_weighs_bandwidth_slots_and_requests_in_flight() -> None:
     idle = make_host(slots=4, capacity=1000)
     assert load_score(idle, best_free=1000) == pytest.approx(1.0)
     busy = make_host(slots=4, capacity=1000, rate=500, uploads=2, in_flight=4)
-    assert load_score(busy, best_free=1000) == pytest.approx(0.5 * 0.5 + 0.3 * 0.5 + 0.2 * 0.5)
+    # bandwidth share: min(1000 - 500 free, 1000 // 3 fair) = 333
+    assert load_score(busy, best_free=1000) == pytest.approx(0.5 * 0.333 + 0.3 * 0.5 + 0.2 * 0.5)
 
 
 def test_idc_affinity_is_the_same_data_centre_case_insensitively() -> None:
@@ -315,6 +327,41 @@ def test_measured_upload_rate_steers_children_to_the_host_with_free_bandwidth() 
     assert h.core.hosts["x"].upload_rate == 900
     order = first_parent_of_new_peer(h)
     assert order[0] == "py" and order.index("px") > 0
+
+
+def test_what_the_evaluator_keeps_of_a_host_is_dropped_whenever_the_host_changes() -> None:
+    """The evaluator keeps each host's own part of the score between decisions (``Host.scored_*``); the
+    core drops it on a load report, a new edge and a new announcement, and a new evaluator (new weights)
+    does not use another's. ``check_invariants`` (after every event here) compares what is kept with a
+    fresh computation."""
+    h = swarm_with_candidates()
+    evaluator = h.core.evaluator
+    assert isinstance(evaluator, MultiFeatureEvaluator)
+    child = h.peer("px")
+    candidates = [h.peer("p0"), h.peer("py")]
+
+    def fresh() -> None:
+        assert dict(zip([p.id for p in candidates], evaluator._scores(child, candidates), strict=True)) == pytest.approx(
+            evaluator.scores(child, candidates), abs=1e-12
+        )
+
+    fresh()
+    y = h.core.hosts["y"]
+    assert y.scored_by is evaluator
+    h.apply(HostLoad("y", upload_rate=900, uploads_in_flight=8, upload_peers=2))
+    assert y.scored_by is None
+    fresh()
+    h.host("y", capacity=5000, slots=2)
+    assert y.scored_by is None
+    fresh()
+    h.register("pc", "c")  # links parents on o, x or y: their hosts' uploads change
+    assert all(p.host.scored_by is None for p in h.peer("pc").parents)
+    fresh()
+    other = MultiFeatureEvaluator(SchedulerConfig(load_weight=0.1, host_type_weight=0.9))
+    assert dict(zip([p.id for p in candidates], other._scores(child, candidates), strict=True)) == pytest.approx(
+        other.scores(child, candidates), abs=1e-12
+    )
+    assert y.scored_by is other
 
 
 def test_requests_in_flight_steer_children_away() -> None:

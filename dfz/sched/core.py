@@ -86,7 +86,7 @@ from .actions import (
 )
 from .config import SchedulerConfig
 from .errors import InvalidEvent, TaskFull, UnknownHost, UnknownPeer
-from .evaluator import Evaluator, evaluator_for
+from .evaluator import Evaluator, MultiFeatureEvaluator, evaluator_for
 from .events import (
     AnnounceHost,
     AnnounceTask,
@@ -108,7 +108,9 @@ from .model import Host, Peer, PieceCosts, Task, network_keys
 from .state import (
     DOWNLOADING_STATES,
     PARENT_STATES,
+    PEER_TRANSITIONS,
     SOURCE_STATES,
+    TASK_TRANSITIONS,
     WAITING_STATES,
     PeerState,
     PeerTrigger,
@@ -267,10 +269,14 @@ class SchedulerCore:
             if ev.upload_slots > host.upload_slots:
                 for peer in host.peers.values():
                     self._dirty[peer.task] = None  # more slots: waiting peers may use them now
+            if ev.ip != host.ip or ev.port != host.port:
+                for peer in host.peers.values():
+                    peer.candidate = None  # pushes name the new address from now on
             host.hostname, host.ip, host.port, host.type = ev.hostname, ev.ip, ev.port, ev.type
             host.idc, host.location = ev.idc, ev.location
             host.idc_key, host.location_key = idc_key, location_key
             host.upload_capacity, host.upload_slots = ev.upload_capacity, ev.upload_slots
+            host.scored_by = None
         if host.is_seed:
             self._seed_hosts[host.id] = host
         else:
@@ -287,6 +293,7 @@ class SchedulerCore:
         host.upload_rate = ev.upload_rate
         host.uploads_in_flight = ev.uploads_in_flight
         host.upload_peers = ev.upload_peers
+        host.scored_by = None
         self._touch(host)
 
     def _shed_children(self, host: Host) -> None:
@@ -578,9 +585,10 @@ class SchedulerCore:
             costs = parent.costs = PieceCosts(cfg.bad_parent_window)
         costs.add(round(cost * 1000))
         if costs.latest_is_outlier(cfg.bad_parent_ratio, cfg.bad_parent_sigmas, cfg.bad_parent_cost_floor * 1000):
-            costs.bad_until = self._now + cfg.bad_parent_timeout
+            costs.bad_until = parent.task.bad[parent] = self._now + cfg.bad_parent_timeout
         else:
             costs.bad_until = 0.0
+            parent.task.bad.pop(parent, None)
 
     def _piece_failed(self, ev: PieceFailed) -> None:
         peer = self._peer(ev.peer_id)
@@ -741,13 +749,14 @@ class SchedulerCore:
         candidates = self._candidates(peer)
         if not candidates:
             return False
-        chosen = self.evaluator.choose_parents(peer, candidates, self.config.candidate_parent_limit)
-        allowed = dict.fromkeys(candidates)
+        limit = self.config.candidate_parent_limit
+        chosen = self.evaluator.choose_parents(peer, candidates, limit)
         linked: list[Peer] = []
-        for parent in chosen[: self.config.candidate_parent_limit]:
-            if parent not in allowed:
+        for parent in chosen[:limit]:
+            if parent not in candidates:  # by identity (peers compare by identity): a short list
                 raise RuntimeError(f"evaluator {self.evaluator!r} chose {parent.id}, which is not a candidate")
-            if parent.host.free_slots > 0 and parent not in peer.parents:
+            host = parent.host
+            if host.uploads < host.upload_slots and parent not in peer.parents:
                 self._link(parent, peer)
                 linked.append(parent)
         if not linked:
@@ -765,8 +774,15 @@ class SchedulerCore:
         of the task's open peers (serving, on a host with a free upload slot): on another host, not
         blocked by the child, not a bad parent, not below the child in the DAG, and with something the
         child lacks."""
-        pool = child.task.open
+        task = child.task
+        pool = task.open
         n, k = len(pool), self.config.candidate_parent_sample
+        host = child.host
+        # The filters read only the first fields of each peer (see model._PeerLayout): one memory read per
+        # candidate. A peer has something the child lacks unless it is a succeeded peer (its pieces are all
+        # it will have) with no more pieces than the child, none of them missing at the child (rare: the
+        # bitmaps are compared only then).
+        mine, lacking, succeeded = child.finished_count, ~child.finished, PeerState.SUCCEEDED
         if n > k:
             # A random arithmetic progression modulo n: k distinct peers for two draws of the generator
             # (a step coprime with n never revisits an index before n steps).
@@ -774,24 +790,24 @@ class SchedulerCore:
             start, step = int(rand() * n), 1 + int(rand() * (n - 1))
             while gcd(step, n) != 1:
                 step -= 1
-            pool = [pool[(start + i * step) % n] for i in range(k)]
-        below = self._descendants(child) if child.children else None
+            sample = [pool[i % n] for i in range(start, start + k * step, step)]
+        else:
+            sample = pool
+        out = [
+            peer
+            for peer in sample
+            if peer.host is not host and (peer.finished_count > mine or peer.state is not succeeded or peer.finished & lacking)
+        ]
+        bad = task.bad
+        if bad and out:
+            now = self._now
+            out = [peer for peer in out if (until := bad.get(peer)) is None or until <= now]
         avoid = child.avoid
-        lacking = ~child.finished
-        host = child.host
-        now = self._now
-        succeeded = PeerState.SUCCEEDED
-        out: list[Peer] = []
-        for peer in pool:
-            if peer.host is host:
-                continue
-            if (avoid is not None and peer.id in avoid) or (below is not None and peer in below):
-                continue
-            if peer.state is succeeded and not peer.finished & lacking:
-                continue
-            if peer.costs is not None and peer.costs.bad_until > now:
-                continue
-            out.append(peer)
+        if avoid and out:
+            out = [peer for peer in out if peer.id not in avoid]
+        if child.children and any(peer.parents for peer in out):  # only a peer with parents can be below
+            below = self._descendants(child)
+            out = [peer for peer in out if peer not in below]
         return out
 
     @staticmethod
@@ -902,6 +918,7 @@ class SchedulerCore:
             if trigger is PeerTrigger.LEAVE:
                 del self.peers[peer.id]
                 del peer.task.peers[peer.id]
+                peer.task.bad.pop(peer, None)
                 del peer.host.peers[peer.id]
         for task in tasks:
             if task.sources == 0:
@@ -948,6 +965,7 @@ class SchedulerCore:
         parent.updated_at = self._now
         host = parent.host
         host.uploads += 1
+        host.scored_by = None
         if host.uploads == host.upload_slots:  # its last free slot: none of its peers can take a child now
             for peer in host.peers.values():
                 self._close(peer)
@@ -958,13 +976,16 @@ class SchedulerCore:
         parent.updated_at = self._now
         host = parent.host
         host.uploads -= 1
+        host.scored_by = None
         if host.uploads == host.upload_slots - 1:  # a slot is free again
             self._refresh_open(host)
         self._dirty[parent.task] = None  # an upload slot is free: waiting peers may use it
 
     def _set_state(self, peer: Peer, trigger: PeerTrigger) -> None:
         old = peer.state
-        new = next_peer_state(old, trigger, peer.id)
+        new = PEER_TRANSITIONS.get((old, trigger))  # the table itself: this runs in every decision
+        if new is None:
+            new = next_peer_state(old, trigger, peer.id)  # raises InvalidTransition, saying why
         counts = peer.task.counts
         counts[old] -= 1
         if new is not PeerState.LEFT:  # left peers are forgotten at once
@@ -1015,7 +1036,8 @@ class SchedulerCore:
                 self._close(peer)
 
     def _set_task_state(self, task: Task, trigger: TaskTrigger) -> None:
-        task.state = next_task_state(task.state, trigger, task.id)
+        new = TASK_TRANSITIONS.get((task.state, trigger))
+        task.state = new if new is not None else next_task_state(task.state, trigger, task.id)
 
     # --- helpers ------------------------------------------------------------------------------------------
 
@@ -1059,6 +1081,10 @@ class SchedulerCore:
             check(host.uploads == used, f"host {host.id}: uploads {host.uploads} != children {used}")
             check(used <= host.upload_slots, f"host {host.id}: {used} children > {host.upload_slots} slots")
             check((host.id in self._seed_hosts) == host.is_seed, f"host {host.id}: seed index")
+            evaluator = self.evaluator
+            if host.scored_by is not None and host.scored_by is evaluator and isinstance(evaluator, MultiFeatureEvaluator):
+                memo = (host.scored_free, host.scored_part)
+                check(memo == evaluator.host_part(host), f"host {host.id}: stale evaluator memo {memo}")
         check(self._by_last_seen.keys() == self.hosts.keys(), "last-seen index != hosts")
         seen_peers = 0
         for task_id, task in self.tasks.items():
@@ -1111,6 +1137,13 @@ class SchedulerCore:
         is_open = 0 <= peer.open_at < len(peer.task.open) and peer.task.open[peer.open_at] is peer
         check(can_serve == is_open, f"{what}: {peer.state.value}, host free={peer.host.free_slots}, open_at={peer.open_at}")
         check(is_open or peer.open_at == -1, f"{what}: stale open index {peer.open_at}")
+        bad_until = peer.costs.bad_until if peer.costs is not None else 0.0
+        check(peer.task.bad.get(peer, 0.0) == bad_until, f"{what}: bad-parent index {peer.task.bad.get(peer)} != {bad_until}")
+        host = peer.host
+        check(
+            peer.candidate is None or peer.candidate == ParentCandidate(peer.id, host.id, host.ip, host.port),
+            f"{what}: stale parent address {peer.candidate}",
+        )
 
 
 def _metadata_conflict(task: Task, content_length: int | None, piece_length: int) -> str | None:
@@ -1135,7 +1168,14 @@ def _task_info(task: Task, to: tuple[str, ...]) -> ForwardTaskInfo:
 
 
 def _candidates_of(parents: Iterable[Peer]) -> tuple[ParentCandidate, ...]:
-    return tuple(ParentCandidate(p.id, p.host.id, p.host.ip, p.host.port) for p in parents)
+    out: list[ParentCandidate] = []
+    for parent in parents:
+        candidate = parent.candidate
+        if candidate is None:
+            host = parent.host
+            candidate = parent.candidate = ParentCandidate(parent.id, host.id, host.ip, host.port)
+        out.append(candidate)
+    return tuple(out)
 
 
 def _avoid(peer: Peer, peer_id: str) -> None:

@@ -4,21 +4,28 @@ Rules of this file:
 
 * The core decides who *may* be a parent (same task, serving state, another host, no cycle, a free upload
   slot, not blocked by the child, not a bad parent) and hands a sample of those candidates to an
-  :class:`Evaluator`, which decides who is *best*. An evaluator only reads the model and returns a subset
-  of the candidates; it cannot break the DAG's rules, because the core enforces them around it.
+  :class:`Evaluator`, which decides who is *best*. An evaluator only reads the model (but for its own
+  memo on hosts, below) and returns a subset of the candidates; it cannot break the DAG's rules,
+  because the core enforces them around it.
 * Every choice is deterministic: equal scores are ordered by peer id, and :class:`RandomEvaluator` draws
   from its own seeded generator. Exact tests and reproducible simulations depend on it.
-* A decision costs O(candidates) with small constants and allocates one short list: the core calls it
-  for every registration and every reschedule. The feature functions below define the scores;
-  ``MultiFeatureEvaluator._ranked`` is the same arithmetic inlined (a test keeps the two equal).
+* A decision costs O(candidates) with small constants and allocates a few short lists of floats: the
+  core calls it for every registration and every reschedule. The feature functions below define the
+  scores; ``MultiFeatureEvaluator._scores`` is the same arithmetic inlined (a test keeps the two equal),
+  and ``_ranked`` lists its scores as ``(-score, peer id, peer)``.
+* What an evaluator computed of a host alone may be kept on the host between decisions
+  (``Host.scored_by`` and the fields after it): the core resets ``scored_by`` whenever it changes the host,
+  and an evaluator's weights are fixed when it is made (a change of weights makes a new evaluator).
 
 Theory of operation. :class:`MultiFeatureEvaluator` (the default) scores each candidate as a weighted sum
 of feature scores, each in ``[0, 1]``, larger is better (weights from :class:`SchedulerConfig`):
 
 * **load** (``load_weight``, 0.6): ``0.5 * bandwidth + 0.3 * slots + 0.2 * in_flight`` of the parent's
-  host. *bandwidth*: free upload bandwidth (announced ``upload_capacity`` minus the measured
-  ``upload_rate``) over the best free bandwidth among the candidates, so a fast idle host scores 1 and a
-  slow or saturated one near 0; a host that announced no capacity scores :data:`UNKNOWN`. *slots*: the
+  host. *bandwidth*: the host's bandwidth share, its free upload bandwidth (announced ``upload_capacity``
+  minus the measured ``upload_rate``) but at most ``capacity / (children + 1)``, over the best share
+  among the candidates, so a fast idle host scores 1 and a slow, saturated or crowded one near 0 (the
+  fair-share cap spreads a flash crowd before rates are measured); a host that announced no capacity
+  scores :data:`UNKNOWN`. *slots*: the
   share of upload slots free (the busier of the scheduler's own count and the daemon's report, which
   includes children of other schedulers). *in_flight*: ``1 / (1 + requests in flight / slots)``.
 * **idc** (``idc_weight``, 0.2): 1 when parent and child hosts name the same IDC, else 0.
@@ -69,8 +76,9 @@ class Evaluator(Protocol):
 
 
 def bandwidth_score(host: Host, best_free: int) -> float:
-    """The host's free upload bandwidth over ``best_free`` (the best among the candidates)."""
-    free = host.free_bandwidth
+    """The host's bandwidth share (:attr:`Host.bandwidth_share`) over ``best_free`` (the best among the
+    candidates)."""
+    free = host.bandwidth_share
     if free is None:
         return UNKNOWN
     return free / best_free if best_free > 0 else 0.0
@@ -167,14 +175,13 @@ class MultiFeatureEvaluator:
         )
 
     def choose_parents(self, child: Peer, candidates: Sequence[Peer], limit: int) -> list[Peer]:
-        ranked = heapq.nsmallest(limit, self._ranked(child, candidates))
-        return [peer for _, _, peer in ranked]
+        return best_of(candidates, self._scores(child, candidates), limit)
 
     def scores(self, child: Peer, candidates: Sequence[Peer]) -> dict[str, float]:
         """Each candidate's score (peer id → score), computed from the feature functions above: the
         definition that :meth:`choose_parents` follows (``tests/test_sched_evaluator.py`` checks that both
         agree). For tests, logs and tools."""
-        best_free = max((f for peer in candidates if (f := peer.host.free_bandwidth) is not None), default=0)
+        best_free = max((f for peer in candidates if (f := peer.host.bandwidth_share) is not None), default=0)
         best_useful = max((useful_pieces(peer, child) for peer in candidates), default=0)
         means = [m for peer in candidates if peer.costs is not None and (m := peer.costs.mean()) is not None]
         best_cost = min(means, default=None)
@@ -191,19 +198,22 @@ class MultiFeatureEvaluator:
         return out
 
     def _ranked(self, child: Peer, candidates: Sequence[Peer]) -> list[tuple[float, str, Peer]]:
-        """(-score, peer id, peer) per candidate: the smallest tuples are the best parents.
+        """(-score, peer id, peer) per candidate, from :meth:`_scores`: the smallest tuples are the best."""
+        return [(-score, peer.id, peer) for score, peer in zip(self._scores(child, candidates), candidates, strict=True)]
 
-        The hot path of every decision: the feature functions inlined, features of weight 0 skipped, the
-        normalisers computed only when needed. Keep it equal to :meth:`scores`.
+    def _scores(self, child: Peer, candidates: Sequence[Peer]) -> list[float]:
+        """Each candidate's score, in the order of ``candidates``.
+
+        The hot path of every decision, so the feature functions are inlined, with features of weight 0
+        skipped and the normalisers computed only when needed. What depends on the parent's host alone
+        (its free bandwidth; its slots, requests in flight and type, weighted) is kept on the host
+        (``Host.scored_*``, see :meth:`host_part`) until the core changes the host; the affinities are added
+        per child, and the bandwidth last, once the best free bandwidth among the candidates is known.
+        Floats only, no tuple per candidate. Keep it equal to :meth:`scores` (up to rounding: the sum is in
+        another order).
         """
-        wl, wi, wloc, wh = self.load_weight, self.idc_weight, self.location_weight, self.host_type_weight
+        wl, wi, wloc = self.load_weight, self.idc_weight, self.location_weight
         wp, wr = self.progress_weight, self.reliability_weight
-        best_free = 0
-        if wl:
-            for peer in candidates:
-                host = peer.host
-                if host.upload_capacity > 0 and host.upload_capacity - host.upload_rate > best_free:
-                    best_free = host.upload_capacity - host.upload_rate
         best_useful = 0
         if wp and child.task.piece_count is None:
             best_useful = max(useful_pieces(peer, child) for peer in candidates)
@@ -211,53 +221,82 @@ class MultiFeatureEvaluator:
         if wr:
             means = [m for peer in candidates if peer.costs is not None and (m := peer.costs.mean()) is not None]
             best_cost = min(means, default=None)
-        idc, location = child.host.idc_key, child.host.location_key
-        # Constants of the loop, hoisted: the load's parts pre-weighted, 1/best free bandwidth.
-        w_bandwidth, w_slots, w_in_flight = wl * LOAD_BANDWIDTH, wl * LOAD_SLOTS, wl * LOAD_IN_FLIGHT
-        w_unknown = w_bandwidth * UNKNOWN
-        per_free = w_bandwidth / best_free if best_free > 0 else 0.0
+        child_host = child.host
+        idc = child_host.idc_key if wi else ""
+        location = child_host.location_key if wloc else ()
+        here, depth = (location[0], len(location)) if location else (None, 0)
         w_location = wloc / MAX_LOCATION_ELEMENTS
-        w_normal = wh * 0.5
-        seed = HostType.SEED
-        out: list[tuple[float, str, Peer]] = []
+        out: list[float] = []
+        frees: list[int] = []  # free upload bandwidth per candidate, -1 when unknown
+        best_free = 0
         for peer in candidates:
             host = peer.host
-            slots = host.upload_slots
-            used = host.uploads if host.uploads > host.upload_peers else host.upload_peers
-            free_slots = (slots - used) / slots if used < slots else 0.0
-            capacity = host.upload_capacity
-            free = -1  # unknown
-            if capacity > 0:
-                free = capacity - host.upload_rate if capacity > host.upload_rate else 0
-            score = 0.0
-            if wl:
-                score = (
-                    (w_unknown if free < 0 else free * per_free)
-                    + w_slots * free_slots
-                    + w_in_flight / (1.0 + host.uploads_in_flight / (slots or 1))
-                )
-            if wi and idc and host.idc_key == idc:
+            if host.scored_by is not self:
+                host.scored_free, host.scored_part = self.host_part(host)
+                host.scored_by = self
+            free, score = host.scored_free, host.scored_part
+            best_free = free if free > best_free else best_free  # (no call to max: this is the hot loop)
+            frees.append(free)
+            if idc and host.idc_key == idc:
                 score += wi
-            if wloc and location:
+            if here is not None:
                 theirs = host.location_key
-                if theirs == location:
+                if theirs is location:  # hosts that announce the same location share its key (network_keys)
                     score += wloc
-                elif theirs and theirs[0] == location[0]:
-                    shared, most = 1, min(len(theirs), len(location))
+                elif theirs and theirs[0] == here:
+                    shared, most = 1, len(theirs) if len(theirs) < depth else depth
                     while shared < most and theirs[shared] == location[shared]:
                         shared += 1
-                    score += w_location * shared
-            if wh:
-                if host.type is not seed:
-                    score += w_normal
-                elif free_slots > 0 and free != 0:
-                    score += wh
+                    score += wloc if shared == depth == len(theirs) else w_location * shared
             if wp:
                 score += wp * progress_score(peer, child, best_useful)
             if wr:
                 score += wr * reliability_score(peer, best_cost)
-            out.append((-score, peer.id, peer))
-        return out
+            out.append(score)
+        if not wl:
+            return out
+        w_bandwidth = wl * LOAD_BANDWIDTH
+        w_unknown = w_bandwidth * UNKNOWN
+        per_free = w_bandwidth / best_free if best_free > 0 else 0.0
+        return [score + (w_unknown if free < 0 else free * per_free) for score, free in zip(out, frees, strict=True)]
+
+    def host_part(self, host: Host) -> tuple[int, float]:
+        """``(free bandwidth or -1, score of the host's slots, requests in flight and type)``: what
+        :meth:`_scores` keeps in ``host.scored_free`` and ``host.scored_part`` for the next decisions (the
+        core resets ``host.scored_by`` when it changes the host; ``SchedulerCore.check_invariants`` compares
+        them with this)."""
+        wl, wh = self.load_weight, self.host_type_weight
+        share = host.bandwidth_share
+        free = -1 if share is None else share
+        slots = host.upload_slots
+        used = host.uploads if host.uploads > host.upload_peers else host.upload_peers
+        free_slots = (slots - used) / slots if used < slots else 0.0
+        score = 0.0
+        if wl:
+            score = wl * LOAD_SLOTS * free_slots + wl * LOAD_IN_FLIGHT / (1.0 + host.uploads_in_flight / (slots or 1))
+        if wh:
+            if host.type is not HostType.SEED:
+                score += wh * 0.5
+            elif free_slots > 0 and free != 0:
+                score += wh
+        return free, score
+
+
+def best_of(candidates: Sequence[Peer], scores: Sequence[float], limit: int) -> list[Peer]:
+    """The ``limit`` candidates with the highest scores (``scores[i]`` is ``candidates[i]``'s), best first;
+    equal scores in the order of peer ids.
+
+    The same as the ``limit`` smallest ``(-score, peer id)``, without a tuple per candidate: the
+    ``limit``-th best score is a cut below which no candidate can be among the best, so only the few at
+    or above it are ordered.
+    """
+    if len(scores) > limit:
+        cut = sorted(scores, reverse=True)[limit - 1]
+        top = [(-score, peer.id, peer) for score, peer in zip(scores, candidates, strict=True) if score >= cut]
+    else:
+        top = [(-score, peer.id, peer) for score, peer in zip(scores, candidates, strict=True)]
+    top.sort()
+    return [peer for _, _, peer in top[:limit]]
 
 
 class SimpleEvaluator:

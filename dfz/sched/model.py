@@ -13,11 +13,14 @@ Rules of this file:
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from array import array
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .actions import ParentCandidate
 from .state import PeerState, TaskState
 
 MAX_LOCATION_ELEMENTS = 5
@@ -27,12 +30,34 @@ MAX_COST_MS = 0xFFFF_FFFF
 
 
 class HostType(Enum):
+    __hash__ = object.__hash__  # by identity, in C, like the states (see state.py)
     NORMAL = "normal"
     SEED = "seed"
 
 
+class _HostLayout:
+    """The fields of a host that decisions read of each candidate parent, first in the object (see
+    :class:`_PeerLayout`): those read every time (the affinity keys, the evaluator's memo) share the first
+    64-byte cache line with the object's header, the load read when the memo is stale the second."""
+
+    __slots__ = (
+        "idc_key",
+        "location_key",
+        "scored_by",
+        "scored_free",
+        "scored_part",
+        "type",
+        "upload_capacity",
+        "upload_peers",
+        "upload_rate",
+        "upload_slots",
+        "uploads",
+        "uploads_in_flight",
+    )
+
+
 @dataclass(slots=True, eq=False)
-class Host:
+class Host(_HostLayout):
     """A machine running a daemon. Its upload slots are shared by all its peers, over all tasks."""
 
     id: str
@@ -62,6 +87,12 @@ class Host:
     """``idc`` compared case-insensitively (set with the announced values, see :func:`network_keys`)."""
     location_key: tuple[str, ...] = field(default=(), repr=False)
     """``location`` split at ``|``, case-folded, its first :data:`MAX_LOCATION_ELEMENTS` elements."""
+    scored_by: object = field(default=None, repr=False)
+    """The evaluator whose ``scored_free`` and ``scored_part`` below are current (see
+    ``MultiFeatureEvaluator.host_part``), kept between decisions; the core resets it to None whenever it
+    changes the host's slots, uploads, load or announcement."""
+    scored_free: int = field(default=-1, repr=False)
+    scored_part: float = field(default=0.0, repr=False)
 
     @property
     def is_seed(self) -> bool:
@@ -78,11 +109,44 @@ class Host:
             return None
         return max(0, self.upload_capacity - self.upload_rate)
 
+    @property
+    def bandwidth_share(self) -> int | None:
+        """What one more child can expect of this host's upload (bytes/s): its free bandwidth, and at most
+        a fair share of its capacity among its children and that one, ``capacity / (children + 1)``.
+        None when no capacity was announced.
+
+        The share is what spreads a flash crowd: rates are measured a second late, so before they are,
+        free bandwidth alone would send every newcomer to the same idle seed."""
+        if self.upload_capacity <= 0:
+            return None
+        children = self.uploads if self.uploads > self.upload_peers else self.upload_peers
+        free = self.upload_capacity - self.upload_rate if self.upload_capacity > self.upload_rate else 0
+        fair = self.upload_capacity // (children + 1)
+        return free if free < fair else fair
+
 
 def network_keys(idc: str, location: str) -> tuple[str, tuple[str, ...]]:
-    """What affinity compares of a host's ``idc`` and ``location`` (computed once per announce)."""
-    elements = tuple(e.casefold() for e in location.split("|")[:MAX_LOCATION_ELEMENTS]) if location else ()
-    return idc.casefold(), elements
+    """What affinity compares of a host's ``idc`` and ``location`` (computed once per announce).
+
+    Hosts that announce the same values share the same key objects (while they are among the latest
+    :data:`_SHARED_KEYS` seen), so that comparing them is mostly comparing identities, and the few objects
+    compared stay in the CPU's cache."""
+    return _idc_key(idc), _location_key(location)
+
+
+_SHARED_KEYS = 4096
+
+
+@functools.lru_cache(maxsize=_SHARED_KEYS)
+def _idc_key(idc: str) -> str:
+    return idc.casefold()
+
+
+@functools.lru_cache(maxsize=_SHARED_KEYS)
+def _location_key(location: str) -> tuple[str, ...]:
+    if not location:
+        return ()
+    return tuple(sys.intern(e.casefold()) for e in location.split("|")[:MAX_LOCATION_ELEMENTS])
 
 
 @dataclass(slots=True, eq=False)
@@ -118,6 +182,9 @@ class Task:
     open: list[Peer] = field(default_factory=list, repr=False)
     """Peers that can take a child now: in a serving state, on a host with a free upload slot. The core
     keeps it current (``Peer.open_at`` is each one's index) and samples parent candidates from it."""
+    bad: dict[Peer, float] = field(default_factory=dict, repr=False)
+    """Peers of this task that were judged bad parents, and until when (``PieceCosts.bad_until``, which the
+    core mirrors here): candidates are checked against this short index, not each one's ``costs``."""
     emptied_at: float | None = None
     """When the task's last peer went (kept for ``task_ttl``), or None while it has peers."""
 
@@ -133,8 +200,17 @@ class Task:
         return self.counts[PeerState.BACK_TO_SOURCE] + self.counts[PeerState.SUCCEEDED]
 
 
+class _PeerLayout:
+    """The fields of a peer that every decision reads of each sampled candidate, first in the object: with
+    the object's header they share its first 64-byte cache line, so that a candidate costs one memory read
+    where it cost three. (CPython lays out the slots of a class after its base's, each class's in sorted
+    order: this base sets which come first. The dataclass below declares them as fields as usual.)"""
+
+    __slots__ = ("costs", "finished", "finished_count", "host", "id", "state")
+
+
 @dataclass(slots=True, eq=False)
-class Peer:
+class Peer(_PeerLayout):
     """One daemon's download of one task, and its place in the task's DAG."""
 
     id: str
@@ -162,6 +238,9 @@ class Peer:
     """What the pieces it served cost its children (created with the first report)."""
     open_at: int = -1
     """Index in ``task.open``, or -1 when the peer cannot take a child now."""
+    candidate: ParentCandidate | None = field(default=None, repr=False)
+    """How a ``PushParents`` names this peer as a parent (made on first use, shared by every push; the core
+    clears it when its host announces another address)."""
 
     @property
     def upload_success_rate(self) -> float | None:

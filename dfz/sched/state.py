@@ -7,6 +7,9 @@ Rules of this file:
   raises :class:`~dfz.sched.errors.InvalidTransition`; there are no other rules hidden in ``if``\\ s.
 * This file does not know why a trigger fires (that is ``core.py``) and keeps no state of its own: it
   maps a state and a trigger to a state.
+* States and triggers hash by identity (``object.__hash__``, in C), not by name (``Enum.__hash__``, in
+  Python): the core looks them up in these tables, in the state groups below and in per-task counts on
+  every decision. Members are singletons compared by identity, so the hash agrees with ``==``.
 
 Theory of operation. A **peer** is one daemon's download of one task. It starts ``pending`` (registered,
 no parents yet), becomes ``running`` when the scheduler pushes its first parents (``schedule``; pushing
@@ -28,6 +31,7 @@ from .errors import InvalidTransition
 
 
 class PeerState(Enum):
+    __hash__ = object.__hash__  # by identity, in C (see the rules above)
     PENDING = "pending"
     RUNNING = "running"
     BACK_TO_SOURCE = "back_to_source"
@@ -37,6 +41,7 @@ class PeerState(Enum):
 
 
 class PeerTrigger(Enum):
+    __hash__ = object.__hash__  # by identity, in C (see the rules above)
     SCHEDULE = "schedule"  # parents were pushed to the peer
     BACK_TO_SOURCE = "back_to_source"  # the peer was sent to the origin
     SUCCEED = "succeed"  # the peer has every piece and the whole-file digest
@@ -45,6 +50,7 @@ class PeerTrigger(Enum):
 
 
 class TaskState(Enum):
+    __hash__ = object.__hash__  # by identity, in C (see the rules above)
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -52,6 +58,7 @@ class TaskState(Enum):
 
 
 class TaskTrigger(Enum):
+    __hash__ = object.__hash__  # by identity, in C (see the rules above)
     DOWNLOAD = "download"  # a peer of the task started downloading (from parents or from the origin)
     SUCCEED = "succeed"  # a peer of the task has the whole file
     FAIL = "fail"  # the origin failed and no peer of the task can feed the others
