@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -528,6 +529,224 @@ class _GetProgress:
             if p.bytes_from_cache:
                 source += f" · cache {decimal(p.bytes_from_cache)}"
         self.bar.update(self.task, completed=p.bytes_done, total=p.content_length, source=source)
+
+
+# --- dfz preheat -------------------------------------------------------------------------------------------
+
+PREHEAT_EXIT_CODES = """\b
+Exit codes:
+  0    the job succeeded: every chosen peer has every URL in its cache
+  1    the job failed (the message lists the tasks that failed and why)
+  2    bad usage or a request the manager refused as invalid (422)
+  3    the manager cannot be reached, or answered an unexpected error
+  4    the token is missing, unknown, expired (401) or lacks the `job` scope (403)
+  5    --wait-timeout passed before the job ended (the job goes on in the manager)
+  130  interrupted (Ctrl-C): the job goes on in the manager
+"""
+
+
+class PreheatExit(IntEnum):
+    """Exit codes of ``dfz preheat`` (also in its help)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    MANAGER = 3
+    AUTH = 4
+    TIMEOUT = 5
+    INTERRUPTED = 130
+
+
+@main.command(epilog=PREHEAT_EXIT_CODES)
+@click.argument("url")
+@click.option("--image", is_flag=True, help="URL is an image manifest (https://HOST/v2/NAME/manifests/TAG): preheat its layers.")
+@click.option(
+    "--platform", default="", metavar="OS/ARCH", help="The image's platform in an index, e.g. linux/arm64 [default: linux/amd64]."
+)
+@click.option(
+    "--scope",
+    type=click.Choice(["single_seed_peer", "all_seed_peers", "all_peers"]),
+    default="single_seed_peer",
+    show_default=True,
+    help="Which peers of each cluster fetch it.",
+)
+@click.option(
+    "-H", "--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="Request header for the origin (repeatable)."
+)
+@click.option("--username", default="", help="Registry user name (an image's basic or bearer-token authentication).")
+@click.option(
+    "--password", default="", envvar="DFZ_REGISTRY_PASSWORD", help="Registry password [default: $DFZ_REGISTRY_PASSWORD]."
+)
+@click.option("--tag", default="", help="Tag of the task (as `dfz get --tag`).")
+@click.option("--application", default="", help="Application of the task (as `dfz get --application`).")
+@click.option(
+    "--cluster",
+    "clusters",
+    multiple=True,
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="Scheduler cluster id (repeatable) [default: all].",
+)
+@click.option("--timeout", type=click.IntRange(1, 86400), metavar="SECONDS", help="The job's timeout in the manager.")
+@click.option(
+    "--manager", required=True, envvar="DFZ_MANAGER", metavar="URL", help="The manager's HTTP address [default: $DFZ_MANAGER]."
+)
+@click.option(
+    "--token",
+    required=True,
+    envvar="DFZ_TOKEN",
+    metavar="TOKEN",
+    help="Personal access token with the `job` scope [default: $DFZ_TOKEN].",
+)
+@click.option("--no-wait", is_flag=True, help="Print the job's id and return at once.")
+@click.option(
+    "--wait-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Stop waiting after this long."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar; the final line is still printed.")
+def preheat(  # noqa: PLR0917 - click passes every option as an argument
+    url: str,
+    image: bool,
+    platform: str,
+    scope: str,
+    headers: tuple[str, ...],
+    username: str,
+    password: str,
+    tag: str,
+    application: str,
+    clusters: tuple[int, ...],
+    timeout: int | None,
+    manager: str,
+    token: str,
+    no_wait: bool,
+    wait_timeout: float | None,
+    no_progress: bool,
+) -> None:
+    """Preheat URL (a file, or with --image an image's layers) into the cluster's seed peers through the
+    manager's open API (POST /oapi/v1/jobs), then follow the job until it ends.
+
+    Prints `job ID` once the manager took it, a progress bar on stderr (tasks done, bytes fetched), and
+    last `SUCCESS` or `FAILURE` with the job's error.
+    """
+    from .peer.api_messages import ApiInputError, parse_header
+
+    args: dict[str, Any] = {"type": "image" if image else "file", "url": url, "scope": scope}
+    pairs: dict[str, str] = {}
+    for header in headers:
+        try:
+            name, value = parse_header(header)
+        except ApiInputError as e:
+            raise click.BadParameter(e.message, param_hint="-H") from None
+        pairs[name] = value
+    optional = {"headers": pairs, "username": username, "password": password, "platform": platform, "tag": tag}
+    args.update({k: v for k, v in {**optional, "application": application, "timeout": timeout}.items() if v})
+    body: dict[str, Any] = {"type": "preheat", "args": args}
+    if clusters:
+        body["scheduler_cluster_ids"] = list(clusters)
+    try:
+        code = _preheat(manager.rstrip("/"), token, body, no_wait=no_wait, wait_timeout=wait_timeout, show=not no_progress)
+    except KeyboardInterrupt:
+        click.echo("dfz preheat: interrupted; the job goes on in the manager", err=True)
+        code = PreheatExit.INTERRUPTED
+    sys.exit(int(code))
+
+
+def _preheat(
+    manager: str, token: str, body: dict[str, Any], *, no_wait: bool, wait_timeout: float | None, show: bool
+) -> PreheatExit:
+    import time
+
+    import httpx
+
+    def fail(code: PreheatExit, what: str) -> PreheatExit:
+        click.echo(f"dfz preheat: {what}", err=True)
+        return code
+
+    def refused(answer: httpx.Response) -> PreheatExit:
+        try:
+            detail = answer.json().get("detail", answer.text)
+        except ValueError:
+            detail = answer.text
+        if answer.status_code in (401, 403):
+            return fail(PreheatExit.AUTH, f"the manager refused the token ({answer.status_code}): {detail}")
+        if answer.status_code in (400, 404, 409, 422):
+            return fail(PreheatExit.USAGE, f"the manager refused the request ({answer.status_code}): {detail}")
+        return fail(PreheatExit.MANAGER, f"the manager answered {answer.status_code}: {detail}")
+
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        with httpx.Client(base_url=manager, headers=headers, timeout=10) as client:
+            answer = client.post("/oapi/v1/jobs", json=body)
+            if answer.status_code != 200:
+                return refused(answer)
+            job = answer.json()
+            click.echo(f"job {job['id']}")
+            if no_wait:
+                return PreheatExit.OK
+            deadline = math.inf if wait_timeout is None else time.monotonic() + wait_timeout
+            with _job_display(show) as display:
+                while job["state"] == "PENDING":
+                    if time.monotonic() >= deadline:
+                        return fail(PreheatExit.TIMEOUT, f"job {job['id']} did not end within {wait_timeout:g} s (it goes on)")
+                    time.sleep(0.3)
+                    answer = client.get(f"/oapi/v1/jobs/{job['id']}")
+                    if answer.status_code != 200:
+                        return refused(answer)
+                    job = answer.json()
+                    display.update(job)
+    except httpx.HTTPError as e:
+        return fail(PreheatExit.MANAGER, f"cannot reach the manager at {manager}: {e}")
+    tasks = job.get("result", {}).get("tasks", [])
+    done = sum(1 for t in tasks if t.get("state") == "succeeded")
+    if job["state"] == "SUCCESS":
+        click.echo(f"SUCCESS job {job['id']}: {done} of {len(tasks)} tasks")
+        return PreheatExit.OK
+    click.echo(f"FAILURE job {job['id']}: {job.get('error') or 'no reason given'}")
+    return PreheatExit.FAILED
+
+
+class _JobDisplay:
+    """A rich progress bar of a job's tasks and bytes, on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Any = None
+        self.bar: Any = None
+
+    def __enter__(self) -> _JobDisplay:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TextColumn("{task.fields[tasks]}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.progress.__enter__()
+            self.bar = self.progress.add_task("preheat", total=None, tasks="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+
+    def update(self, job: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        tasks = job.get("result", {}).get("tasks", [])
+        total = sum(max(0, int(t.get("content_length", -1))) for t in tasks) or None
+        done = sum(int(t.get("bytes_done", 0)) for t in tasks)
+        ended = sum(1 for t in tasks if t.get("state") in ("succeeded", "failed"))
+        self.progress.update(
+            self.bar, total=total, completed=done, tasks=f"{ended}/{len(tasks)} tasks", description=f"job {job['id']}"
+        )
+
+
+def _job_display(enabled: bool) -> _JobDisplay:
+    return _JobDisplay(enabled)
 
 
 # --- dfz daemon, dfz seed --------------------------------------------------------------------------------

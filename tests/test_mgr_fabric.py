@@ -342,3 +342,51 @@ async def test_agent_keeps_trying_an_absent_manager(nursery: trio.Nursery) -> No
     await nursery.start(agent.run)
     await trio.sleep(0.5)
     assert not agent.connected and agent.registered is None and got == []
+
+
+async def test_daemon_registers_as_a_host_and_keeps_alive(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A daemon with a manager is a host there (``hosts``, through the REST API): active while it keeps alive,
+    in the cluster that serves it, inactive once it stops; a host registration without a host id is refused."""
+    manager = await start_manager(nursery, tmp_path)
+    api = await rest(manager)
+    cluster = (await api.post("/scheduler-clusters", json={"name": "c", "is_default": True})).json()
+    fabric = manager.fabric
+    assert fabric is not None  # a host's cluster is the one the manager's snapshot matches when it registers
+    await until(lambda: _true(fabric.snapshot.cluster(cluster["id"]) is not None), 5, "the manager saw the cluster")
+    config = DaemonConfig(
+        data_dir=tmp_path / "d",
+        manager=manager.fabric_endpoints[0],
+        heartbeat=0.2,
+        direct_io=False,
+        idc="dc-1",
+        host_id="host-77",
+    )
+
+    async def host_state() -> str:
+        items = (await api.get("/hosts", params={"host_id": "host-77"})).json()["items"]
+        return str(items[0]["state"]) if items else "absent"
+
+    async with trio.open_nursery() as daemon_nursery:
+        daemon_nursery.start_soon(Daemon(config).run)
+        await until(lambda: _is(host_state(), "active"), 10, "the daemon registered as a host")
+        await trio.sleep(1.0)  # five keepalive intervals: still active
+        assert await host_state() == "active"
+        [host] = (await api.get("/hosts", params={"host_id": "host-77"})).json()["items"]
+        assert host["scheduler_cluster_id"] == cluster["id"] and host["idc"] == "dc-1" and host["port"] > 0
+        assert host["last_keepalive_at"] is not None and host["type"] == "normal" and host["os"]
+        daemon_nursery.cancel_scope.cancel()  # the daemon stops
+    await until(lambda: _is(host_state(), "inactive"), 5, "the host inactive once its daemon stopped")
+    audit = (await api.get("/audit-logs", params={"resource_type": "host"})).json()["items"]
+    assert [(a["actor_name"], a["action"]) for a in audit] == [("fabric", "create")]
+
+    client = Client(MGR_CATALOGUE, manager.fabric_endpoints[0], name="no-id")
+    await nursery.start(client.run)
+    with pytest.raises(RemoteError) as refused:
+        await client.request(MgrRegister(kind="host", hostname="h", ip="127.0.0.1", port=1))
+    assert refused.value.code == MgrErrorCode.BAD_VALUE
+    await api.aclose()
+    manager.stop()
+
+
+async def _is(value: Any, want: str) -> bool:
+    return bool(await value == want)

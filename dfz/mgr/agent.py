@@ -1,6 +1,7 @@
 """The client side of the manager's fabric endpoint, for the processes that talk to a manager: a scheduler
-(``dfz sched --manager``) and a seed peer (``dfz seed --manager``) register and keep alive; a daemon (and a
-seed peer without ``--scheduler``) asks which schedulers serve it; all of them take ``mgr.config``.
+(``dfz sched --manager``), a seed peer (``dfz seed --manager``) and a daemon (as a host) register and keep
+alive; a daemon (and a seed peer without ``--scheduler``) asks which schedulers serve it; all of them take
+``mgr.config``.
 
 One :class:`ManagerAgent` is one fabric session (``dfz/broker`` client) to the manager:
 
@@ -21,6 +22,7 @@ One :class:`ManagerAgent` is one fabric session (``dfz/broker`` client) to the m
 from __future__ import annotations
 
 import logging
+import platform
 import re
 import socket
 from collections.abc import Awaitable, Callable
@@ -38,9 +40,12 @@ from .messages import (
     MgrErrorCode,
     MgrKeepalive,
     MgrListSchedulers,
+    MgrNoted,
+    MgrPreheat,
     MgrRegister,
     MgrRegistered,
     MgrSchedulers,
+    MgrTaskReport,
 )
 
 log = get_logger("mgr.agent")
@@ -50,6 +55,17 @@ RETRY = 5.0
 MIN_LOOKUP_INTERVAL = 1.0
 """Least seconds between two ``mgr.list_schedulers`` asked because schedulers failed."""
 TIMEOUT = 5.0
+
+
+def host_labels() -> tuple[str, str, str]:
+    """This machine's operating system, platform (its distribution's id, when it says) and architecture, for
+    a host's registration (``mgr.register`` kind ``host``): ``("linux", "debian", "x86_64")``."""
+    system = platform.system().lower()[:64]
+    try:
+        distro = platform.freedesktop_os_release().get("ID", "")
+    except OSError:
+        distro = ""
+    return system, distro[:64], platform.machine()[:64]
 
 
 def local_hostname() -> str:
@@ -70,6 +86,7 @@ class ManagerAgent:
         registration: Callable[[], MgrRegister] | None = None,
         lookup: Callable[[], MgrListSchedulers] | None = None,
         on_schedulers: Callable[[MgrSchedulers], Awaitable[None]] | None = None,
+        on_preheat: Callable[[MgrPreheat], None] | None = None,
         heartbeat: float = 1.0,
         ctx: zmq.Context[Any] | None = None,
     ) -> None:
@@ -87,6 +104,8 @@ class ManagerAgent:
             on_state=self._on_state,
         )
         self.client.on_push(MgrConfig, self._on_push)
+        if on_preheat is not None:
+            self.client.on_push(MgrPreheat, lambda msg, _payload: on_preheat(msg))
         self.registered: MgrRegistered | None = None
         """The last registration's reply, while it holds."""
         self.schedulers: MgrSchedulers | None = None
@@ -99,6 +118,18 @@ class ManagerAgent:
     @property
     def connected(self) -> bool:
         return self.client.connected
+
+    async def report(self, msg: MgrTaskReport) -> bool:
+        """Report on a job's task (``mgr.task_report``); whether the manager still wants it. A lost session or
+        a manager that does not answer counts as wanted (the manager sends the task again if it needs to)."""
+        try:
+            return (await self.client.request(msg, timeout=TIMEOUT)).expect(MgrNoted).wanted
+        except (ConnectionLost, RequestTimeout) as e:
+            event(log, logging.WARNING, "mgr_agent_report_failed", job=msg.job_id, task=msg.task, error=str(e))
+            return True
+        except RemoteError as e:
+            event(log, logging.WARNING, "mgr_agent_report_refused", job=msg.job_id, task=msg.task, code=e.code, error=e.reason)
+            return True
 
     def wake_lookup(self) -> None:
         """Ask for the schedulers again soon (one of them failed)."""

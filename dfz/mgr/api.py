@@ -19,7 +19,7 @@ from sqlmodel import col, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from . import audit, crud
+from . import audit, crud, oapi
 from .auth import Principal, client_ip, requires, signed_in, unauthorized
 from .db import Database
 from .models import PersonalAccessToken, User, UserSession, utcnow
@@ -122,6 +122,7 @@ def create_app(db: Database, settings: ApiSettings | None = None) -> FastAPI:
     for spec in RESOURCES:
         v1.include_router(crud.router(spec))
     app.include_router(v1)
+    app.include_router(oapi.router())
     app.add_middleware(BodyLimit, limit=settings.max_body)
     return app
 
@@ -268,11 +269,16 @@ TOKENS = crud.Resource(
     filter=TokenFilter,
     present=_token_present,
     filters={"state": _token_state},
+    # A confined principal: its own tokens, and (with user:read) those of its tenant's users.
+    confine=lambda principal: (
+        (col(PersonalAccessToken.user_id) == principal.user_id)
+        | col(PersonalAccessToken.user_id).in_(select(User.id).where(User.tenant_id == principal.tenant))
+    ),
 )
 
 
 def _token_of(session: Any, principal: Principal, token_id: int, action: str) -> PersonalAccessToken:
-    token: PersonalAccessToken = crud.get_or_404(session, TOKENS, token_id)
+    token: PersonalAccessToken = crud.get_or_404(session, TOKENS, token_id, principal)
     if token.user_id != principal.user_id and not principal.may("user", "write" if action == "write" else "read"):
         # Other users' tokens are theirs: say "not found" rather than confirm they exist.
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no personal access token with id {token_id}")
@@ -299,7 +305,7 @@ def _tokens() -> APIRouter:
         elif query.user_id != principal.user_id and not principal.may("user", "read"):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "listing another user's tokens needs user:read")
         with crud.database(request).reading() as session:
-            return crud.list_page(session, TOKENS, query)
+            return crud.list_page(session, TOKENS, query, principal)
 
     @api.post(
         "",

@@ -5,6 +5,11 @@ A request is authenticated once, by :func:`authenticate`, into a :class:`Princip
 what they need with ``Depends(requires(group, action))``. Failures: 401 (no credentials, or an unknown,
 expired or revoked token or session, or a disabled user) with ``WWW-Authenticate: Bearer``; 403 (the role
 or the token's scopes do not allow it, saying which permission is missing).
+
+Tenants: a principal of a tenant (and any tenant admin) is :attr:`Principal.confined`: the rows that carry a
+tenant (hosts, applications, jobs, users, and through them tokens and audit entries) are, for it, only its
+own tenant's: others' are not listed and answer 404, and what it makes or changes stays in its tenant
+(``crud.py``). Roles are global: a confined principal reads them but changes none.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
-from sqlmodel import Session, select
+from sqlmodel import col, select
 
 from .audit import Actor
 from .db import Database
 from .models import PersonalAccessToken, Role, User, UserSession, utcnow
 from .security import PERMISSION_GROUPS, SESSION_COOKIE, Action, allows, secret_digest
 
+TENANT_ADMIN = "tenant-admin"
+"""The built-in role of a tenant's administrator: always confined (see :attr:`Principal.confined`)."""
 TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
 """``last_used_at`` of a token is written at most this often (a read must not become a write each time)."""
 
@@ -39,6 +46,17 @@ class Principal:
     token_id: int | None = None
     scopes: tuple[str, ...] | None = None
     ip: str = ""
+
+    @property
+    def confined(self) -> bool:
+        """Whether this principal sees and changes only its tenant's rows: a user of a tenant (whatever the
+        role), and a tenant admin always (one without a tenant sees no tenant's rows at all)."""
+        return self.tenant_id is not None or self.role == TENANT_ADMIN
+
+    @property
+    def tenant(self) -> int:
+        """The tenant a :attr:`confined` principal is confined to; 0 (no row has it) for a tenant admin in none."""
+        return self.tenant_id or 0
 
     def may(self, group: str, action: Action) -> bool:
         if not allows(self.permissions, group, action):
@@ -64,11 +82,10 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
-def _principal(session: Session, user: User, via: str, ip: str, token: PersonalAccessToken | None = None) -> Principal:
+def _principal(user: User, role: Role, via: str, ip: str, token: PersonalAccessToken | None = None) -> Principal:
     if user.state != "enabled":
         raise unauthorized(f"user {user.name!r} is disabled")
-    role = session.get(Role, user.role_id)
-    assert role is not None and user.id is not None
+    assert user.id is not None
     return Principal(
         user_id=user.id,
         name=user.name,
@@ -93,18 +110,21 @@ def authenticate(db: Database, request: Request) -> Principal:
         if scheme.lower() != "bearer" or not secret.strip():
             raise unauthorized("Authorization must be 'Bearer <personal access token>'")
         with db.reading() as session:
-            token = session.exec(
-                select(PersonalAccessToken).where(PersonalAccessToken.token_hash == secret_digest(secret.strip()))
+            # One query for the token, its user and the user's role: every request through a token makes it.
+            found = session.exec(
+                select(PersonalAccessToken, User, Role)
+                .join(User, col(User.id) == PersonalAccessToken.user_id)
+                .join(Role, col(Role.id) == User.role_id)
+                .where(PersonalAccessToken.token_hash == secret_digest(secret.strip()))
             ).first()
-            if token is None:
+            if found is None:
                 raise unauthorized("unknown token")
+            token, user, role = found
             if token.revoked_at is not None:
                 raise unauthorized(f"token {token.prefix}… was revoked")
             if token.expires_at <= now:
                 raise unauthorized(f"token {token.prefix}… expired at {token.expires_at.isoformat()}")
-            user = session.get(User, token.user_id)
-            assert user is not None
-            principal = _principal(session, user, "token", ip, token)
+            principal = _principal(user, role, "token", ip, token)
             stale = token.last_used_at is None or now - token.last_used_at >= TOKEN_TOUCH_INTERVAL
         if stale:
             with db.writing() as session:
@@ -115,12 +135,15 @@ def authenticate(db: Database, request: Request) -> Principal:
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         with db.reading() as session:
-            signed_in = session.exec(select(UserSession).where(UserSession.token_hash == secret_digest(cookie))).first()
-            if signed_in is None or signed_in.revoked_at is not None or signed_in.expires_at <= now:
+            row = session.exec(
+                select(UserSession, User, Role)
+                .join(User, col(User.id) == UserSession.user_id)
+                .join(Role, col(Role.id) == User.role_id)
+                .where(UserSession.token_hash == secret_digest(cookie))
+            ).first()
+            if row is None or row[0].revoked_at is not None or row[0].expires_at <= now:
                 raise unauthorized("the session has ended: sign in again (POST /api/v1/sessions)")
-            user = session.get(User, signed_in.user_id)
-            assert user is not None
-            return _principal(session, user, "session", ip)
+            return _principal(row[1], row[2], "session", ip)
     raise unauthorized("sign in (POST /api/v1/sessions) or send 'Authorization: Bearer <personal access token>'")
 
 

@@ -9,7 +9,12 @@ links, and the few rules of its own (hooks). :func:`router` turns it into five e
   ``DELETE /<path>/{id}`` (204);
 * 404 for an unknown id; 422 for invalid input, including a reference to a row that does not exist;
   409 for a duplicate (a name that exists) or a row still in use (a cluster that has schedulers);
-* each change adds an audit entry (:mod:`dfz.mgr.audit`) in its own transaction.
+* each change adds an audit entry (:mod:`dfz.mgr.audit`) in its own transaction;
+* **tenants**: for a confined principal (:attr:`~dfz.mgr.auth.Principal.confined`) a resource that carries a
+  tenant (``tenant_field``, or a ``confine`` clause) has only its tenant's rows: the others are not listed
+  and answer 404 (their existence is not confirmed); a row it creates is in its tenant (another tenant
+  named: 403), and it cannot move a row to another tenant (403). A resource of no tenant whose ``confine``
+  says which rows such a principal sees (tenants: its own) cannot be created by it.
 
 No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations, which are the
 resource's schema classes, at run time.
@@ -75,6 +80,40 @@ class Resource:
     """Turns a row's values into what the API shows (e.g. hides a secret)."""
     filters: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     """Filters that are not a plain ``column == value``: name → value → where clause."""
+    tenant_field: str | None = None
+    """The column naming the tenant a row belongs to (confined principals: only theirs, see the module)."""
+    confine: Callable[[Principal], Any] | None = None
+    """The rows a confined principal sees, as a where clause; default ``tenant_field == its tenant``."""
+
+
+def confinement(spec: Resource, principal: Principal | None) -> Any | None:
+    """The where clause that confines ``principal`` to its tenant's rows of ``spec``; None: no confinement."""
+    if principal is None or not principal.confined:
+        return None
+    if spec.confine is not None:
+        return spec.confine(principal)
+    if spec.tenant_field is not None:
+        return _columns(spec.table)[spec.tenant_field] == principal.tenant
+    return None
+
+
+def _confine_values(spec: Resource, principal: Principal, values: Values, row: Any | None) -> None:
+    """403 when a confined principal would make a row outside its tenant; a new row's tenant defaults to its own."""
+    if not principal.confined or confinement(spec, principal) is None:
+        return
+    name = spec.tenant_field
+    if name is None:
+        if row is None:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"a user confined to a tenant cannot create a {spec.title}")
+        return
+    if principal.tenant_id is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {principal.role!r} without a tenant changes no {spec.title}")
+    if row is None and values.get(name) is None:
+        values[name] = principal.tenant_id
+    elif name in values and values[name] != principal.tenant_id:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"{name}: you are confined to tenant {principal.tenant_id}, not {values[name]}"
+        )
 
 
 TITLES: dict[str, str] = {}
@@ -93,8 +132,12 @@ def _row_values(row: SQLModel) -> Values:
     return {c.name: getattr(row, c.name) for c in _columns(type(row))}
 
 
-def get_or_404(session: Session, spec: Resource, row_id: int) -> Any:
+def get_or_404(session: Session, spec: Resource, row_id: int, principal: Principal | None = None) -> Any:
+    """The row, as ``principal`` may see it (another tenant's row is "not found" to a confined principal)."""
     row = session.get(spec.table, row_id)
+    clause = confinement(spec, principal)
+    if row is not None and clause is not None:
+        row = session.exec(select(spec.table).where(_columns(spec.table)["id"] == row_id, clause)).first()
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {spec.title} with id {row_id}")
     return row
@@ -124,9 +167,12 @@ def to_read(session: Session, spec: Resource, rows: Sequence[Any]) -> list[BaseM
     return out
 
 
-def list_page(session: Session, spec: Resource, query: ListQuery) -> Page[Any]:
+def list_page(session: Session, spec: Resource, query: ListQuery, principal: Principal | None = None) -> Page[Any]:
     stmt = select(spec.table)
     columns = _columns(spec.table)
+    clause = confinement(spec, principal)
+    if clause is not None:
+        stmt = stmt.where(clause)
     for name, value in query.model_dump(exclude={"page", "per_page"}, exclude_none=True).items():
         custom = spec.filters.get(name)
         stmt = stmt.where(custom(value) if custom is not None else columns[name] == value)
@@ -214,6 +260,7 @@ def _flush(session: Session, spec: Resource) -> None:
 def create(session: Session, spec: Resource, principal: Principal, body: BaseModel) -> BaseModel:
     values = body.model_dump()
     link_values = {link.field: values.pop(link.field) for link in spec.links if link.field in values}
+    _confine_values(spec, principal, values, None)
     if spec.prepare is not None:
         spec.prepare(session, principal, values, None)
     check_references(session, spec.table, values)
@@ -231,10 +278,11 @@ def create(session: Session, spec: Resource, principal: Principal, body: BaseMod
 
 
 def update(session: Session, spec: Resource, principal: Principal, row_id: int, body: Partial) -> BaseModel:
-    row = get_or_404(session, spec, row_id)
+    row = get_or_404(session, spec, row_id, principal)
     before = to_read(session, spec, [row])[0].model_dump()
     values = body.changes()
     link_values = {link.field: values.pop(link.field) for link in spec.links if link.field in values}
+    _confine_values(spec, principal, values, row)
     if spec.prepare is not None:
         spec.prepare(session, principal, values, row)
     check_references(session, spec.table, values)
@@ -260,7 +308,7 @@ def update(session: Session, spec: Resource, principal: Principal, row_id: int, 
 
 
 def delete(session: Session, spec: Resource, principal: Principal, row_id: int) -> None:
-    row = get_or_404(session, spec, row_id)
+    row = get_or_404(session, spec, row_id, principal)
     if spec.before_delete is not None:
         spec.before_delete(session, principal, row)
     check_not_referenced(session, spec, row_id)
@@ -297,7 +345,7 @@ def router(spec: Resource) -> APIRouter:
 
     def list_items(request: Request, query: Any, principal: Any) -> Any:
         with database(request).reading() as session:
-            return list_page(session, spec, query)
+            return list_page(session, spec, query, principal)
 
     _annotate(list_items, query=Annotated[spec.filter, Query()], principal=Annotated[Principal, Depends(read_dep)])
     page: Any = Page[spec.read]  # type: ignore[name-defined]
@@ -305,7 +353,7 @@ def router(spec: Resource) -> APIRouter:
 
     def get_item(request: Request, row_id: RowId, principal: Any) -> Any:
         with database(request).reading() as session:
-            return to_read(session, spec, [get_or_404(session, spec, row_id)])[0]
+            return to_read(session, spec, [get_or_404(session, spec, row_id, principal)])[0]
 
     _annotate(get_item, principal=Annotated[Principal, Depends(read_dep)])
     api.add_api_route(

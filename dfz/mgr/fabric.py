@@ -3,7 +3,7 @@
 
 Theory of operation:
 
-* **Registration is a session.** ``mgr.register`` (a scheduler or a seed peer) creates or takes over the
+* **Registration is a session.** ``mgr.register`` (a scheduler, a seed peer or a daemon: a host) creates or takes over the
   instance row (``registry.register``: active, ``last_keepalive_at`` now) and binds the fabric session to
   it. ``mgr.keepalive`` on the session keeps it active; a session that sends none for ``keepalive *
   liveness`` seconds, or that ends (``bye``, fabric silence, unreachable), makes its instance
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,9 +49,12 @@ from .messages import (
     MgrErrorCode,
     MgrKeepalive,
     MgrListSchedulers,
+    MgrNoted,
+    MgrPreheat,
     MgrRegister,
     MgrRegistered,
     MgrSchedulers,
+    MgrTaskReport,
 )
 from .registry import Kind, RegistryError, Snapshot
 
@@ -91,6 +95,9 @@ class _Session:
     targets: set[Target] = field(default_factory=set)
     sent: dict[Target, dict[str, Any]] = field(default_factory=dict)
     serial: int = 0
+    host: tuple[str, str, str] | None = None
+    """A daemon's ``(host_id, hostname, ip)`` from its last ``mgr.list_schedulers`` (for jobs that reach
+    every peer)."""
 
 
 @dataclass
@@ -121,11 +128,16 @@ class ManagerFabric:
         self.server.handle(MgrRegister, self._on_register)
         self.server.handle(MgrKeepalive, self._on_keepalive)
         self.server.handle_now(MgrListSchedulers, self._on_list)
+        self.server.handle_now(MgrTaskReport, self._on_task_report)
+        self.on_task_report: Callable[[bytes, MgrTaskReport], bool] | None = None
+        """The job runner's (``jobs.py``): takes a report, says whether the task is still wanted."""
         self.snapshot = Snapshot()
         self.stats = FabricStats()
         self._sessions: dict[bytes, _Session] = {}
         self._holders: dict[tuple[Kind, int], bytes] = {}
         self._reload = trio.Event()
+        self._pushed_from: Snapshot | None = None
+        """The snapshot every session's settings were last compared with (None: compare at the next look)."""
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -190,12 +202,21 @@ class ManagerFabric:
         assert isinstance(msg, MgrRegister)
         db = self._db()
 
+        host = msg.kind == "host"
+        serving = None
+        if host:  # a daemon: in the cluster that serves it (§17.4), as mgr.list_schedulers would answer
+            serving, _ = registry.match_cluster(
+                self.snapshot.clusters, ip=msg.ip, hostname=msg.hostname, idc=msg.idc, location=msg.location
+            )
+
         def work() -> tuple[registry.Registered, Snapshot]:
-            done = registry.register(db, msg)
-            return done, registry.load_snapshot(db)
+            done = registry.register(db, msg, serving=serving)
+            # A host changes nothing daemons are told: no snapshot to reload (a thousand of them start at once).
+            return done, self.snapshot if host else registry.load_snapshot(db)
 
         done, snapshot = await self._in_thread(work)
-        self.snapshot = snapshot
+        if snapshot is not self.snapshot:
+            self.snapshot, self._pushed_from = snapshot, None
         if self.server.peers.get(req.peer.routing_id) is not req.peer:  # it ended while the database was written
             self._go_inactive((done.kind, done.instance_id), "session ended while registering")
             raise RemoteError(ErrorCode.UNAVAILABLE, "session ended")
@@ -229,7 +250,8 @@ class ManagerFabric:
             port=msg.port,
             why="registered",
         )
-        self._reload.set()
+        if not host:
+            self._reload.set()
         return MgrRegistered(
             instance_id=done.instance_id,
             cluster_id=done.cluster_id,
@@ -252,7 +274,8 @@ class ManagerFabric:
             instance = s.instance
             await self._in_thread(registry.set_state, self._db(), instance[0], [instance[1]], "active")
             event(log, logging.INFO, "mgr_instance_active", kind=instance[0], id=instance[1], why="keepalive again")
-            self._reload.set()
+            if instance[0] != "host":
+                self._reload.set()
         return MgrAlive(instance_id=s.instance[1])
 
     def _on_list(self, req: Request) -> MgrSchedulers:
@@ -265,6 +288,7 @@ class ManagerFabric:
         s = self._session(req.peer)
         s.targets.add("daemon")
         s.config_cluster = cluster.id if cluster is not None else None
+        s.host = (msg.host_id, msg.hostname, msg.ip)
         config = self.snapshot.settings("daemon", s.config_cluster)
         s.sent["daemon"] = config
         return MgrSchedulers(
@@ -275,6 +299,47 @@ class ManagerFabric:
             config=config,
             refresh_ms=min(86_400_000, max(100, round(self.settings.refresh * 1000))),
         )
+
+    def _on_task_report(self, req: Request) -> MgrNoted:
+        msg = req.msg
+        assert isinstance(msg, MgrTaskReport)
+        wanted = self.on_task_report(req.peer.routing_id, msg) if self.on_task_report is not None else False
+        return MgrNoted(wanted=wanted)
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+
+    def session_of(self, key: str) -> bytes | None:
+        """The session a job's peer is reached on now: ``seed_peer:ID`` (the session that holds that seed
+        peer, while it is active) or ``host:HOST_ID`` (a daemon's session); None when not connected."""
+        kind, _, ident = key.partition(":")
+        if kind == "seed_peer" and ident.isdigit():
+            rid = self._holders.get(("seed_peer", int(ident)))
+            s = self._sessions.get(rid) if rid is not None else None
+            return rid if s is not None and s.active and rid in self.server.peers else None
+        if kind == "host":
+            for s in self._sessions.values():
+                if s.host is not None and s.host[0] == ident and s.rid in self.server.peers:
+                    return s.rid
+        return None
+
+    def daemons_of(self, cluster_id: int) -> list[tuple[str, str, str]]:
+        """``(host_id, hostname, ip)`` of the daemons (not seed peers) whose sessions ``cluster_id`` serves."""
+        return sorted(
+            s.host
+            for s in self._sessions.values()
+            if s.host is not None
+            and (s.instance is None or s.instance[0] not in ("seed_peer", "scheduler"))
+            and s.config_cluster == cluster_id
+            and s.rid in self.server.peers
+        )
+
+    async def push_to(self, rid: bytes, msg: MgrPreheat) -> bool:
+        """Push a job's message to a session; False when it is gone."""
+        try:
+            await self.server.push(rid, msg)
+        except (PeerGone, trio.ClosedResourceError):
+            return False
+        return True
 
     # --- liveness ------------------------------------------------------------------------------------------
 
@@ -292,7 +357,8 @@ class ManagerFabric:
             await trio.to_thread.run_sync(registry.set_state, db, instance[0], [instance[1]], "inactive")
         except SQLAlchemyError as e:
             event(log, logging.ERROR, "mgr_store_failed", error=repr(e)[:500])
-        self._reload.set()
+        if instance[0] != "host":
+            self._reload.set()
 
     async def _sweep_loop(self) -> None:
         cfg = self.settings
@@ -300,7 +366,7 @@ class ManagerFabric:
         while True:
             await trio.sleep(cfg.keepalive / 2)
             now = trio.current_time()
-            touch: dict[Kind, list[int]] = {"scheduler": [], "seed_peer": []}
+            touch: dict[Kind, list[int]] = {kind: [] for kind in registry.KINDS}
             for s in list(self._sessions.values()):
                 if s.instance is None or self._holders.get(s.instance) != s.rid:
                     continue
@@ -313,7 +379,7 @@ class ManagerFabric:
             db = self.db
             if db is None:
                 continue
-            held: dict[Kind, set[int]] = {"scheduler": set(), "seed_peer": set()}
+            held: dict[Kind, set[int]] = {kind: set() for kind in registry.KINDS}
             for kind, instance_id in self._holders:
                 held[kind].add(instance_id)
             # Rows nobody here holds: stale beyond the bound plus one touch period (another manager's throttle).
@@ -327,7 +393,7 @@ class ManagerFabric:
             for kind, ids in marked.items():
                 for instance_id in ids:
                     event(log, logging.INFO, "mgr_instance_inactive", kind=kind, id=instance_id, why="stale keepalive")
-            if marked:
+            if set(marked) - {"host"}:
                 self._reload.set()
 
     # --- dynamic config -------------------------------------------------------------------------------------
@@ -341,12 +407,16 @@ class ManagerFabric:
             if db is None:
                 continue
             try:
-                self.snapshot = await trio.to_thread.run_sync(registry.load_snapshot, db)
+                snapshot = self.snapshot = await trio.to_thread.run_sync(registry.load_snapshot, db)
             except SQLAlchemyError as e:
                 event(log, logging.ERROR, "mgr_store_failed", error=repr(e)[:500])
                 await trio.sleep(self.settings.config_poll)
                 continue
-            self._push_changes()
+            # Nothing changed since the last look: no session's settings can have (a thousand daemons'
+            # settings are not computed again every config_poll for nothing).
+            if snapshot != self._pushed_from:
+                self._push_changes()
+                self._pushed_from = snapshot
 
     def _push_changes(self) -> None:
         nursery = self._nursery
@@ -379,8 +449,7 @@ class ManagerFabric:
 def _touch_and_sweep(
     db: Database, touch: dict[Kind, list[int]], older_than: dt.datetime, held: dict[Kind, set[int]]
 ) -> dict[Kind, list[int]]:
-    for kind, ids in touch.items():
-        registry.set_state(db, kind, ids, "active")
+    registry.touch(db, touch)
     return registry.sweep(db, older_than, held)
 
 

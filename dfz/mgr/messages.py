@@ -6,7 +6,7 @@ Rules of this file:
 * Every field has a bound. What the codec cannot check (an IP address, a hostname's characters, a
   setting's range) the manager checks in ``fabric.py`` and answers ``MgrErrorCode.BAD_VALUE``; a daemon or
   scheduler checks the settings it is pushed the same way (``agent.py``) and ignores a bad one.
-* A session is one registration: ``mgr.register`` binds the session to one scheduler or seed-peer
+* A session is one registration: ``mgr.register`` binds the session to one scheduler, seed-peer or host
   instance, and ``mgr.keepalive`` on it keeps that instance active. ``mgr.list_schedulers`` binds the
   session to the scheduler cluster it was answered with, for ``mgr.config`` pushes.
 * This file does no I/O.
@@ -37,7 +37,10 @@ ConfigKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-
 ConfigValue = bool | int | float | Annotated[str, Meta(max_length=256)]
 Settings = Annotated[dict[ConfigKey, ConfigValue], Meta(max_length=MAX_CONFIG_KEYS)]
 """Settings by name: a snapshot of every dynamic setting that applies (absent: the process's own value)."""
-InstanceKind = Literal["scheduler", "seed_peer"]
+InstanceKind = Literal["scheduler", "seed_peer", "host"]
+"""``host``: a daemon (a host of the P2P network), a row of the manager's ``hosts`` table."""
+HostId = Annotated[str, Meta(max_length=128, pattern=r"^[!-~]*$")]
+Label = Annotated[str, Meta(max_length=64)]
 
 
 class MgrErrorCode(IntEnum):
@@ -69,9 +72,11 @@ class MgrScheduler(msgspec.Struct, kw_only=True):
 
 
 class MgrRegister(Message, tag="mgr.register"):
-    """A scheduler or a seed peer registers; answered by :class:`MgrRegistered`. The instance is named by
-    ``hostname``, ``ip`` and its cluster (one instance per host and cluster); registering again (a new
-    session, a restart) takes the same instance over and updates its values."""
+    """A scheduler, a seed peer or a daemon (``host``) registers; answered by :class:`MgrRegistered`. A
+    scheduler or seed peer is named by ``hostname``, ``ip`` and its cluster (one instance per host and
+    cluster), a host by ``host_id``; registering again (a new session, a restart) takes the same instance
+    over and updates its values. A host's scheduler cluster is the one §17.4 picks (``cluster`` and
+    ``cluster_id`` are not used)."""
 
     KIND: ClassVar[Kind] = Kind.REQUEST
     kind: InstanceKind
@@ -88,12 +93,21 @@ class MgrRegister(Message, tag="mgr.register"):
     idc: Scope = ""
     location: Scope = ""
     seed_type: Literal["super", "strong", "weak"] = "super"
+    host_id: HostId = ""
+    """A host's id (required for ``host``: 1..128 visible ASCII); ignored for the other kinds."""
+    os: Label = ""
+    """A host's operating system (``linux``)."""
+    platform: Label = ""
+    """A host's platform (its distribution, when known)."""
+    arch: Label = ""
+    """A host's machine architecture (``x86_64``)."""
 
 
 class MgrRegistered(Message, tag="mgr.registered"):
     """Reply to :class:`MgrRegister`: the instance's id, its cluster, how often to keep alive, and the
     dynamic settings that apply to it now (a scheduler's: its cluster's scheduling settings and the
-    ``scheduler`` dynamic configs; a seed peer's: the ``daemon`` dynamic configs)."""
+    ``scheduler`` dynamic configs; a seed peer's and a host's: the ``daemon`` dynamic configs). A host's
+    cluster is the scheduler cluster that serves it (0 and "" when none does)."""
 
     KIND: ClassVar[Kind] = Kind.REPLY
     instance_id: U63
@@ -160,6 +174,63 @@ class MgrConfig(Message, tag="mgr.config"):
     """Grows with every push to this session (pushes arrive in order; informational)."""
 
 
+# --- jobs (1.7) ---------------------------------------------------------------------------------------------
+
+MAX_HEADERS = 100
+"""Most request headers in one ``mgr.preheat``."""
+JobTaskState = Literal["running", "succeeded", "failed"]
+HeaderName = Annotated[str, Meta(min_length=1, max_length=256)]
+Headers = Annotated[dict[HeaderName, Annotated[str, Meta(max_length=8192)]], Meta(max_length=MAX_HEADERS)]
+
+
+class MgrPreheat(Message, tag="mgr.preheat"):
+    """The manager asks the receiving seed peer (or daemon) to download ``url`` into its cache, through its
+    schedulers, like ``dfz get`` without an output. The receiver answers with :class:`MgrTaskReport`
+    requests about ``(job_id, task)``: ``running`` while it downloads (at most about once a second), then
+    ``succeeded`` or ``failed``. A second push for a ``(job_id, task)`` it is already working on (a manager
+    that restarted) is not started twice: the receiver reports its state again."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    job_id: U63
+    task: U32
+    """The task's number within the job (the job's result lists them)."""
+    url: Annotated[str, Meta(min_length=1, max_length=4096)]
+    headers: Headers = {}
+    tag: Annotated[str, Meta(max_length=1024)] = ""
+    application: Annotated[str, Meta(max_length=1024)] = ""
+    filtered_query_params: Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=64)] | None = None
+    """None: the receiver's default list (dfz/tasks.py); otherwise replaces it."""
+    piece_length: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 0
+    """0: chosen from the file's length."""
+    timeout_ms: Annotated[int, Meta(ge=0, le=86_400_000)] = 0
+    """0: no limit."""
+
+
+class MgrTaskReport(Message, tag="mgr.task_report"):
+    """A seed peer (or daemon) reports on a job's task it was pushed; answered by :class:`MgrNoted`."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    job_id: U63
+    task: U32
+    state: JobTaskState
+    task_id: Annotated[str, Meta(max_length=64, pattern=r"^[0-9a-f]*$")] = ""
+    content_length: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
+    """-1: not known yet."""
+    bytes_done: U63 = 0
+    bytes_from_origin: U63 = 0
+    bytes_from_peers: U63 = 0
+    error: Annotated[str, Meta(max_length=1024)] = ""
+    error_kind: Annotated[str, Meta(max_length=64)] = ""
+
+
+class MgrNoted(Message, tag="mgr.noted"):
+    """Reply to :class:`MgrTaskReport`. ``wanted`` false: the manager no longer waits for this task (the
+    job ended or was cancelled); the receiver may stop working on it."""
+
+    KIND: ClassVar[Kind] = Kind.REPLY
+    wanted: bool = True
+
+
 MGR_TYPES: tuple[type[Message], ...] = (
     MgrRegister,
     MgrRegistered,
@@ -168,6 +239,9 @@ MGR_TYPES: tuple[type[Message], ...] = (
     MgrListSchedulers,
     MgrSchedulers,
     MgrConfig,
+    MgrPreheat,
+    MgrTaskReport,
+    MgrNoted,
 )
 
 MGR_CATALOGUE = Catalogue(MGR_TYPES, max_payload=0)

@@ -17,6 +17,9 @@ Rules of this file:
   one database, and an instance whose manager died goes inactive too. An instance that never registered
   (made through the REST API) has no ``last_keepalive_at`` and keeps the state it was given.
 * :func:`match_cluster` is pure: the precedence of ``protocol.md`` §17.4.
+* **Hosts (daemons) are many**: a thousand of them keeping alive must cost the database little, so the
+  liveness writes (:func:`set_state`, :func:`touch`, :func:`sweep`) are set-wise ``UPDATE`` statements,
+  never a row loaded per instance.
 """
 
 from __future__ import annotations
@@ -28,13 +31,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from ..log import event, get_logger
 from . import audit
 from .db import Database
 from .messages import MAX_CONFIG_KEYS, MAX_SCHEDULERS, MatchedBy, MgrRegister, MgrScheduler
-from .models import DynamicConfig, Scheduler, SchedulerCluster, SeedPeer, SeedPeerCluster, SeedPeerClusterLink, utcnow
+from .models import (
+    DynamicConfig,
+    Host,
+    Scheduler,
+    SchedulerCluster,
+    SeedPeer,
+    SeedPeerCluster,
+    SeedPeerClusterLink,
+    utcnow,
+)
 
 log = get_logger("mgr.registry")
 
@@ -43,7 +56,9 @@ FABRIC = audit.Actor(user_id=None, name="fabric", via="fabric")
 DEFAULT_CLUSTER = "default"
 """The name of the cluster made when an instance names none and there is no default one."""
 
-Kind = Literal["scheduler", "seed_peer"]
+Kind = Literal["scheduler", "seed_peer", "host"]
+"""What registers: a scheduler, a seed peer, or a daemon (a host, in the ``hosts`` table)."""
+Instance = Scheduler | SeedPeer | Host
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -144,17 +159,39 @@ def _seed_peer_cluster(session: Session, name: str, cluster_id: int) -> SeedPeer
     return row
 
 
-def register(db: Database, msg: MgrRegister) -> Registered:
-    """Create or take over the instance ``msg`` names, active from now. Raises :class:`RegistryError`."""
+def register(db: Database, msg: MgrRegister, *, serving: ClusterView | None = None) -> Registered:
+    """Create or take over the instance ``msg`` names, active from now. ``serving``: for a host, the
+    scheduler cluster that serves it (:func:`match_cluster`; None: none does). Raises :class:`RegistryError`."""
     try:
         ip = check_ip(msg.ip)
     except ValueError:
         raise RegistryError(1402, f"ip: {msg.ip!r} is not an IPv4 or IPv6 address") from None
+    if msg.kind == "host" and not msg.host_id:
+        raise RegistryError(1402, "host_id: a host registers with its host id")
     now = utcnow()
     with db.writing() as session:
-        row: Scheduler | SeedPeer | None
+        row: Instance | None
         values: dict[str, Any]
-        if msg.kind == "scheduler":
+        if msg.kind == "host":
+            serving_id = serving.id if serving is not None and session.get(SchedulerCluster, serving.id) is not None else None
+            row = session.exec(select(Host).where(Host.host_id == msg.host_id)).first()
+            values = {
+                "hostname": msg.hostname,
+                "ip": ip,
+                "port": msg.port,
+                "download_port": msg.download_port or msg.port,
+                "idc": msg.idc,
+                "location": msg.location,
+                "os": msg.os,
+                "platform": msg.platform,
+                "arch": msg.arch,
+                "scheduler_cluster_id": serving_id,
+            }
+            if row is None:
+                row = Host(host_id=msg.host_id, **values)
+            config_cluster: int | None = serving_id
+            cluster_id, cluster_name = serving_id or 0, serving.name if serving is not None and serving_id else ""
+        elif msg.kind == "scheduler":
             cluster = _scheduler_cluster(session, msg.cluster, msg.cluster_id)
             assert cluster.id is not None
             row = session.exec(
@@ -167,7 +204,7 @@ def register(db: Database, msg: MgrRegister) -> Registered:
                 row = Scheduler(
                     hostname=msg.hostname, ip=ip, scheduler_cluster_id=cluster.id, features=["schedule", "preheat"], **values
                 )
-            config_cluster: int | None = cluster.id
+            config_cluster = cluster.id
             cluster_id, cluster_name = cluster.id, cluster.name
         else:
             seed_cluster = _seed_peer_cluster(session, msg.cluster, msg.cluster_id)
@@ -204,35 +241,27 @@ def register(db: Database, msg: MgrRegister) -> Registered:
         session.add(row)
         session.flush()
         if created:
-            audit.record(
-                session,
-                FABRIC,
-                "create",
-                msg.kind,
-                row.id,
-                {"hostname": row.hostname, "ip": ip, "cluster_id": cluster_id, **values},
-            )
+            identity = {"host_id": msg.host_id} if msg.kind == "host" else {"hostname": row.hostname, "ip": ip}
+            audit.record(session, FABRIC, "create", msg.kind, row.id, {**identity, "cluster_id": cluster_id, **values})
         elif changed:
             audit.record(session, FABRIC, "update", msg.kind, row.id, changed)
         assert row.id is not None
         return Registered(msg.kind, row.id, cluster_id, cluster_name, config_cluster)
 
 
-def _rows(session: Session, kind: Kind, *, ids: Sequence[int] | None = None) -> Sequence[Scheduler | SeedPeer]:
-    """Instances of ``kind``: those with these ids, or else the active ones."""
-    if kind == "scheduler":
-        stmt_s = (
-            select(Scheduler).where(col(Scheduler.id).in_(ids))
-            if ids is not None
-            else select(Scheduler).where(Scheduler.state == "active")
-        )
-        return session.exec(stmt_s).all()
-    stmt_p = (
-        select(SeedPeer).where(col(SeedPeer.id).in_(ids))
-        if ids is not None
-        else select(SeedPeer).where(SeedPeer.state == "active")
-    )
-    return session.exec(stmt_p).all()
+TABLES: dict[Kind, type[Instance]] = {"scheduler": Scheduler, "seed_peer": SeedPeer, "host": Host}
+KINDS: tuple[Kind, ...] = ("scheduler", "seed_peer", "host")
+_CHUNK = 500
+"""Most ids in one ``IN (...)`` (SQLite's bound on variables is far above; a statement stays small)."""
+
+
+_BULK = {"synchronize_session": False}
+"""Set-wise updates: no object of the session is kept in step (none is loaded)."""
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i : i + _CHUNK]
 
 
 def set_state(db: Database, kind: Kind, ids: Iterable[int], state: Literal["active", "inactive"]) -> list[int]:
@@ -240,21 +269,34 @@ def set_state(db: Database, kind: Kind, ids: Iterable[int], state: Literal["acti
     wanted = sorted(set(ids))
     if not wanted:
         return []
+    table = TABLES[kind]
+    id_col, state_col = col(table.id), col(table.state)
     now = utcnow()
-    flipped: list[int] = []
+    flipped: list[int | None] = []
     with db.writing() as session:
-        for row in _rows(session, kind, ids=wanted):
-            assert row.id is not None
-            if row.state != state:
-                flipped.append(row.id)
-                row.state = state
+        for chunk in _chunks(wanted):
+            flipped += session.exec(select(id_col).where(id_col.in_(chunk), state_col != state)).all()
+            values: dict[str, Any] = {"state": state}
             if state == "active":
-                row.last_keepalive_at = now
-            session.add(row)
-    return flipped
+                values["last_keepalive_at"] = now
+            session.execute(sa.update(table).where(id_col.in_(chunk)).values(**values), execution_options=_BULK)
+    return sorted(i for i in flipped if i is not None)
 
 
-KINDS: tuple[Kind, ...] = ("scheduler", "seed_peer")
+def touch(db: Database, instances: Mapping[Kind, Sequence[int]]) -> None:
+    """These instances are alive (kept alive on a session of this manager): ``active``, and
+    ``last_keepalive_at`` now. One ``UPDATE`` per kind (and per :data:`_CHUNK` ids), in one transaction."""
+    if not any(instances.values()):
+        return
+    now = utcnow()
+    with db.writing() as session:
+        for kind, ids in instances.items():
+            table = TABLES[kind]
+            for chunk in _chunks(sorted(set(ids))):
+                session.execute(
+                    sa.update(table).where(col(table.id).in_(chunk)).values(state="active", last_keepalive_at=now),
+                    execution_options=_BULK,
+                )
 
 
 def sweep(db: Database, older_than: dt.datetime, held: Mapping[Kind, set[int]]) -> dict[Kind, list[int]]:
@@ -264,15 +306,13 @@ def sweep(db: Database, older_than: dt.datetime, held: Mapping[Kind, set[int]]) 
     out: dict[Kind, list[int]] = {}
     with db.writing() as session:
         for kind in KINDS:
-            marked: list[int] = []
-            for row in _rows(session, kind):
-                assert row.id is not None
-                if row.id in held.get(kind, set()):
-                    continue
-                if row.last_keepalive_at is not None and row.last_keepalive_at < older_than:
-                    row.state = "inactive"
-                    session.add(row)
-                    marked.append(row.id)
+            table = TABLES[kind]
+            id_col, kept = col(table.id), col(table.last_keepalive_at)
+            stale = session.exec(select(id_col).where(table.state == "active", kept.is_not(None), kept < older_than)).all()
+            mine = held.get(kind, set())
+            marked = sorted(i for i in stale if i is not None and i not in mine)
+            for chunk in _chunks(marked):
+                session.execute(sa.update(table).where(id_col.in_(chunk)).values(state="inactive"), execution_options=_BULK)
             if marked:
                 out[kind] = marked
     return out

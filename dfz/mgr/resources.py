@@ -1,6 +1,8 @@
 """The REST API's resources (:class:`~dfz.mgr.crud.Resource`) and the rules particular to each: one
 default scheduler cluster, built-in roles that stay, no handing out more than one holds, the last root
-user, a job's arguments shown without its password, a dynamic config's version."""
+user, a job's arguments shown without its password, a dynamic config's version; and which tenant a row
+belongs to, for confined principals (hosts, applications, jobs and users by their ``tenant_id``, a tenant
+by its id, an audit entry by its actor's tenant; roles are global: a confined principal changes none)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from fastapi import HTTPException, status
 from sqlmodel import Session, col, select
 
 from . import audit
-from .auth import Principal
+from .auth import TENANT_ADMIN, Principal
 from .crud import Link, Resource, Values
 from .models import (
     Application,
@@ -190,6 +192,7 @@ HOSTS = Resource(
     read=HostRead,
     filter=HostFilter,
     prepare=lambda session, principal, values, row: _plain(values, row),
+    tenant_field="tenant_id",
 )
 
 TENANTS = Resource(
@@ -203,6 +206,7 @@ TENANTS = Resource(
     read=TenantRead,
     filter=TenantFilter,
     prepare=lambda session, principal, values, row: _plain(values, row),
+    confine=lambda principal: col(Tenant.id) == principal.tenant,
 )
 
 
@@ -215,7 +219,13 @@ def _no_escalation(principal: Principal, permissions: list[str], what: str) -> N
         raise _refuse(status.HTTP_403_FORBIDDEN, f"{what} {', '.join(beyond)}, which your role does not have")
 
 
+def _not_confined(principal: Principal) -> None:
+    if principal.confined:
+        raise _refuse(status.HTTP_403_FORBIDDEN, "roles are global: a user confined to a tenant cannot change them")
+
+
 def _role(session: Session, principal: Principal, values: Values, row: Role | None) -> None:
+    _not_confined(principal)
     _touch(values, row)
     if "permissions" in values:
         _no_escalation(principal, values["permissions"], "the role would grant")
@@ -227,6 +237,7 @@ def _role(session: Session, principal: Principal, values: Values, row: Role | No
 
 
 def _role_delete(session: Session, principal: Principal, row: Role) -> None:
+    _not_confined(principal)
     if row.builtin:
         raise _refuse(status.HTTP_409_CONFLICT, f"role {row.name!r} is built in: it cannot be deleted")
 
@@ -261,6 +272,12 @@ def _user(session: Session, principal: Principal, values: Values, row: User | No
         if role is None:
             raise _refuse(422, f"role_id: there is no role with id {values['role_id']}")
         _no_escalation(principal, role.permissions, f"role {role.name!r} grants")
+    role_id = values.get("role_id", row.role_id if row is not None else None)
+    tenant_id = values.get("tenant_id", row.tenant_id if row is not None else None)
+    if tenant_id is None and role_id is not None and ("role_id" in values or "tenant_id" in values):
+        role = session.get(Role, role_id)
+        if role is not None and role.name == TENANT_ADMIN:
+            raise _refuse(422, f"tenant_id: a user with role {TENANT_ADMIN!r} administers a tenant: give it one")
     if row is not None and row.id in _root_users(session):
         demoted = "role_id" in values and values["role_id"] != row.role_id
         disabled = values.get("state", "enabled") != "enabled"
@@ -287,6 +304,7 @@ USERS = Resource(
     filter=UserFilter,
     prepare=_user,
     before_delete=_user_delete,
+    tenant_field="tenant_id",
 )
 
 
@@ -311,6 +329,7 @@ APPLICATIONS = Resource(
     read=ApplicationRead,
     filter=ApplicationFilter,
     prepare=_owned,
+    tenant_field="tenant_id",
 )
 
 
@@ -337,6 +356,7 @@ JOBS = Resource(
     prepare=lambda session, principal, values, row: _job(principal, values, row),
     before_delete=_job_delete,
     present=_job_present,
+    tenant_field="tenant_id",
     filters={
         "scheduler_cluster_id": lambda value: col(Job.id).in_(
             select(JobSchedulerCluster.job_id).where(JobSchedulerCluster.scheduler_cluster_id == value)
@@ -392,6 +412,8 @@ AUDIT_LOGS = Resource(
         "since": lambda value: col(AuditLog.at) >= value,
         "until": lambda value: col(AuditLog.at) < value,
     },
+    # An entry is of the tenant of the user who made the change.
+    confine=lambda principal: col(AuditLog.actor_user_id).in_(select(User.id).where(User.tenant_id == principal.tenant)),
 )
 
 RESOURCES: tuple[Resource, ...] = (

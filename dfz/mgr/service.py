@@ -30,6 +30,7 @@ from ..log import event, get_logger
 from . import audit
 from .db import Database, display_url, parse_url
 from .fabric import FabricSettings, ManagerFabric
+from .jobs import JobRunner, JobSettings
 from .models import Role, User
 from .security import hash_password, new_password
 
@@ -73,6 +74,12 @@ class ManagerConfig:
     """Seconds after which a daemon asks again which schedulers serve it."""
     config_poll: float = 1.0
     """Seconds between two looks at the database for changed clusters and dynamic configs to push."""
+    job_poll: float = 0.5
+    """Seconds between two looks at the database for pending jobs (preheat, ``jobs.py``)."""
+    preheat_concurrency: int = 4
+    """Preheat tasks (one URL on one peer) running at once per scheduler cluster, across jobs."""
+    seed_wait: float = 10.0
+    """Seconds a job waits for a cluster's seed peers to be connected (after a restart they register again)."""
 
     def __post_init__(self) -> None:
         if self.database:
@@ -88,12 +95,15 @@ class ManagerConfig:
             scheme, sep, rest = self.fabric.partition("://")
             if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
                 raise ConfigError(f"fabric: {self.fabric!r} is not an endpoint such as tcp://0.0.0.0:8003")
-        for key in ("keepalive", "refresh", "config_poll"):
+        for key in ("keepalive", "refresh", "config_poll", "job_poll", "seed_wait"):
             value = getattr(self, key)
             if not (isinstance(value, int | float) and 0.01 <= value <= 86400):
                 raise ConfigError(f"{key}: must be from 0.01 to 86400 seconds, got {value!r}")
         if isinstance(self.liveness, bool) or not isinstance(self.liveness, int) or not 1 <= self.liveness <= 1000:
             raise ConfigError(f"liveness: must be an integer from 1 to 1000, got {self.liveness!r}")
+        concurrency = self.preheat_concurrency
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 10_000:
+            raise ConfigError(f"preheat_concurrency: must be an integer from 1 to 10000, got {concurrency!r}")
 
     def fabric_listen(self) -> str:
         from .fabric import default_fabric_listen
@@ -108,6 +118,9 @@ class ManagerConfig:
             refresh=self.refresh,
             config_poll=self.config_poll,
         )
+
+    def job_settings(self) -> JobSettings:
+        return JobSettings(poll=self.job_poll, cluster_concurrency=self.preheat_concurrency, seed_wait=self.seed_wait)
 
     def database_url(self) -> str:
         if self.database:
@@ -146,9 +159,9 @@ class ManagerConfig:
                 if not isinstance(value, bool):
                     raise ConfigError(f"{source}: cookie_secure must be true or false")
                 values[key] = value
-            elif key == "liveness":
+            elif key in ("liveness", "preheat_concurrency"):
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise ConfigError(f"{source}: liveness must be an integer")
+                    raise ConfigError(f"{source}: {key} must be an integer")
                 values[key] = value
             else:
                 if isinstance(value, bool) or not isinstance(value, int | float):
@@ -202,6 +215,8 @@ class Manager:
         self.db: Database | None = None
         self.fabric: ManagerFabric | None = None
         self.fabric_endpoints: list[str] = []
+        self.jobs: JobRunner | None = None
+        """Runs the jobs (preheat) once the database is open."""
         """Where the fabric endpoint listens (``mgr.*``), once it serves."""
         self._shutdown = trio.Event()
 
@@ -244,6 +259,7 @@ class Manager:
                 await trio.to_thread.run_sync(db.upgrade)
                 self.root_password = await trio.to_thread.run_sync(ensure_root, db, self.environ)
                 fabric.attach(db)
+                self.jobs = await nursery.start(JobRunner(db, fabric, self.config.job_settings()).run)
                 app = create_app(db, ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure))
 
                 async def http(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

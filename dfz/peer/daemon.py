@@ -50,10 +50,11 @@ import secrets
 import signal
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 import zmq
@@ -61,8 +62,8 @@ import zmq
 from ..broker import ClientConfig, ConnectionLost, Message, RemoteError, RequestTimeout
 from ..broker.client import Client
 from ..log import event, get_logger
-from ..mgr.agent import ManagerAgent, local_hostname
-from ..mgr.messages import MgrListSchedulers, MgrRegister, MgrSchedulers
+from ..mgr.agent import ManagerAgent, host_labels, local_hostname
+from ..mgr.messages import MgrListSchedulers, MgrPreheat, MgrRegister, MgrSchedulers, MgrTaskReport
 from ..sched.messages import (
     MAX_AVOID,
     MAX_DIGESTS_PER_MESSAGE,
@@ -799,6 +800,8 @@ class Daemon:
         """Task id -> the finished peer that serves it, per scheduler it is known to."""
         self._batches: dict[str, tuple[list[FinishedPiece], list[FailedPiece]]] = {}
         self._cache_wake = trio.Event()
+        self._preheats: set[tuple[int, int]] = set()
+        """The manager's preheat tasks (job id, task number) being worked on."""
         self.ip = ""
         self.port = 0
 
@@ -899,11 +902,27 @@ class Daemon:
     # -- the manager --
 
     def _manager_agent(self) -> ManagerAgent:
-        """The link to the manager: a seed peer registers; a daemon without configured schedulers asks for
-        them; both take the ``daemon`` settings (:meth:`apply_settings`)."""
+        """The link to the manager: a seed peer registers as a seed peer, a daemon as a host (both keep
+        alive); a daemon without configured schedulers asks for them; both take the ``daemon`` settings
+        (:meth:`apply_settings`)."""
         cfg = self.config
+        os_name, distro, arch = host_labels()
 
         def registration() -> MgrRegister:
+            if not cfg.seed:
+                return MgrRegister(
+                    kind="host",
+                    host_id=self.host_id,
+                    hostname=local_hostname(),
+                    ip=self.ip,
+                    port=self.port,
+                    download_port=self.port,
+                    idc=cfg.idc,
+                    location=cfg.location,
+                    os=os_name,
+                    platform=distro,
+                    arch=arch,
+                )
             return MgrRegister(
                 kind="seed_peer",
                 hostname=local_hostname(),
@@ -940,12 +959,77 @@ class Daemon:
             cfg.manager,
             name=f"dfz-{'seed' if cfg.seed else 'daemon'}-{self.host_id}",
             on_config=on_config,
-            registration=registration if cfg.seed else None,
+            registration=registration,
             lookup=lookup if cfg.from_manager else None,
             on_schedulers=on_schedulers if cfg.from_manager else None,
+            on_preheat=self._on_preheat,
             heartbeat=cfg.heartbeat,
             ctx=self.ctx,
         )
+
+    def _on_preheat(self, msg: MgrPreheat) -> None:
+        """The manager's ``mgr.preheat`` (a preheat job's task): download the URL into the cache, reporting
+        to the manager. A task already being worked on is not started twice (a restarted manager sends it
+        again): its next report reaches the new session."""
+        key = (msg.job_id, msg.task)
+        if self._nursery is None or key in self._preheats:
+            return
+        self._preheats.add(key)
+        self._nursery.start_soon(self._preheat, msg)
+
+    async def _preheat(self, msg: MgrPreheat) -> None:
+        request = DownloadRequest(
+            url=msg.url,
+            output=None,
+            headers=tuple(msg.headers.items()),
+            tag=msg.tag,
+            application=msg.application,
+            filtered_query_params=None if msg.filtered_query_params is None else tuple(msg.filtered_query_params),
+            piece_length=msg.piece_length or None,
+            timeout=msg.timeout_ms / 1000 if msg.timeout_ms else None,
+        )
+        event(log, logging.INFO, "daemon.preheat", job=msg.job_id, task=msg.task, url=msg.url)
+
+        def report(p: Progress, state: Any) -> MgrTaskReport:
+            return MgrTaskReport(
+                job_id=msg.job_id,
+                task=msg.task,
+                state=state,
+                task_id=p.task_id,
+                content_length=-1 if p.content_length is None else p.content_length,
+                bytes_done=p.bytes_done,
+                bytes_from_origin=p.bytes_from_origin,
+                bytes_from_peers=p.bytes_from_peers,
+                error=p.error[:1024],
+                error_kind=p.error_kind[:64],
+            )
+
+        try:
+            last: Progress | None = None
+            sent = -math.inf
+            async with aclosing(cast("AsyncGenerator[Progress, None]", self.download(request))) as progress:
+                async for p in progress:
+                    last = p
+                    manager = self.manager
+                    live = p.state in (DownloadState.PENDING, DownloadState.RUNNING)
+                    if live and manager is not None and trio.current_time() - sent >= 1.0:
+                        sent = trio.current_time()
+                        if not await manager.report(report(p, "running")):
+                            return  # the manager no longer wants it: leaving stops the download
+            if last is None:
+                last = Progress(task_id="", state=DownloadState.FAILED, error="no progress", error_kind="internal")
+            state = "succeeded" if last.state is DownloadState.SUCCEEDED else "failed"
+            if state == "failed" and not last.error:
+                last = replace(last, error=f"the download ended {last.state.value}")
+            event(log, logging.INFO, "daemon.preheat_done", job=msg.job_id, task=msg.task, state=state, error=last.error or "-")
+            # The manager may be restarting: the final report is tried until a session takes it.
+            while self.manager is not None:
+                if self.manager.connected:
+                    await self.manager.report(report(last, state))
+                    break
+                await trio.sleep(0.2)
+        finally:
+            self._preheats.discard((msg.job_id, msg.task))
 
     def apply_settings(self, settings: dict[str, Any]) -> dict[str, int]:
         """Take the manager's dynamic settings now: ``upload_rate_limit``, ``download_rate_limit`` (bytes/s,

@@ -1,0 +1,306 @@
+"""Preheat jobs end to end: real ``dfz mgr``, ``dfz sched``, ``dfz seed``, ``dfz daemon``, ``dfz get`` and
+``dfz preheat`` processes on 127.0.0.1 (ephemeral ports), driven through the open API
+(``/oapi/v1/jobs``, Dragonfly's shape) with a personal access token, against an HTTP origin in the test
+that counts the bytes it serves.
+
+* a file preheat succeeds (the seed fetched it once), and a fresh daemon then gets the file from the seed:
+  the origin serves no more bytes; a URL the origin does not have fails the job with the error recorded;
+* bad requests are 422, no token 401, a token without the ``job`` scope 403;
+* ``dfz preheat`` drives a job and exits 0 (1 when the job fails);
+* a manager killed in the middle of a job resumes it when it starts again: the job succeeds and the origin
+  served the file once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from e2e_helpers import Procs, Route, dfz_cmd, read_line, serve_origin
+
+from dfz.mgr.service import ROOT_PASSWORD_ENV
+
+pytestmark = pytest.mark.timeout(60)
+
+PASSWORD = "root-password-for-tests"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    procs: Procs
+    tmp: Path
+    db: str
+    fabric: str
+    url: str = ""
+    mgr: subprocess.Popen[bytes] | None = None
+    api: httpx.Client | None = None
+
+    def start_mgr(self) -> None:
+        config = self.tmp / "mgr.toml"
+        config.write_text("keepalive = 0.3\nliveness = 3\nrefresh = 2\nconfig_poll = 0.2\njob_poll = 0.1\nseed_wait = 5\n")
+        argv = dfz_cmd("mgr", "--config", str(config), "--database", self.db, "--listen", "127.0.0.1:0", "--fabric", self.fabric)
+        with (self.tmp / "mgr.log").open("ab") as log:
+            env = {**os.environ, ROOT_PASSWORD_ENV: PASSWORD}
+            self.mgr = self.procs.start([*argv, "-v"], stdout=subprocess.PIPE, stderr=log, env=env)
+        self.url = read_line(self.mgr, "listening")
+        if self.api is not None:
+            self.api.close()
+        self.api = httpx.Client(base_url=self.url, timeout=10)
+        assert self.api.post("/api/v1/sessions", json={"name": "root", "password": PASSWORD}).status_code == 201
+
+    def start(self, *args: str, name: str) -> str:
+        with (self.tmp / f"{name}.log").open("ab") as err:
+            proc = self.procs.start(dfz_cmd(*args, "-v"), stdout=subprocess.PIPE, stderr=err)
+        ready = "listening" if args[0] == "sched" else "api"
+        return read_line(proc, ready)
+
+    def token(self, scopes: list[str]) -> str:
+        assert self.api is not None
+        made = self.api.post(
+            "/api/v1/personal-access-tokens", json={"name": f"t-{len(scopes)}-{time.monotonic_ns()}", "scopes": scopes}
+        )
+        assert made.status_code == 201, made.text
+        return str(made.json()["token"])
+
+    def active(self, path: str) -> list[dict[str, Any]]:
+        assert self.api is not None
+        return [r for r in self.api.get(f"/api/v1/{path}", params={"per_page": 100}).json()["items"] if r["state"] == "active"]
+
+
+@pytest.fixture
+def stack(procs: Procs, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(procs, tmp_path, f"sqlite:///{tmp_path / 'm.db'}", f"tcp://127.0.0.1:{free_port()}")
+    s.start_mgr()
+    s.start("sched", "--manager", s.fabric, "--listen", "tcp://127.0.0.1:0", name="sched")
+    s.start("seed", "--data-dir", str(tmp_path / "seed"), "--manager", s.fabric, name="seed")
+    wait_for(lambda: s.active("seed-peers") and s.active("schedulers"), 10, "scheduler and seed peer active")
+    yield s
+    if s.api is not None:
+        s.api.close()
+
+
+def job_done(oapi: httpx.Client, job_id: int, timeout: float = 30) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        answer = oapi.get(f"/oapi/v1/jobs/{job_id}")
+        assert answer.status_code == 200, answer.text
+        job: dict[str, Any] = answer.json()
+        return job if job["state"] != "PENDING" else None
+
+    result: dict[str, Any] = wait_for(done, timeout, f"job {job_id} finished")
+    return result
+
+
+def test_file_preheat_failures_and_auth(stack: Stack, tmp_path: Path) -> None:
+    size = 5 << 20
+    data = os.urandom(size)
+    with serve_origin({"/file.bin": Route(data), "/cli.bin": Route(data[: 1 << 20])}) as origin:
+        token = stack.token(["job"])
+        oapi = httpx.Client(base_url=stack.url, timeout=10, headers={"Authorization": f"Bearer {token}"})
+        body = {"type": "preheat", "args": {"type": "file", "url": origin.url + "/file.bin", "headers": None}}
+        made = oapi.post("/oapi/v1/jobs", json=body)
+        assert made.status_code == 200, made.text
+        created = made.json()
+        assert created["state"] == "PENDING" and created["type"] == "preheat" and created["args"]["type"] == "file"
+        job = job_done(oapi, created["id"])
+        assert job["state"] == "SUCCESS", job
+        tasks = job["result"]["tasks"]
+        assert len(tasks) == 1 and tasks[0]["state"] == "succeeded" and tasks[0]["content_length"] == size
+        assert job["result"]["job_states"][0]["results"][0]["success_tasks"][0]["url"] == origin.url + "/file.bin"
+        assert origin.served["/file.bin"] == size  # the seed fetched it, once
+
+        # A fresh daemon gets it from the seed: the origin serves nothing more.
+        api = stack.start("daemon", "--data-dir", str(tmp_path / "fresh"), "--manager", stack.fabric, name="fresh")
+        out = tmp_path / "out.bin"
+        got = subprocess.run(
+            dfz_cmd("get", origin.url + "/file.bin", "-O", str(out), "--endpoint", api, "--timeout", "30", "--no-progress"),
+            capture_output=True,
+            timeout=40,
+            check=False,
+        )
+        assert got.returncode == 0, got.stderr.decode()
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert origin.served["/file.bin"] == size
+
+        # A URL the origin does not have: the job fails, its error recorded.
+        made = oapi.post("/oapi/v1/jobs", json={"type": "preheat", "args": {"type": "file", "url": origin.url + "/missing"}})
+        assert made.status_code == 200, made.text
+        job = job_done(oapi, made.json()["id"])
+        assert job["state"] == "FAILURE" and job["dfz_state"] == "failed"
+        assert "404" in job["error"] or "not found" in job["error"].lower(), job["error"]
+        failure = job["result"]["job_states"][0]["results"][0]["failure_tasks"][0]
+        assert failure["url"] == origin.url + "/missing" and failure["description"]
+        assert job["result"]["tasks"][0]["error_kind"] == "origin_not_found"
+
+        # Bad requests, no token, a token without the job scope.
+        bad: list[dict[str, Any]] = [
+            {"type": "preheat", "args": {"type": "file"}},
+            {"type": "preheat", "args": {"type": "disk", "url": origin.url + "/file.bin"}},
+            {"type": "preheat", "args": {"type": "file", "url": "ftp://x/y"}},
+            {"type": "preheat", "args": {"type": "file", "url": origin.url + "/a", "scope": "everywhere"}},
+            {"type": "preheat", "args": {"type": "file", "url": origin.url + "/a", "piece_length": 1000}},
+            {"type": "preheat", "args": {"type": "file", "url": origin.url + "/a"}, "scheduler_cluster_ids": [999]},
+            {"type": "sweep", "args": {}},
+            {"args": {"type": "file", "url": origin.url + "/a"}},
+        ]
+        for request in bad:
+            answer = oapi.post("/oapi/v1/jobs", json=request)
+            assert 400 <= answer.status_code < 500 and answer.status_code not in (401, 403), (request, answer.text)
+        assert oapi.get("/oapi/v1/jobs/999999").status_code == 404
+        assert httpx.post(stack.url + "/oapi/v1/jobs", json=body).status_code == 401
+        other = stack.token(["cluster:read"])
+        refused = httpx.post(stack.url + "/oapi/v1/jobs", json=body, headers={"Authorization": f"Bearer {other}"})
+        assert refused.status_code == 403, refused.text
+        listed = oapi.get("/oapi/v1/jobs", params={"per_page": 5})
+        assert listed.status_code == 200 and [j["state"] for j in listed.json()] == ["FAILURE", "SUCCESS"]
+
+        # The CLI: a job that succeeds (exit 0) and one that fails (exit 1).
+        cli = ["--manager", stack.url, "--token", token, "--no-progress"]
+        done = subprocess.run(dfz_cmd("preheat", origin.url + "/cli.bin", *cli), capture_output=True, timeout=40, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"SUCCESS" in done.stdout
+        assert origin.served["/cli.bin"] == 1 << 20
+        done = subprocess.run(dfz_cmd("preheat", origin.url + "/nope", *cli), capture_output=True, timeout=40, check=False)
+        assert done.returncode == 1, done.stderr.decode()
+        oapi.close()
+
+
+def test_job_resumes_after_a_manager_restart(stack: Stack) -> None:
+    size = 4 << 20
+    data = os.urandom(size)
+    with serve_origin({"/slow.bin": Route(data, rate=2 << 20)}) as origin:
+        token = stack.token(["job"])
+        oapi = httpx.Client(base_url=stack.url, timeout=10, headers={"Authorization": f"Bearer {token}"})
+        made = oapi.post("/oapi/v1/jobs", json={"type": "preheat", "args": {"type": "file", "url": origin.url + "/slow.bin"}})
+        assert made.status_code == 200, made.text
+        job_id = made.json()["id"]
+        wait_for(lambda: origin.served.get("/slow.bin", 0) > 0, 10, "the seed started fetching")
+        assert stack.mgr is not None
+        stack.mgr.send_signal(signal.SIGKILL)  # no goodbye: the job stays running in the database
+        stack.mgr.wait(5)
+        stack.start_mgr()  # same database, same fabric endpoint: the seed registers again
+        oapi.base_url = httpx.URL(stack.url)
+        job = job_done(oapi, job_id, timeout=30)
+        assert job["state"] == "SUCCESS", job
+        assert job["result"]["tasks"][0]["state"] == "succeeded"
+        assert origin.served["/slow.bin"] == size  # the seed's download went on: fetched once
+        assert "mgr_job_resumed" in (stack.tmp / "mgr.log").read_text()
+        oapi.close()
+
+
+def _registry(tmp: Path) -> Any:
+    """The registry testbed (``scripts/registry_testbed.py``), or a skip saying why it cannot run here."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import registry_testbed as rt
+
+    server = rt.RegistryServer(tmp / "registry")
+    try:
+        server.start()
+    except rt.RegistryUnavailable as e:
+        pytest.skip(f"no registry testbed: {e}")
+    return rt, server
+
+
+def test_image_preheat_then_a_fresh_daemon_pulls_no_blob_byte_from_the_registry(stack: Stack, tmp_path: Path) -> None:
+    rt, registry = _registry(tmp_path)
+    try:
+        layers = {"a.bin": os.urandom(3 << 20), "b.bin": os.urandom(2 << 20)}
+        rt.build_image(tmp_path / "layout", layers)
+        rt.push_image(tmp_path / "layout", registry.url, "x/img")
+        # A second platform and an index over both: the job must pick the platform asked for.
+        rt.build_image(tmp_path / "arm", {"c.bin": os.urandom(1 << 20)}, tag="arm", arch="arm64")
+        rt.push_image(tmp_path / "arm", registry.url, "x/img", tag="arm")
+        auth = (rt.USER, rt.PASSWORD)
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        entries = []
+        for tag, arch in (("v1", "amd64"), ("arm", "arm64")):
+            got = httpx.get(f"{registry.url}/v2/x/img/manifests/{tag}", auth=auth, headers=accept)
+            assert got.status_code == 200, got.text
+            entries.append(
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": got.headers["docker-content-digest"],
+                    "size": len(got.content),
+                    "platform": {"os": "linux", "architecture": arch},
+                }
+            )
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+        put = httpx.put(
+            f"{registry.url}/v2/x/img/manifests/multi",
+            auth=auth,
+            json=index,
+            headers={"Content-Type": "application/vnd.oci.image.index.v1+json"},
+        )
+        assert put.status_code == 201, put.text
+        before = registry.blob_bytes_served()
+
+        token = stack.token(["job"])
+        oapi = httpx.Client(base_url=stack.url, timeout=10, headers={"Authorization": f"Bearer {token}"})
+        args = {"type": "image", "url": f"{registry.url}/v2/x/img/manifests/multi", "platform": "linux/amd64"}
+        made = oapi.post(
+            "/oapi/v1/jobs", json={"type": "preheat", "args": {**args, "username": rt.USER, "password": rt.PASSWORD}}
+        )
+        assert made.status_code == 200, made.text
+        assert made.json()["args"]["password"] == "***"
+        job = job_done(oapi, made.json()["id"])
+        assert job["state"] == "SUCCESS", job
+        blobs = job["result"]["image"]["blobs"]
+        assert len(blobs) == 2 and all("/v2/x/img/blobs/sha256:" in b for b in blobs)
+        assert all(t["state"] == "succeeded" for t in job["result"]["tasks"])
+        preheated = registry.blob_bytes_served() - before
+        sizes = [t["content_length"] for t in job["result"]["tasks"]]
+        # The seed fetched each layer once (and probed each one: a 1-byte range answer).
+        assert sum(sizes) <= preheated <= sum(sizes) + len(sizes), (preheated, sizes)
+
+        # A fresh daemon pulls the layers with its own credentials: all from the seed, none from the registry.
+        api = stack.start("daemon", "--data-dir", str(tmp_path / "fresh"), "--manager", stack.fabric, name="fresh")
+        basic = "Basic " + base64.b64encode(f"{rt.USER}:{rt.PASSWORD}".encode()).decode()
+        for n, blob in enumerate(blobs):
+            out = tmp_path / f"layer-{n}"
+            argv = dfz_cmd("get", blob, "-O", str(out), "-H", f"Authorization: {basic}", "--endpoint", api, "--no-progress")
+            pulled = subprocess.run([*argv, "--timeout", "30"], capture_output=True, timeout=40, check=False)
+            assert pulled.returncode == 0, pulled.stderr.decode()
+            assert "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest() == blob.rsplit("/", 1)[1]
+        assert registry.blob_bytes_served() - before == preheated  # zero blob bytes for the fresh daemon
+
+        # The other platform: its own layer; a platform the index lacks fails the job, saying so.
+        made = oapi.post(
+            "/oapi/v1/jobs",
+            json={"type": "preheat", "args": {**args, "platform": "linux/s390x", "username": rt.USER, "password": rt.PASSWORD}},
+        )
+        job = job_done(oapi, made.json()["id"])
+        assert job["state"] == "FAILURE" and "linux/s390x" in job["error"] and "linux/arm64" in job["error"], job
+        made = oapi.post("/oapi/v1/jobs", json={"type": "preheat", "args": {**args, "username": rt.USER, "password": "wrong"}})
+        job = job_done(oapi, made.json()["id"])
+        assert job["state"] == "FAILURE" and "401" in job["error"], job
+        oapi.close()
+    finally:
+        registry.stop()
