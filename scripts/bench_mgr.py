@@ -40,6 +40,7 @@ minutes) or ``--quick``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -186,46 +187,57 @@ class ApiCounts:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
     by_kind: dict[str, list[float]] = field(default_factory=dict)
+    cpu_start: float = 0.0
+    cpu_end: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 0.0
+    own_cpu: float = 0.0
+    """CPU seconds of this process (the REST clients) in the window."""
 
 
 async def _api_client(  # noqa: PLR0917 - one client's whole setup
-    base: str, token: str, host_ids: list[int], app_ids: list[int], think: float, until: float, counts: ApiCounts, seed: int
+    client: httpx.AsyncClient,
+    host_ids: list[int],
+    app_ids: list[int],
+    think: float,
+    start: float,
+    until: float,
+    counts: ApiCounts,
+    seed: int,
 ) -> None:
     rng = random.Random(seed)
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
-        await trio.sleep(rng.uniform(0, max(think, 0.05)))
-        while trio.current_time() < until:
-            r = rng.random()
-            if r < 0.35:
-                kind, request = "list_hosts", client.get("/hosts", params={"page": rng.randint(1, 20), "per_page": 50})
-            elif r < 0.55:
-                kind, request = "get_host", client.get(f"/hosts/{rng.choice(host_ids)}")
-            elif r < 0.70:
-                kind, request = "list_schedulers", client.get("/schedulers", params={"state": "active"})
-            elif r < 0.82:
-                kind, request = "list_clusters", client.get("/scheduler-clusters")
-            elif r < 0.95:
-                kind, request = "me", client.get("/users/me")
-            else:
-                body = {"priority": rng.randint(0, 6)}
-                kind, request = "patch_application", client.patch(f"/applications/{rng.choice(app_ids)}", json=body)
-            started = time.perf_counter()
-            try:
-                answer = await request
-                ok = answer.status_code < 400
-            except httpx.HTTPError:
-                ok = False
-            took = (time.perf_counter() - started) * 1000
-            if ok:
-                counts.latencies_ms.append(took)
-                counts.by_kind.setdefault(kind, []).append(took)
-            else:
-                counts.errors += 1
-            if think > 0:
-                # Exponential think times: independent clients, which a fixed pause would soon line up
-                # into bursts of all 50 at once (each burst's stall delaying the next in step).
-                await trio.sleep(rng.expovariate(1 / think))
+    await trio.sleep_until(start + rng.uniform(0, max(think, 0.05)))
+    while trio.current_time() < until:
+        r = rng.random()
+        if r < 0.35:
+            kind, request = "list_hosts", client.get("/hosts", params={"page": rng.randint(1, 20), "per_page": 50})
+        elif r < 0.55:
+            kind, request = "get_host", client.get(f"/hosts/{rng.choice(host_ids)}")
+        elif r < 0.70:
+            kind, request = "list_schedulers", client.get("/schedulers", params={"state": "active"})
+        elif r < 0.82:
+            kind, request = "list_clusters", client.get("/scheduler-clusters")
+        elif r < 0.95:
+            kind, request = "me", client.get("/users/me")
+        else:
+            body = {"priority": rng.randint(0, 6)}
+            kind, request = "patch_application", client.patch(f"/applications/{rng.choice(app_ids)}", json=body)
+        started = time.perf_counter()
+        try:
+            answer = await request
+            ok = answer.status_code < 400
+        except httpx.HTTPError:
+            ok = False
+        took = (time.perf_counter() - started) * 1000
+        if ok:
+            counts.latencies_ms.append(took)
+            counts.by_kind.setdefault(kind, []).append(took)
+        else:
+            counts.errors += 1
+        if think > 0:
+            # Exponential think times: independent clients, which a fixed pause would soon line up
+            # into bursts of all 50 at once (each burst's stall delaying the next in step).
+            await trio.sleep(rng.expovariate(1 / think))
 
 
 # --- the parent -------------------------------------------------------------------------------------------
@@ -263,15 +275,37 @@ async def _rest(base: str, token: str, path: str, **params: Any) -> Any:
         return answer.json()
 
 
-async def _api_phase(base: str, token: str, args: argparse.Namespace, apps: list[int]) -> ApiCounts:
+async def _api_phase(base: str, token: str, args: argparse.Namespace, apps: list[int], mgr: benchlib.Service) -> ApiCounts:
+    """The measured REST load. Everything a client does once is done before the window opens, so that
+    the window measures the steady state: the host list is fetched, the clients are made (each httpx
+    client loads the CA bundle, tens of ms of CPU) and each opens its connection with one untimed request.
+    Made at the start of the window instead, that burst stalled the first second's requests (bench_mgr's
+    p99 was set by them)."""
     hosts = await _rest(base, token, "/hosts", per_page=1000)
     host_ids = [h["id"] for h in hosts["items"]] or [1]
     counts = ApiCounts()
-    until = trio.current_time() + args.duration
-    async with trio.open_nursery() as nursery:
-        for i in range(args.api_clients):
-            nursery.start_soon(_api_client, base, token, host_ids, apps, args.api_think, until, counts, i)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for _ in range(args.api_clients):
+            client = httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            clients.append(await stack.enter_async_context(client))
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(client.get, "/users/me")
+        await trio.sleep(1.0)  # let the manager settle after the warm-up
+        start = trio.current_time()
+        until = start + args.duration
+        counts.cpu_start, counts.t_start, own0 = _cpu(mgr), time.monotonic(), _own_cpu()
+        async with trio.open_nursery() as nursery:
+            for i, client in enumerate(clients):
+                nursery.start_soon(_api_client, client, host_ids, apps, args.api_think, start, until, counts, i)
+        counts.cpu_end, counts.t_end, counts.own_cpu = _cpu(mgr), time.monotonic(), _own_cpu() - own0
     return counts
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _sleep_until(at: float) -> None:
@@ -329,11 +363,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _sleep_until(window_from + args.duration)
         cpu1, t1 = _cpu(mgr), time.monotonic()
         benchlib.progress(f"phase B: daemons and {args.api_clients} REST clients, {args.duration:g} s")
-        own0 = resource.getrusage(resource.RUSAGE_SELF)
-        api = trio.run(_api_phase, base, token, args, apps)
-        cpu2, t2 = _cpu(mgr), time.monotonic()
-        own1 = resource.getrusage(resource.RUSAGE_SELF)
-        client_cpu = (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime) / (t2 - t1) * 100
+        api = trio.run(_api_phase, base, token, args, apps, mgr)
+        client_cpu = api.own_cpu / (api.t_end - api.t_start) * 100
         active = trio.run(functools.partial(_rest, base, token, "/hosts", state="active", per_page=1))["total"]
         hosts_total = trio.run(functools.partial(_rest, base, token, "/hosts", per_page=1))["total"]
         memory = mgr.memory_kib()
@@ -358,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("registered", "register_failed", "keepalives", "keepalive_failed", "lookups", "lookup_failed")
     }
     cpu_a = (cpu1 - cpu0) / (t1 - t0) * 100
-    cpu_b = (cpu2 - cpu1) / (t2 - t1) * 100
+    cpu_b = (api.cpu_end - api.cpu_start) / (api.t_end - api.t_start) * 100
     api_done = len(api.latencies_ms)
     expected = args.daemons * window / args.keepalive
     return {
