@@ -15,6 +15,9 @@ One :class:`ManagerAgent` is one fabric session (``dfz/broker`` client) to the m
 * **Settings** from the registration reply, the lookup reply and every ``mgr.config`` push go to
   ``on_config(target, settings)``: a whole snapshot each time (a setting absent returns to the process's
   own value). Callbacks must not block; a callback that raises is logged and the agent goes on.
+* **Jobs**: a daemon takes ``mgr.preheat`` (``on_preheat``) and reports with :meth:`ManagerAgent.report`; a
+  scheduler takes ``mgr.get_task`` / ``mgr.delete_task`` (:meth:`ManagerAgent.on_push`,
+  ``dfz/sched/mgrjobs.py``) and answers with :meth:`ManagerAgent.answer`.
 * The manager being down never stops the process: everything is retried, and what the process has (its
   schedulers, its settings) stays as it is meanwhile.
 """

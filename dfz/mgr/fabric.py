@@ -22,6 +22,10 @@ Theory of operation:
   whose settings differ from the last ones it was sent gets the new snapshot as ``mgr.config``. The
   registration and ``mgr.list_schedulers`` replies carry the settings too, so nothing is missed between
   a start and the first push. Changes made through the REST API reach processes within ``config_poll``.
+* **Jobs.** The job runner (``jobs.py``) pushes ``mgr.preheat`` to seed peers and daemons and
+  ``mgr.get_task`` / ``mgr.delete_task`` to schedulers through :meth:`ManagerFabric.push_to`; their answers
+  (``mgr.task_report``, ``mgr.task_peers``, ``mgr.task_deleted``) go to the runner's callbacks, which say
+  whether more is wanted (``mgr.noted``).
 * **Nothing from the wire is trusted.** The codec checks types and bounds; the rest (addresses,
   clusters) answers ``BAD_VALUE`` or ``UNKNOWN_CLUSTER``; a database failure answers ``STORE_FAILED``;
   a handler bug answers ``INTERNAL``. None of them stops the server.

@@ -24,6 +24,10 @@ One :class:`Daemon` owns, for its lifetime (``run``):
   about a peer first flushes that peer's batch, so the scheduler always sees a peer's pieces before its
   ``peer_finished``.
 
+A scheduler's ``sched.delete_task`` (a manager's ``delete_task`` job) deletes a task as the local API's
+``api.delete`` does (:meth:`Daemon._delete_task`: download cancelled, serving stopped, peers left, storage
+removed) and is answered with ``sched.task_deleted``.
+
 Rules of this file:
 
 * Every background task lives in the daemon's nursery; push callbacks are synchronous and only hand

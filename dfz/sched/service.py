@@ -37,6 +37,10 @@ Theory of operation.
 * Reports (``sched.pieces`` and the other client pushes) become one event each (one per piece); a report
   the core refuses is answered with ``sched.refused`` through the host's outbox. ``sched.host_load``
   names no peer: it becomes ``HostLoad`` for the session's host.
+* The manager's jobs (``mgrjobs.py``): :meth:`SchedulerService.task_peers` reads a task's peers from the
+  core; :meth:`SchedulerService.delete_task` pushes ``sched.delete_task`` through the outboxes of the hosts
+  with a peer of the task, collects their ``sched.task_deleted`` (a host that leaves counts as failed), then
+  applies ``ForgetTask``.
 * The tick task applies ``Tick`` at ``core.next_deadline()`` (woken early when an event brings the
   deadline closer) and refreshes the bound hosts.
 """
