@@ -587,7 +587,9 @@ class PreheatExit(IntEnum):
     metavar="ID",
     help="Scheduler cluster id (repeatable) [default: all].",
 )
-@click.option("--timeout", type=click.IntRange(1, 86400), metavar="SECONDS", help="The job's timeout in the manager.")
+@click.option(
+    "--timeout", type=click.IntRange(1, 86400), metavar="SECONDS", help="The job's timeout in the manager (sent in nanoseconds)."
+)
 @click.option(
     "--manager", required=True, envvar="DFZ_MANAGER", metavar="URL", help="The manager's HTTP address [default: $DFZ_MANAGER]."
 )
@@ -638,7 +640,9 @@ def preheat(  # noqa: PLR0917 - click passes every option as an argument
             raise click.BadParameter(e.message, param_hint="-H") from None
         pairs[name] = value
     optional = {"headers": pairs, "username": username, "password": password, "platform": platform, "tag": tag}
-    args.update({k: v for k, v in {**optional, "application": application, "timeout": timeout}.items() if v})
+    # The open API takes Dragonfly's timeout: Go's time.Duration, in nanoseconds.
+    timeout_ns = timeout * 1_000_000_000 if timeout else None
+    args.update({k: v for k, v in {**optional, "application": application, "timeout": timeout_ns}.items() if v})
     body: dict[str, Any] = {"type": "preheat", "args": args}
     if clusters:
         body["scheduler_cluster_ids"] = list(clusters)

@@ -176,8 +176,9 @@ class Api:
 
 
 @pytest.fixture
-async def api(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Api]:
-    manager = Manager(ManagerConfig(database=db_url, listen="127.0.0.1:0"), environ={ROOT_PASSWORD_ENV: ROOT_PASSWORD})
+async def api(db_url: str, nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Api]:
+    config = ManagerConfig(database=db_url, listen="127.0.0.1:0", secret_key_file=tmp_path / "secret.key")
+    manager = Manager(config, environ={ROOT_PASSWORD_ENV: ROOT_PASSWORD})
     await nursery.start(manager.run)
     assert manager.root_password is None  # it came from the environment
     client = httpx.AsyncClient(base_url=manager.urls[0], timeout=10)
@@ -516,7 +517,7 @@ async def test_token_scopes_expiry_and_revocation(api: Api) -> None:
         await ok("GET", "/scheduler-clusters", client=program)
         answer = await program.post("/api/v1/scheduler-clusters", json={"name": "x"})
         assert answer.status_code == 403 and "scopes" in answer.text
-        await ok("POST", "/jobs", 201, client=program, json={"type": "get_task", "args": {"task_id": "ab12"}})
+        await ok("POST", "/jobs", 201, client=program, json={"type": "get_task", "args": {"task_id": "ab" * 32}})
         await ok("GET", "/tenants", 403, client=program)
         await ok("GET", "/audit-logs", 403, client=program)
         # A token creates no token beyond its own scopes.

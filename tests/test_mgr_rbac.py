@@ -75,6 +75,7 @@ MATRIX: dict[str, frozenset[str]] = {
     # Applications and jobs: a tenant admin manages its tenant's.
     **_crud("applications", EVERYONE, JOB_WRITERS),
     **_crud("jobs", EVERYONE, JOB_WRITERS),
+    f"POST {V1}/jobs/{{row_id}}/cancel": JOB_WRITERS,
     # Tenants: everybody reads (a tenant admin its own), only root changes them.
     **_crud("tenants", EVERYONE, ROOT),
     # Users: root, and a tenant admin for its tenant's; roles are global: a tenant admin only reads them.
@@ -221,7 +222,7 @@ def _bodies(w: World) -> dict[str, Callable[[], dict[str, Any]]]:
         },
         "roles": lambda: {"name": w.name("r"), "permissions": ["cluster:read"]},
         "configs": lambda: {"name": w.name("cfg"), "target": "daemon", "value": {"upload_slots": 8}},
-        "jobs": lambda: {"type": "get_task", "args": {"task_id": "ab12"}},
+        "jobs": lambda: {"type": "get_task", "args": {"task_id": "ab" * 32}},
     }
 
 
@@ -343,16 +344,16 @@ async def test_tenant_admin_is_confined_to_its_tenant(nursery: trio.Nursery, tmp
         other_admin = await w.sign_in(*(await _user_in(w, theirs)))
         try:
             their_job = (
-                await ok("POST", "/jobs", 201, client=other_admin, json={"type": "get_task", "args": {"task_id": "cd34"}})
+                await ok("POST", "/jobs", 201, client=other_admin, json={"type": "get_task", "args": {"task_id": "cd" * 32}})
             )["id"]
             their_token = (
                 await ok("POST", "/personal-access-tokens", 201, client=other_admin, json={"name": "x", "scopes": ["token"]})
             )["id"]
         finally:
             await other_admin.aclose()
-        my_job = (await ok("POST", "/jobs", 201, client=ta, json={"type": "get_task", "args": {"task_id": "ab12"}}))["id"]
+        my_job = (await ok("POST", "/jobs", 201, client=ta, json={"type": "get_task", "args": {"task_id": "ab" * 32}}))["id"]
         rows["jobs"] = {"mine": my_job, "theirs": their_job}
-        root_job = (await ok("POST", "/jobs", 201, json={"type": "get_task", "args": {"task_id": "ef56"}}))["id"]
+        root_job = (await ok("POST", "/jobs", 201, json={"type": "get_task", "args": {"task_id": "ef" * 32}}))["id"]
 
         # Lists hold only its tenant's rows, whatever the filter says; root sees all.
         for resource, ids in rows.items():

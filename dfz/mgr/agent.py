@@ -15,6 +15,9 @@ One :class:`ManagerAgent` is one fabric session (``dfz/broker`` client) to the m
 * **Settings** from the registration reply, the lookup reply and every ``mgr.config`` push go to
   ``on_config(target, settings)``: a whole snapshot each time (a setting absent returns to the process's
   own value). Callbacks must not block; a callback that raises is logged and the agent goes on.
+* **Jobs**: a daemon takes ``mgr.preheat`` (``on_preheat``) and reports with :meth:`ManagerAgent.report`; a
+  scheduler takes ``mgr.get_task`` / ``mgr.delete_task`` (:meth:`ManagerAgent.on_push`,
+  ``dfz/sched/mgrjobs.py``) and answers with :meth:`ManagerAgent.answer`.
 * The manager being down never stops the process: everything is retried, and what the process has (its
   schedulers, its settings) stays as it is meanwhile.
 """
@@ -26,12 +29,12 @@ import platform
 import re
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import zmq
 
-from ..broker import Client, ClientConfig, ConnectionLost, RemoteError, RequestTimeout
+from ..broker import Client, ClientConfig, ConnectionLost, Message, RemoteError, RequestTimeout
 from ..log import event, get_logger
 from .messages import (
     MGR_CATALOGUE,
@@ -45,8 +48,12 @@ from .messages import (
     MgrRegister,
     MgrRegistered,
     MgrSchedulers,
+    MgrTaskDeleted,
+    MgrTaskPeers,
     MgrTaskReport,
 )
+
+M = TypeVar("M", bound=Message)
 
 log = get_logger("mgr.agent")
 
@@ -130,6 +137,21 @@ class ManagerAgent:
         except RemoteError as e:
             event(log, logging.WARNING, "mgr_agent_report_refused", job=msg.job_id, task=msg.task, code=e.code, error=e.reason)
             return True
+
+    def on_push(self, msg_type: type[M], handler: Callable[[M], None]) -> None:
+        """Call ``handler`` (synchronous, must not block) with every ``msg_type`` push of the manager: a
+        scheduler's ``mgr.get_task`` and ``mgr.delete_task``. Register before :meth:`run`."""
+        self.client.on_push(msg_type, lambda msg, _payload: handler(msg))
+
+    async def answer(self, msg: MgrTaskPeers | MgrTaskDeleted) -> bool:
+        """Send a job's answer (a scheduler's ``mgr.task_peers`` or ``mgr.task_deleted``); whether the manager
+        wants more (``mgr.noted``). False when it could not be delivered: the manager asks again on the next
+        session if it still needs the answer."""
+        try:
+            return (await self.client.request(msg, timeout=TIMEOUT)).expect(MgrNoted).wanted
+        except (ConnectionLost, RequestTimeout, RemoteError) as e:
+            event(log, logging.WARNING, "mgr_agent_answer_failed", type=msg.wire_name(), job=msg.job_id, error=str(e))
+            return False
 
     def wake_lookup(self) -> None:
         """Ask for the schedulers again soon (one of them failed)."""

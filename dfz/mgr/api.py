@@ -12,6 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
@@ -22,9 +23,10 @@ from .. import __version__
 from . import audit, crud, oapi
 from .auth import Principal, client_ip, requires, signed_in, unauthorized
 from .db import Database
-from .models import PersonalAccessToken, User, UserSession, utcnow
-from .resources import RESOURCES, USERS
+from .models import Job, PersonalAccessToken, User, UserSession, utcnow
+from .resources import JOBS, RESOURCES, USERS
 from .schemas import (
+    JobRead,
     Page,
     PasswordChange,
     Problem,
@@ -121,6 +123,7 @@ def create_app(db: Database, settings: ApiSettings | None = None) -> FastAPI:
     v1.include_router(_tokens())
     for spec in RESOURCES:
         v1.include_router(crud.router(spec))
+    v1.include_router(_job_actions())
     app.include_router(v1)
     app.include_router(oapi.router())
     app.add_middleware(BodyLimit, limit=settings.max_body)
@@ -232,6 +235,48 @@ def _me() -> APIRouter:
             user.updated_at = utcnow()
             audit.record(session, principal.actor, "update", "user", user.id, {"password": {"from": "***", "to": "***"}})
         return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return api
+
+
+# --- jobs: cancel ---------------------------------------------------------------------------------------------
+
+CANCELLABLE = ("pending", "running")
+
+
+def _job_actions() -> APIRouter:
+    api = APIRouter(prefix="/jobs", tags=["jobs"])
+    writer = requires("job", "write")
+
+    @api.post(
+        "/{row_id}/cancel",
+        response_model=JobRead,
+        summary="Cancel a job",
+        description="A pending job is cancelled at once. A running job is cancelled in the database at once and its "
+        "runner stops its tasks within a poll (`job_poll`); its result then says which tasks had finished (work "
+        "already handed to peers may still finish there). A job that ended (succeeded, failed, cancelled) "
+        "answers 409. The job keeps its row: `DELETE /api/v1/jobs/{id}` removes it.",
+        responses={**crud.ERRORS, 404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    def cancel_job(request: Request, row_id: crud.RowId, principal: Annotated[Principal, Depends(writer)]) -> Any:
+        with crud.database(request).writing() as session:
+            row = crud.get_or_404(session, JOBS, row_id, principal)
+            before = row.state
+            now = utcnow()
+            # Conditional: a runner that finishes the job at this moment, or another manager, wins or loses whole.
+            done = session.execute(
+                sa.update(Job)
+                .where(col(Job.id) == row_id, col(Job.state).in_(CANCELLABLE))
+                .values(state="cancelled", error=f"cancelled by {principal.name}"[:1024], finished_at=now, updated_at=now)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                session.refresh(row)
+                raise HTTPException(
+                    status.HTTP_409_CONFLICT, f"job {row_id} is {row.state}: only a pending or running job can be cancelled"
+                )
+            audit.record(session, principal.actor, "cancel", JOBS.kind, row_id, {"state": {"from": before, "to": "cancelled"}})
+            session.refresh(row)
+            return crud.to_read(session, JOBS, [row])[0]
 
     return api
 

@@ -13,7 +13,9 @@ from sqlmodel import Session
 
 from .models import AuditLog
 
-SECRET_KEYS = frozenset({"password", "password_hash", "token", "token_hash", "current_password", "new_password"})
+SECRET_KEYS = frozenset(
+    {"password", "password_hash", "password_sealed", "token", "token_hash", "current_password", "new_password"}
+)
 REDACTED = "***"
 
 

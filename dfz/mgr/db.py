@@ -116,6 +116,9 @@ class Database:
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
+        self.sealer: Any = None
+        """The manager's :class:`~dfz.mgr.sealing.Sealer` (secrets at rest), or None; sessions carry it in
+        ``session.info["sealer"]`` for the rules that seal a value before it is stored."""
 
     def __repr__(self) -> str:
         return f"Database({display_url(self.url)!r})"
@@ -123,14 +126,14 @@ class Database:
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
         """A session for reads; it is rolled back at the end (never commit in it)."""
-        with Session(self.engine, expire_on_commit=False) as session:
+        with Session(self.engine, expire_on_commit=False, info={"sealer": self.sealer}) as session:
             yield session
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Session]:
         """A session that may write: committed when the block ends normally, rolled back on an exception.
         On SQLite it holds the write lock from its first statement to its end: keep it short."""
-        with Session(self._write_engine, expire_on_commit=False) as session:
+        with Session(self._write_engine, expire_on_commit=False, info={"sealer": self.sealer}) as session:
             try:
                 yield session
                 session.commit()

@@ -22,6 +22,10 @@ Theory of operation:
   whose settings differ from the last ones it was sent gets the new snapshot as ``mgr.config``. The
   registration and ``mgr.list_schedulers`` replies carry the settings too, so nothing is missed between
   a start and the first push. Changes made through the REST API reach processes within ``config_poll``.
+* **Jobs.** The job runner (``jobs.py``) pushes ``mgr.preheat`` to seed peers and daemons and
+  ``mgr.get_task`` / ``mgr.delete_task`` to schedulers through :meth:`ManagerFabric.push_to`; their answers
+  (``mgr.task_report``, ``mgr.task_peers``, ``mgr.task_deleted``) go to the runner's callbacks, which say
+  whether more is wanted (``mgr.noted``).
 * **Nothing from the wire is trusted.** The codec checks types and bounds; the rest (addresses,
   clusters) answers ``BAD_VALUE`` or ``UNKNOWN_CLUSTER``; a database failure answers ``STORE_FAILED``;
   a handler bug answers ``INTERNAL``. None of them stops the server.
@@ -38,7 +42,7 @@ from typing import Any, Literal
 import trio
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..broker import ErrorCode, PeerEvent, PeerGone, PeerSession, RemoteError, Request, Server, ServerConfig
+from ..broker import ErrorCode, Message, PeerEvent, PeerGone, PeerSession, RemoteError, Request, Server, ServerConfig
 from ..log import event, get_logger
 from . import registry
 from .db import Database
@@ -50,10 +54,11 @@ from .messages import (
     MgrKeepalive,
     MgrListSchedulers,
     MgrNoted,
-    MgrPreheat,
     MgrRegister,
     MgrRegistered,
     MgrSchedulers,
+    MgrTaskDeleted,
+    MgrTaskPeers,
     MgrTaskReport,
 )
 from .registry import Kind, RegistryError, Snapshot
@@ -129,8 +134,13 @@ class ManagerFabric:
         self.server.handle(MgrKeepalive, self._on_keepalive)
         self.server.handle_now(MgrListSchedulers, self._on_list)
         self.server.handle_now(MgrTaskReport, self._on_task_report)
+        self.server.handle_now(MgrTaskPeers, self._on_task_answer)
+        self.server.handle_now(MgrTaskDeleted, self._on_task_answer)
         self.on_task_report: Callable[[bytes, MgrTaskReport], bool] | None = None
         """The job runner's (``jobs.py``): takes a report, says whether the task is still wanted."""
+        self.on_task_answer: Callable[[bytes, MgrTaskPeers | MgrTaskDeleted], bool] | None = None
+        """The job runner's: takes a scheduler's answer to ``mgr.get_task`` / ``mgr.delete_task``, says whether
+        more is wanted."""
         self.snapshot = Snapshot()
         self.stats = FabricStats()
         self._sessions: dict[bytes, _Session] = {}
@@ -306,14 +316,21 @@ class ManagerFabric:
         wanted = self.on_task_report(req.peer.routing_id, msg) if self.on_task_report is not None else False
         return MgrNoted(wanted=wanted)
 
+    def _on_task_answer(self, req: Request) -> MgrNoted:
+        msg = req.msg
+        assert isinstance(msg, MgrTaskPeers | MgrTaskDeleted)
+        wanted = self.on_task_answer(req.peer.routing_id, msg) if self.on_task_answer is not None else False
+        return MgrNoted(wanted=wanted)
+
     # --- jobs ------------------------------------------------------------------------------------------------
 
     def session_of(self, key: str) -> bytes | None:
-        """The session a job's peer is reached on now: ``seed_peer:ID`` (the session that holds that seed
-        peer, while it is active) or ``host:HOST_ID`` (a daemon's session); None when not connected."""
+        """The session a job's peer is reached on now: ``seed_peer:ID`` or ``scheduler:ID`` (the session that
+        holds that instance, while it is active) or ``host:HOST_ID`` (a daemon's session); None when not
+        connected."""
         kind, _, ident = key.partition(":")
-        if kind == "seed_peer" and ident.isdigit():
-            rid = self._holders.get(("seed_peer", int(ident)))
+        if kind in ("seed_peer", "scheduler") and ident.isdigit():
+            rid = self._holders.get(("seed_peer" if kind == "seed_peer" else "scheduler", int(ident)))
             s = self._sessions.get(rid) if rid is not None else None
             return rid if s is not None and s.active and rid in self.server.peers else None
         if kind == "host":
@@ -333,7 +350,17 @@ class ManagerFabric:
             and s.rid in self.server.peers
         )
 
-    async def push_to(self, rid: bytes, msg: MgrPreheat) -> bool:
+    def schedulers_of(self, cluster_id: int) -> list[tuple[int, str, str]]:
+        """``(instance id, hostname, ip)`` of the active schedulers of ``cluster_id`` (the snapshot's), by id."""
+        cluster = self.snapshot.cluster(cluster_id)
+        return [] if cluster is None else sorted((s.id, s.hostname, s.ip) for s in cluster.schedulers)
+
+    def understands(self, rid: bytes, msg_type: type[Message]) -> bool:
+        """Whether the client of session ``rid`` listed ``msg_type`` in its ``hello`` (it knows the type)."""
+        peer = self.server.peers.get(rid)
+        return peer is not None and msg_type.wire_name() in peer.types
+
+    async def push_to(self, rid: bytes, msg: Message) -> bool:
         """Push a job's message to a session; False when it is gone."""
         try:
             await self.server.push(rid, msg)

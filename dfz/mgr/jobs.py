@@ -1,4 +1,5 @@
-"""The manager's job runner: preheat jobs run inside ``dfz mgr``, asynchronously, in trio tasks.
+"""The manager's job runner: preheat, ``get_task`` and ``delete_task`` jobs run inside ``dfz mgr``,
+asynchronously, in trio tasks.
 
 Theory of operation:
 
@@ -21,6 +22,22 @@ Theory of operation:
   ``mgr.task_report`` requests. A peer whose session ends is waited for (``seed_wait``) and sent the push
   again on its new session; the job's ``timeout`` (default ``default_timeout``) fails what is left.
 * **Rate limit.** At most ``cluster_concurrency`` tasks run at once per scheduler cluster, across jobs.
+* **The registry password** is sealed in the job's row (``sealing.py``) and opened only here, in memory, when
+  the job runs; one that cannot be opened (the manager's key changed) fails the job, saying so.
+* **``get_task`` and ``delete_task``** ask the schedulers instead of the peers: the task's id is given or
+  computed from its URL as a daemon computes it (``TaskArgs.the_task_id``); every active scheduler of each
+  of the job's clusters (all clusters when none is named) that holds a session with this manager is pushed
+  ``mgr.get_task`` (which peers of the task it knows: host, address, state, pieces) or ``mgr.delete_task``
+  (it asks those peers' daemons to delete the task, then forgets it) and answers with ``mgr.task_peers`` /
+  ``mgr.task_deleted`` requests. A scheduler whose session changes is asked again on its new session; the
+  job's ``timeout`` (default ``task_timeout``) fails those that did not answer. A cluster with no connected
+  scheduler (after ``seed_wait``) fails. The result has Dragonfly's shape: per cluster ``peers``
+  (``get_task``) or ``success_tasks`` / ``failure_tasks`` per host (``delete_task``).
+* **Cancelling** (``POST /api/v1/jobs/{id}/cancel``) is a write to the job's row (``running`` →
+  ``cancelled``); every ``poll`` the runner looks at the rows of the jobs it runs and cancels the trio tasks
+  of those no longer ``running``, then records which tasks had finished in the result (the state stays
+  ``cancelled``). A pending job is simply never claimed. Every write of the runner to a job's row is
+  conditional on the row being ``running``, so a cancel and a job's end never overwrite each other.
 * **The result** (JSON, saved at most every ``save_interval`` while it changes) has Dragonfly's shape,
   ``{"state", "job_states": [{"task_name", "state", "error", "results": [{"scheduler_cluster_id",
   "success_tasks", "failure_tasks"}]}]}``, plus dfz's own ``tasks`` (every task's state, bytes and error)
@@ -43,16 +60,27 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from ..log import event, get_logger
+from ..tasks import InvalidPieceLength
 from .db import Database
-from .messages import MgrPreheat, MgrTaskReport
+from .messages import (
+    MgrDeleteTask,
+    MgrGetTask,
+    MgrPreheat,
+    MgrTaskDeleted,
+    MgrTaskPeers,
+    MgrTaskReport,
+)
 from .models import Job, JobSchedulerCluster, SchedulerCluster, SeedPeer, SeedPeerClusterLink, utcnow
 from .oci import DEFAULT_PLATFORM, ImageError, resolve_image
-from .schemas import PreheatArgs
+from .schemas import NS_PER_SECOND, PreheatArgs, TaskArgs
+from .sealing import SealError, open_args
 
 log = get_logger("mgr.jobs")
 
-JOB_TYPES = ("preheat",)
+JOB_TYPES = ("preheat", "get_task", "delete_task")
 """The job types this runner runs (others stay pending for a runner that knows them)."""
+MAX_ANSWER_RECORDS = 10_000
+"""Most peers (or hosts) kept from one scheduler's answer; beyond, the answer is marked truncated."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,8 @@ class JobSettings:
     """Seconds a job may run when its arguments give no ``timeout``."""
     save_interval: float = 0.5
     """Least seconds between two writes of a running job's result."""
+    task_timeout: float = 60.0
+    """Seconds a ``get_task`` or ``delete_task`` job may run when its arguments give no ``timeout``."""
 
 
 @dataclass(frozen=True)
@@ -123,11 +153,53 @@ class JobFailed(Exception):
 
 
 @dataclass
+class _Ask:
+    """One question of a ``get_task`` or ``delete_task`` job to one scheduler."""
+
+    request: int
+    cluster_id: int
+    scheduler_id: int
+    hostname: str
+    ip: str
+    state: str = "pending"
+    """``pending``, ``asked``, ``answered`` or ``failed``."""
+    error: str = ""
+    rid: bytes | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    truncated: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def key(self) -> str:
+        return f"scheduler:{self.scheduler_id}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scheduler_cluster_id": self.cluster_id,
+            "id": self.scheduler_id,
+            "hostname": self.hostname,
+            "ip": self.ip,
+            "state": self.state,
+            "error": self.error,
+            "records": len(self.records),
+            "truncated": self.truncated,
+        }
+
+
+@dataclass
 class _Running:
     job_id: int
+    type: str = "preheat"
     tasks: dict[int, Task] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
     extra: dict[str, Any] = field(default_factory=dict)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    """Around the job's work: cancelled when the job's row is no longer ``running`` (cancelled)."""
+    asks: dict[int, _Ask] = field(default_factory=dict)
+    """A task job's questions, by request number."""
+    clusters: list[int] = field(default_factory=list)
+    failed_clusters: dict[int, str] = field(default_factory=dict)
+    """Clusters that could not be asked at all, and why."""
 
 
 class JobRunner:
@@ -141,7 +213,9 @@ class JobRunner:
         self._jobs = trio.CapacityLimiter(self.settings.max_jobs)
         self._clusters: dict[int, trio.CapacityLimiter] = {}
         self._running: dict[int, _Running] = {}
+        self._requests = 0
         fabric.on_task_report = self.on_report
+        fabric.on_task_answer = self.on_answer
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -154,8 +228,13 @@ class JobRunner:
             task_status.started(self)
             while True:
                 try:
+                    await self._watch_cancelled()
                     waiting = await trio.to_thread.run_sync(self._pending, self.settings.max_jobs - len(self._running))
-                    ready = [job_id for job_id, age, seeds in waiting if age >= self.settings.seed_wait or self._reachable(seeds)]
+                    ready = [
+                        job_id
+                        for job_id, age, seeds, clusters in waiting
+                        if age >= self.settings.seed_wait or self._reachable(seeds + self._scheduler_keys(clusters))
+                    ]
                     claimed = await trio.to_thread.run_sync(self._claim, ready)
                 except SQLAlchemyError as e:
                     event(log, logging.ERROR, "mgr_store_failed", error=repr(e)[:500])
@@ -169,15 +248,36 @@ class JobRunner:
             rows = session.exec(select(Job.id).where(Job.state == "running", col(Job.type).in_(JOB_TYPES)).order_by(col(Job.id)))
             return [i for i in rows if i is not None]
 
-    def _reachable(self, seeds: list[str]) -> bool:
-        return any(self.fabric.session_of(key) is not None for key in seeds)
+    def _reachable(self, keys: list[str]) -> bool:
+        return any(self.fabric.session_of(key) is not None for key in keys)
 
-    def _pending(self, room: int) -> list[tuple[int, float, list[str]]]:
-        """Up to ``room`` pending jobs: id, age in seconds, and the seed peers of their clusters. A job stays
-        pending until one of them is connected (or ``seed_wait`` passed: then it runs, and says what is missing)."""
+    def _scheduler_keys(self, clusters: list[int]) -> list[str]:
+        return [f"scheduler:{sid}" for cid in clusters for sid, _, _ in self.fabric.schedulers_of(cid)]
+
+    async def _watch_cancelled(self) -> None:
+        """Cancel the work of the jobs run here whose rows are no longer ``running`` (cancelled, or gone)."""
+        ids = [job_id for job_id, r in self._running.items() if not r.scope.cancel_called]
+        if not ids:
+            return
+        states = await trio.to_thread.run_sync(self._states, ids)
+        for job_id in ids:
+            running = self._running.get(job_id)
+            if running is not None and states.get(job_id) != "running":
+                event(log, logging.INFO, "mgr_job_cancelling", job=job_id, state=states.get(job_id, "gone"))
+                running.scope.cancel()
+
+    def _states(self, ids: list[int]) -> dict[int, str]:
+        with self.db.reading() as session:
+            rows = session.exec(select(Job.id, Job.state).where(col(Job.id).in_(ids)))
+            return {i: s for i, s in rows if i is not None}
+
+    def _pending(self, room: int) -> list[tuple[int, float, list[str], list[int]]]:
+        """Up to ``room`` pending jobs: id, age in seconds, the seed peers of their clusters (a preheat) or
+        their clusters (a task job: their schedulers are looked up in memory). A job stays pending until one
+        of them is connected (or ``seed_wait`` passed: then it runs, and says what is missing)."""
         if room <= 0:
             return []
-        out: list[tuple[int, float, list[str]]] = []
+        out: list[tuple[int, float, list[str], list[int]]] = []
         with self.db.reading() as session:
             jobs = session.exec(
                 select(Job).where(Job.state == "pending", col(Job.type).in_(JOB_TYPES)).order_by(col(Job.id)).limit(room)
@@ -186,11 +286,15 @@ class JobRunner:
         now = utcnow()
         for job_id, created in rows:
             try:
-                _, wanted, clusters = self._load(job_id)
+                job, wanted, clusters = self._load(job_id)
             except JobFailed:
                 continue  # deleted meanwhile
-            seeds = [p.key for cid, _ in clusters if not wanted or cid in wanted for p in self._seed_peers(cid)]
-            out.append((job_id, (now - created).total_seconds(), seeds))
+            ids = [cid for cid, _ in clusters if not wanted or cid in wanted]
+            age = (now - created).total_seconds()
+            if job.type == "preheat":
+                out.append((job_id, age, [p.key for cid in ids for p in self._seed_peers(cid)], []))
+            else:
+                out.append((job_id, age, [], ids))
         return out
 
     def _claim(self, ids: list[int]) -> list[int]:
@@ -212,8 +316,16 @@ class JobRunner:
     async def _run_job(self, job_id: int) -> None:
         running = self._running[job_id] = _Running(job_id)
         try:
-            async with self._jobs:
-                await self._preheat(running)
+            with running.scope:
+                async with self._jobs:
+                    job, wanted, clusters = await trio.to_thread.run_sync(self._load, running.job_id)
+                    running.type = job.type
+                    if job.type == "preheat":
+                        await self._preheat(running, job, wanted, clusters)
+                    else:
+                        await self._task_job(running, job, wanted, clusters)
+            if running.scope.cancelled_caught:
+                await self._cancelled(running)
         except JobFailed as e:
             await self._finish(running, "failed", str(e))
         except SQLAlchemyError as e:
@@ -233,14 +345,15 @@ class JobRunner:
             session.expunge(job)
             return job, wanted, clusters
 
-    async def _preheat(self, running: _Running) -> None:
-        job, wanted, clusters = await trio.to_thread.run_sync(self._load, running.job_id)
+    async def _preheat(self, running: _Running, job: Job, wanted: list[int], clusters: list[tuple[int, str]]) -> None:
         try:
-            args = PreheatArgs.model_validate(job.args)
+            args = PreheatArgs.model_validate(open_args(job.args, self.db.sealer))
+        except SealError as e:
+            raise JobFailed(f"cannot open the job's registry password: {e}; create the job again") from None
         except ValueError as e:
             raise JobFailed(f"the job's arguments are not a preheat's: {e}") from None
         started = job.started_at or utcnow()
-        timeout = float(args.timeout) if args.timeout else self.settings.default_timeout
+        timeout = args.timeout / NS_PER_SECOND if args.timeout else self.settings.default_timeout
         deadline = trio.current_time() + max(0.0, timeout - (utcnow() - started).total_seconds())
         cluster_ids = [cid for cid, _ in clusters if not wanted or cid in wanted]
         if not cluster_ids:
@@ -391,7 +504,9 @@ class JobRunner:
         """A peer reports on a task (``fabric.py`` calls this); whether the task is still wanted."""
         running = self._running.get(msg.job_id)
         task = running.tasks.get(msg.task) if running is not None else None
-        if running is None or task is None or task.rid != rid or task.state in ("succeeded", "failed"):
+        if running is None or task is None or task.rid != rid or task.state in ("succeeded", "failed", "cancelled"):
+            return False
+        if running.scope.cancel_called:
             return False
         task.task_id = msg.task_id or task.task_id
         task.content_length = msg.content_length
@@ -403,6 +518,168 @@ class JobRunner:
             return True
         event(log, logging.INFO, "mgr_preheat_task_ended", job=msg.job_id, task=msg.task, state=msg.state, error=msg.error or "-")
         self._end(running, task, msg.state, msg.error, msg.error_kind)
+        return False
+
+    # --- get_task and delete_task -------------------------------------------------------------------------
+
+    async def _task_job(self, running: _Running, job: Job, wanted: list[int], clusters: list[tuple[int, str]]) -> None:
+        try:
+            args = TaskArgs.model_validate(job.args)
+            task_id = args.the_task_id()
+        except (ValueError, InvalidPieceLength) as e:
+            raise JobFailed(f"the job's arguments are not a {job.type}'s: {e}") from None
+        started = job.started_at or utcnow()
+        timeout = args.timeout / NS_PER_SECOND if args.timeout else self.settings.task_timeout
+        deadline = trio.current_time() + max(0.0, timeout - (utcnow() - started).total_seconds())
+        cluster_ids = [cid for cid, _ in clusters if not wanted or cid in wanted]
+        if not cluster_ids:
+            raise JobFailed("no scheduler cluster to ask" + (f" (asked: {wanted})" if wanted else ""))
+        running.clusters = cluster_ids
+        running.extra["task_id"] = task_id
+        event(
+            log,
+            logging.INFO,
+            "mgr_job_started",
+            job=job.id,
+            kind=job.type,
+            task=task_id,
+            clusters=",".join(map(str, cluster_ids)),
+        )
+        until = min(deadline, trio.current_time() + self.settings.seed_wait)
+        for cid in cluster_ids:
+            schedulers = await self._connected_schedulers(cid, until)
+            if not schedulers:
+                running.failed_clusters[cid] = f"no scheduler of scheduler cluster {cid} is connected to the manager"
+                continue
+            for sid, hostname, ip in schedulers:
+                self._requests = self._requests % (2**32 - 1) + 1
+                running.asks[self._requests] = _Ask(self._requests, cid, sid, hostname, ip)
+        await self._save(running)
+        async with trio.open_nursery() as nursery:
+            for ask in running.asks.values():
+                nursery.start_soon(self._ask, running, ask, task_id, deadline)
+            nursery.start_soon(self._saver, running)
+            for ask in list(running.asks.values()):
+                await ask.done.wait()
+            nursery.cancel_scope.cancel()
+        errors = [why for _, why in sorted(running.failed_clusters.items())]
+        errors += [f"scheduler {a.hostname} ({a.ip}): {a.error}" for a in running.asks.values() if a.state != "answered"]
+        if job.type == "delete_task":
+            failed = [r for a in running.asks.values() for r in a.records if not r.get("ok")]
+            errors += sorted({f"{r['hostname']} ({r['ip']}): {r['error']}" for r in failed})
+        if errors:
+            await self._finish(running, "failed", "; ".join(errors)[:1000])
+        else:
+            await self._finish(running, "succeeded", "")
+
+    async def _connected_schedulers(self, cluster_id: int, until: float) -> list[tuple[int, str, str]]:
+        """The active schedulers of ``cluster_id`` holding a session with this manager, waiting until ``until``
+        for one (after a restart they register again)."""
+        while True:
+            found = [s for s in self.fabric.schedulers_of(cluster_id) if self.fabric.session_of(f"scheduler:{s[0]}")]
+            if found or trio.current_time() >= until:
+                return found
+            await trio.sleep(0.2)
+
+    async def _ask(self, running: _Running, ask: _Ask, task_id: str, deadline: float) -> None:
+        """Push the question to the scheduler's session (again on a new session) until it answered, its
+        session is gone for ``seed_wait``, or ``deadline``."""
+        gone_since: float | None = None
+        with trio.move_on_at(deadline):
+            while not ask.done.is_set():
+                rid = self.fabric.session_of(ask.key)
+                now = trio.current_time()
+                if rid is None:
+                    gone_since = gone_since if gone_since is not None else now
+                    if now - gone_since > self.settings.seed_wait:
+                        self._ask_ended(running, ask, "failed", "the scheduler is not connected to the manager")
+                        return
+                elif rid != ask.rid:
+                    gone_since = None
+                    ask.rid, ask.records, ask.truncated = rid, [], False
+                    msg: MgrGetTask | MgrDeleteTask
+                    if running.type == "get_task":
+                        msg = MgrGetTask(job_id=running.job_id, request=ask.request, task_id=task_id)
+                    else:
+                        # The scheduler waits for its daemons a little less than the job has, so its answer arrives.
+                        budget = max(1.0, min(3600.0, (deadline - now) * 0.8))
+                        msg = MgrDeleteTask(
+                            job_id=running.job_id, request=ask.request, task_id=task_id, timeout_ms=int(budget * 1000)
+                        )
+                    if not self.fabric.understands(rid, type(msg)):
+                        self._ask_ended(running, ask, "failed", f"the scheduler does not know {msg.wire_name()} (protocol < 1.8)")
+                        return
+                    if await self.fabric.push_to(rid, msg):
+                        ask.state = "asked"
+                        running.changed.set()
+                        event(
+                            log,
+                            logging.INFO,
+                            "mgr_task_question_sent",
+                            job=running.job_id,
+                            scheduler=ask.scheduler_id,
+                            type=msg.wire_name(),
+                        )
+                    else:
+                        ask.rid = None
+                with trio.move_on_after(0.5):
+                    await ask.done.wait()
+        if not ask.done.is_set():
+            self._ask_ended(running, ask, "failed", "no answer before the job's timeout")
+
+    def _ask_ended(self, running: _Running, ask: _Ask, state: str, error: str) -> None:
+        ask.state, ask.error = state, error
+        ask.done.set()
+        running.changed.set()
+
+    def on_answer(self, rid: bytes, msg: MgrTaskPeers | MgrTaskDeleted) -> bool:
+        """A scheduler answers a question (``fabric.py`` calls this); whether more of the answer is wanted."""
+        running = self._running.get(msg.job_id)
+        ask = running.asks.get(msg.request) if running is not None else None
+        if running is None or ask is None or ask.rid != rid or ask.done.is_set():
+            return False
+        wanted = (running.type == "get_task") == isinstance(msg, MgrTaskPeers)
+        if not wanted or msg.task_id != running.extra.get("task_id"):
+            self._ask_ended(running, ask, "failed", f"the scheduler answered with a wrong {msg.wire_name()}")
+            return False
+        if isinstance(msg, MgrTaskPeers):
+            records = [
+                {
+                    "id": p.peer_id,
+                    "host_id": p.host_id,
+                    "hostname": p.hostname,
+                    "ip": p.ip,
+                    "host_type": p.host_type,
+                    "state": p.state,
+                    "finished_pieces": p.finished_pieces,
+                    "piece_count": p.piece_count,
+                    "content_length": p.content_length,
+                    "scheduler_id": ask.scheduler_id,
+                }
+                for p in msg.peers
+            ]
+        else:
+            records = [
+                {
+                    "host_id": h.host_id,
+                    "hostname": h.hostname,
+                    "ip": h.ip,
+                    "host_type": h.host_type,
+                    "ok": h.ok,
+                    "held": h.held,
+                    "error": h.error,
+                    "scheduler_id": ask.scheduler_id,
+                }
+                for h in msg.hosts
+            ]
+        room = MAX_ANSWER_RECORDS - len(ask.records)
+        ask.records.extend(records[: max(0, room)])
+        ask.truncated = ask.truncated or len(records) > room
+        running.changed.set()
+        if msg.more and not ask.truncated:
+            return True
+        event(log, logging.INFO, "mgr_task_answered", job=msg.job_id, scheduler=ask.scheduler_id, records=len(ask.records))
+        self._ask_ended(running, ask, "answered", "")
         return False
 
     # --- the result -----------------------------------------------------------------------------------------
@@ -417,28 +694,54 @@ class JobRunner:
                 event(log, logging.ERROR, "mgr_store_failed", job=running.job_id, error=repr(e)[:500])
             await trio.sleep(self.settings.save_interval)
 
-    async def _save(self, running: _Running, state: str | None = None, error: str = "") -> None:
-        result = _result(running, state)
+    async def _save(self, running: _Running, state: str | None = None, error: str = "") -> bool:
+        """Write the job's result (and, with ``state``, its end) if its row is still ``running`` (a job
+        cancelled meanwhile keeps its state; :meth:`_cancelled` writes its result). Whether it was written."""
+        result = _result(running, state) if running.type == "preheat" else _task_result(running, state)
 
-        def write() -> None:
+        def write() -> bool:
+            now = utcnow()
+            values: dict[str, Any] = {"result": result, "updated_at": now}
+            if state is not None:
+                values.update(state=state, error=error[:1024], finished_at=now)
             with self.db.writing() as session:
-                job = session.get(Job, running.job_id)
-                if job is None:
-                    return
-                job.result = result
-                now = utcnow()
-                job.updated_at = now
-                if state is not None:
-                    job.state, job.error, job.finished_at = state, error[:1024], now
-                session.add(job)
+                done = session.execute(
+                    sa.update(Job).where(col(Job.id) == running.job_id, col(Job.state) == "running").values(**values)
+                )
+                return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
-        await trio.to_thread.run_sync(write)
+        return await trio.to_thread.run_sync(write)
 
     async def _finish(self, running: _Running, state: str, error: str) -> None:
         with trio.CancelScope(shield=True):
-            await self._save(running, state, error)
+            written = await self._save(running, state, error)
+        if not written:
+            return  # cancelled meanwhile (or deleted): the row says so already
         level = logging.INFO if state == "succeeded" else logging.WARNING
         event(log, level, "mgr_job_finished", job=running.job_id, state=state, error=error or "-")
+
+    async def _cancelled(self, running: _Running) -> None:
+        """The job was cancelled (its row says so): record what had finished in its result."""
+        for task in running.tasks.values():
+            if task.state not in ("succeeded", "failed"):
+                task.state = "cancelled"
+        for ask in running.asks.values():
+            if not ask.done.is_set():
+                ask.state, ask.error = "cancelled", "the job was cancelled"
+        result = _result(running, "cancelled") if running.type == "preheat" else _task_result(running, "cancelled")
+
+        def write() -> None:
+            with self.db.writing() as session:
+                session.execute(
+                    sa.update(Job)
+                    .where(col(Job.id) == running.job_id, col(Job.state) == "cancelled")
+                    .values(result=result, updated_at=utcnow())
+                )
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(write)
+        done = sum(1 for t in running.tasks.values() if t.state == "succeeded")
+        event(log, logging.INFO, "mgr_job_cancelled", job=running.job_id, tasks_done=done, tasks=len(running.tasks))
 
 
 def _filters(text: str) -> list[str] | None:
@@ -462,7 +765,7 @@ def _result(running: _Running, state: str | None) -> dict[str, Any]:
             entry["success_tasks"].append({"url": t.url, "task_id": t.task_id, "hostname": t.peer.hostname, "ip": t.peer.ip})
         elif t.state == "failed":
             entry["failure_tasks"].append({"url": t.url, "hostname": t.peer.hostname, "ip": t.peer.ip, "description": t.error})
-    dragonfly = {"succeeded": "SUCCESS", "failed": "FAILURE"}.get(state or "", "PENDING")
+    dragonfly = _DRAGONFLY.get(state or "", "PENDING")
     errors = sorted({t.error for t in tasks if t.state == "failed" and t.error})
     return {
         "state": dragonfly,
@@ -476,5 +779,51 @@ def _result(running: _Running, state: str | None) -> dict[str, Any]:
         ],
         "tasks": [t.as_json() for t in tasks],
         **running.extra,
+        "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+_DRAGONFLY = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "FAILURE"}
+
+
+def _task_result(running: _Running, state: str | None) -> dict[str, Any]:
+    """A ``get_task`` or ``delete_task`` job's result, in Dragonfly's shape (see the module's docstring)."""
+    dragonfly = _DRAGONFLY.get(state or "", "PENDING")
+    asks = sorted(running.asks.values(), key=lambda a: (a.cluster_id, a.scheduler_id))
+    results: list[dict[str, Any]] = []
+    errors = [why for _, why in sorted(running.failed_clusters.items())]
+    errors += [f"scheduler {a.hostname} ({a.ip}): {a.error}" for a in asks if a.error]
+    for cid in running.clusters:
+        mine = [a for a in asks if a.cluster_id == cid]
+        if running.type == "get_task":
+            peers: dict[str, dict[str, Any]] = {}
+            for ask in mine:
+                for record in ask.records:
+                    peers.setdefault(record["id"], record)
+            results.append({"scheduler_cluster_id": cid, "peers": [peers[k] for k in sorted(peers)]})
+        else:
+            hosts: dict[str, dict[str, Any]] = {}
+            for ask in mine:
+                for record in ask.records:
+                    if record["host_id"] not in hosts or not record["ok"]:
+                        hosts[record["host_id"]] = record
+            task_id = running.extra.get("task_id", "")
+            success, failure = [], []
+            for key in sorted(hosts):
+                r = hosts[key]
+                shown = {k: r[k] for k in ("host_id", "hostname", "ip", "host_type")}
+                if r["ok"]:
+                    success.append({**shown, "task_id": task_id, "held": r["held"]})
+                else:
+                    failure.append({**shown, "task_id": task_id, "description": r["error"]})
+                    errors.append(f"{r['hostname']} ({r['ip']}): {r['error']}")
+            results.append({"scheduler_cluster_id": cid, "success_tasks": success, "failure_tasks": failure})
+    return {
+        "state": dragonfly,
+        "task_id": running.extra.get("task_id", ""),
+        "job_states": [
+            {"task_name": running.type, "state": dragonfly, "error": "; ".join(sorted(set(errors)))[:2000], "results": results}
+        ],
+        "schedulers": [a.as_json() for a in asks],
         "updated_at": dt.datetime.now(dt.UTC).isoformat(),
     }

@@ -231,6 +231,107 @@ class MgrNoted(Message, tag="mgr.noted"):
     wanted: bool = True
 
 
+# --- get_task and delete_task jobs (1.8) ------------------------------------------------------------------
+
+MAX_JOB_RECORDS = 48
+"""Most peers (or hosts) in one ``mgr.task_peers`` or ``mgr.task_deleted``: the largest fits the 64 KiB header
+frame; a scheduler with more sends several messages (``more``)."""
+TaskId = Annotated[str, Meta(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+"""A task id (``protocol.md`` §13): 64 lowercase hex digits."""
+VisibleId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+"""A host id or peer id as the scheduler knows it (§14.2)."""
+Why = Annotated[str, Meta(max_length=256)]
+PeerState = Literal["pending", "running", "back_to_source", "succeeded", "failed"]
+"""A peer's state at its scheduler (§14.1): ``succeeded`` holds the whole task; ``running`` and
+``back_to_source`` are downloading it; ``pending`` waits for parents; ``failed`` gave up (forgotten soon)."""
+HostType = Literal["normal", "seed"]
+
+
+class MgrGetTask(Message, tag="mgr.get_task"):
+    """The manager asks the receiving scheduler which peers of task ``task_id`` it knows (a ``get_task`` job).
+    The scheduler answers with :class:`MgrTaskPeers` requests about ``(job_id, request)``, the last one with
+    ``more`` false."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    job_id: U63
+    request: U32
+    """The manager's number for this question (one per scheduler and job run); the answers repeat it."""
+    task_id: TaskId
+
+
+class MgrDeleteTask(Message, tag="mgr.delete_task"):
+    """The manager asks the receiving scheduler to delete task ``task_id`` from every daemon (and seed peer)
+    that holds a peer of it, then to forget the task (a ``delete_task`` job). The scheduler waits up to
+    ``timeout_ms`` for its daemons and answers with :class:`MgrTaskDeleted` requests, the last one with
+    ``more`` false."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    job_id: U63
+    request: U32
+    task_id: TaskId
+    timeout_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 60_000
+
+
+class MgrTaskPeer(msgspec.Struct, kw_only=True):
+    """One peer of a task at a scheduler."""
+
+    peer_id: VisibleId
+    host_id: VisibleId
+    hostname: Name
+    ip: Name
+    """Where the host's piece server is reached (an address, or a name)."""
+    host_type: HostType
+    state: PeerState
+    finished_pieces: U32
+    """Pieces the peer holds (verified)."""
+    piece_count: Annotated[int, Meta(ge=-1, le=0xFFFF_FFFF)] = -1
+    """The task's piece count; -1: not known yet."""
+    content_length: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
+    """The task's length in bytes; -1: not known yet."""
+
+
+class MgrTaskPeers(Message, tag="mgr.task_peers"):
+    """A scheduler answers :class:`MgrGetTask`: some of the task's peers (at most :data:`MAX_JOB_RECORDS`);
+    ``more`` true: more messages follow for this ``(job_id, request)``. Answered by :class:`MgrNoted`
+    (``wanted`` false: send no more)."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    job_id: U63
+    request: U32
+    task_id: TaskId
+    peers: Annotated[list[MgrTaskPeer], Meta(max_length=MAX_JOB_RECORDS)] = []
+    more: bool = False
+
+
+class MgrDeletedHost(msgspec.Struct, kw_only=True):
+    """What one daemon (or seed peer) did about a task it was asked to delete."""
+
+    host_id: VisibleId
+    hostname: Name
+    ip: Name
+    host_type: HostType
+    ok: bool
+    """The task is not in its cache any more (deleted now, or it held nothing)."""
+    held: bool = False
+    """Its cache held the task (or part of it)."""
+    error: Why = ""
+    """Why not ``ok``: the daemon's error, ``no answer within ...``, ``the host left``, ``the daemon does not
+    know sched.delete_task``."""
+
+
+class MgrTaskDeleted(Message, tag="mgr.task_deleted"):
+    """A scheduler answers :class:`MgrDeleteTask`: what each host of the task did (at most
+    :data:`MAX_JOB_RECORDS` per message; ``more`` true: more follow). Sent once every host answered or
+    ``timeout_ms`` passed, after the scheduler forgot the task. Answered by :class:`MgrNoted`."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    job_id: U63
+    request: U32
+    task_id: TaskId
+    hosts: Annotated[list[MgrDeletedHost], Meta(max_length=MAX_JOB_RECORDS)] = []
+    more: bool = False
+
+
 MGR_TYPES: tuple[type[Message], ...] = (
     MgrRegister,
     MgrRegistered,
@@ -242,6 +343,10 @@ MGR_TYPES: tuple[type[Message], ...] = (
     MgrPreheat,
     MgrTaskReport,
     MgrNoted,
+    MgrGetTask,
+    MgrDeleteTask,
+    MgrTaskPeers,
+    MgrTaskDeleted,
 )
 
 MGR_CATALOGUE = Catalogue(MGR_TYPES, max_payload=0)

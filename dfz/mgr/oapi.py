@@ -2,12 +2,16 @@
 written for Dragonfly (Harbor's Dragonfly preheat provider) drive dfz.
 
 * ``POST /oapi/v1/jobs`` takes ``{"type": "preheat", "args": {...}, "scheduler_cluster_ids": [...]}``;
-  ``args`` is :class:`~dfz.mgr.schemas.PreheatArgs` (``type`` file or image, ``url`` or ``urls``,
+  for a preheat ``args`` is :class:`~dfz.mgr.schemas.PreheatArgs` (``type`` file or image, ``url`` or ``urls``,
   ``scope``, ``ips``/``count``/``percentage``, ``headers``, ``username``/``password``, ``platform``,
-  ``tag``, ``application``, ``filtered_query_params``, ``piece_length``, ``timeout``). As Dragonfly's
-  clients send them, ``null`` values count as absent and the camel-case spellings ``filteredQueryParams``
-  and ``pieceLength`` are taken too. The job is created ``pending`` (``jobs.py`` runs it) and answered
-  ``200`` (Dragonfly's status) with the job.
+  ``tag``, ``application``, ``filtered_query_params``, ``piece_length``, ``timeout``); for ``get_task`` and
+  ``delete_task`` it is :class:`~dfz.mgr.schemas.TaskArgs` (``task_id``, or ``url`` with ``tag``,
+  ``application``, ``filtered_query_params``, ``piece_length``; ``timeout``). ``timeout`` is in
+  **nanoseconds**, as Go's ``time.Duration`` encodes in JSON (Harbor and Dragonfly's clients send that):
+  1 s to 24 h. As Dragonfly's clients send them, ``null`` values and a ``timeout`` of 0 (Go's zero value)
+  count as absent, and the camel-case spellings ``filteredQueryParams``, ``pieceLength`` and ``taskID`` are
+  taken too. The job is created ``pending`` (``jobs.py`` runs it) and answered ``200`` (Dragonfly's status)
+  with the job.
 * ``GET /oapi/v1/jobs/{id}`` and ``GET /oapi/v1/jobs`` (``page``, ``per_page``, ``type``, ``state``:
   a JSON array, as Dragonfly answers) show jobs with ``state`` in Dragonfly's words: ``PENDING`` (pending
   or running), ``SUCCESS``, ``FAILURE`` (failed or cancelled); dfz's own state is ``dfz_state``. The
@@ -38,7 +42,7 @@ DRAGONFLY_STATES = {
     "failed": "FAILURE",
     "cancelled": "FAILURE",
 }
-_CAMEL = {"filteredQueryParams": "filtered_query_params", "pieceLength": "piece_length"}
+_CAMEL = {"filteredQueryParams": "filtered_query_params", "pieceLength": "piece_length", "taskID": "task_id"}
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}}
 
 
@@ -47,7 +51,7 @@ class OapiJobCreate(BaseModel):
     ignored (the job belongs to the token's user; seed-peer clusters follow from the scheduler clusters)."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["preheat"]
+    type: Literal["preheat", "get_task", "delete_task"]
     args: dict[str, Any]
     bio: Bio | None = ""
     scheduler_cluster_ids: IdList | None = None
@@ -57,7 +61,7 @@ class OapiJobCreate(BaseModel):
 
 
 def _args(raw: dict[str, Any]) -> dict[str, Any]:
-    return {_CAMEL.get(k, k): v for k, v in raw.items() if v is not None}
+    return {_CAMEL.get(k, k): v for k, v in raw.items() if v is not None and not (k == "timeout" and v == 0)}
 
 
 def _shown_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +109,8 @@ def router() -> APIRouter:
 
     @api.post(
         "",
-        summary="Create a job (Dragonfly's open API): preheat a file or an image",
+        summary="Create a job (Dragonfly's open API): preheat a file or an image, find or delete a task",
+        description="`args.timeout` is in nanoseconds (Go's time.Duration): 1 s to 24 h; 0 or null: the default.",
         responses={**ERRORS, 422: {"model": Problem}},
     )
     def create_job(request: Request, body: OapiJobCreate, principal: Annotated[Principal, Depends(writer)]) -> dict[str, Any]:

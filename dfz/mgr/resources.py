@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import HTTPException, status
 from sqlmodel import Session, col, select
 
-from . import audit
+from . import audit, sealing
 from .auth import TENANT_ADMIN, Principal
 from .crud import Link, Resource, Values
 from .models import (
@@ -339,7 +339,20 @@ def _job_delete(session: Session, principal: Principal, row: Job) -> None:
 
 
 def _job_present(values: Values) -> Values:
-    return {**values, "args": audit.redact(values["args"])}
+    return {**values, "args": audit.redact(sealing.shown_args(values["args"]))}
+
+
+def _job(session: Session, principal: Principal, values: Values, row: Job | None) -> None:
+    _touch(values, row)
+    if row is None:
+        values["user_id"] = principal.user_id
+        values["tenant_id"] = principal.tenant_id
+        # A registry password is kept to run (or resume) the job, sealed with the manager's key (sealing.py).
+        if any(values["args"].get(name) for name in sealing.SEALED_FIELDS):
+            sealer = session.info.get("sealer")
+            if sealer is None:
+                raise _refuse(status.HTTP_503_SERVICE_UNAVAILABLE, "the manager has no secret key to keep the password with")
+            values["args"] = sealing.seal_args(values["args"], sealer)
 
 
 JOBS = Resource(
@@ -353,7 +366,7 @@ JOBS = Resource(
     read=JobRead,
     filter=JobFilter,
     links=(Link("scheduler_cluster_ids", JobSchedulerCluster, "job_id", "scheduler_cluster_id", SchedulerCluster),),
-    prepare=lambda session, principal, values, row: _job(principal, values, row),
+    prepare=_job,
     before_delete=_job_delete,
     present=_job_present,
     tenant_field="tenant_id",
@@ -363,13 +376,6 @@ JOBS = Resource(
         )
     },
 )
-
-
-def _job(principal: Principal, values: Values, row: Job | None) -> None:
-    _touch(values, row)
-    if row is None:
-        values["user_id"] = principal.user_id
-        values["tenant_id"] = principal.tenant_id
 
 
 def _dynamic_config(session: Session, principal: Principal, values: Values, row: DynamicConfig | None) -> None:

@@ -649,6 +649,25 @@ JobType = Literal["preheat", "get_task", "delete_task"]
 JobState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 Header = Annotated[str, StringConstraints(max_length=8192)]
 
+NS_PER_SECOND = 1_000_000_000
+MAX_JOB_TIMEOUT_NS = 24 * 3600 * NS_PER_SECOND
+
+
+def _timeout_ns(value: int) -> int:
+    if not NS_PER_SECOND <= value <= MAX_JOB_TIMEOUT_NS:
+        hint = f" (did you mean {value} s = {value * NS_PER_SECOND}?)" if 1 <= value <= 86400 else ""
+        raise ValueError(
+            f"timeout is in nanoseconds (Go's time.Duration, as Dragonfly takes it): from {NS_PER_SECOND} (1 s) "
+            f"to {MAX_JOB_TIMEOUT_NS} (24 h), got {value}{hint}"
+        )
+    return value
+
+
+TimeoutNs = Annotated[
+    int, Field(strict=True, description="Nanoseconds (Go's time.Duration), 1 s to 24 h"), AfterValidator(_timeout_ns)
+]
+"""A job's timeout in nanoseconds (Dragonfly's ``time.Duration``): 1 s to 24 h."""
+
 
 class PreheatArgs(Strict):
     """A preheat's arguments, the shape of Dragonfly's ``POST /oapi/v1/jobs`` ``args``."""
@@ -668,8 +687,8 @@ class PreheatArgs(Strict):
     application: Annotated[str, StringConstraints(max_length=1024)] = ""
     filtered_query_params: Annotated[str, StringConstraints(max_length=4096)] = ""
     piece_length: int | None = Field(default=None, ge=65536, le=64 * 1024 * 1024)
-    timeout: int | None = Field(default=None, ge=1, le=86400)
-    """Seconds."""
+    timeout: TimeoutNs | None = None
+    """Nanoseconds (Go's ``time.Duration``); none: the manager's default (an hour)."""
 
     @model_validator(mode="after")
     def _targets(self) -> PreheatArgs:
@@ -690,20 +709,47 @@ class PreheatArgs(Strict):
 
 
 class TaskArgs(Strict):
-    """Which task a ``get_task`` or ``delete_task`` job is about: its id, or the URL and what identifies
-    the task with it (tag, application, filtered query parameters)."""
+    """Which task a ``get_task`` or ``delete_task`` job is about (Dragonfly's ``GetTaskArgs`` and
+    ``DeleteTaskArgs``): its id, or the URL and what identifies the task with it (tag, application, filtered
+    query parameters, a fixed piece length), from which the manager computes the id as a daemon does
+    (``dfz/tasks.py``)."""
 
-    task_id: Annotated[str, StringConstraints(max_length=128, pattern=r"^[0-9a-f]*$")] = ""
+    task_id: Annotated[str, StringConstraints(pattern=r"^$|^[0-9a-f]{64}$")] = ""
+    """64 lowercase hex digits (``protocol.md`` §13)."""
     url: HttpUrl | None = None
     tag: Annotated[str, StringConstraints(max_length=1024)] = ""
     application: Annotated[str, StringConstraints(max_length=1024)] = ""
     filtered_query_params: Annotated[str, StringConstraints(max_length=4096)] = ""
+    """``&``-separated query parameter names left out of the task id; empty: the defaults."""
+    piece_length: int | None = Field(default=None, ge=65536, le=64 * 1024 * 1024)
+    timeout: TimeoutNs | None = None
+    """Nanoseconds; none: the manager's default (a minute)."""
 
     @model_validator(mode="after")
     def _target(self) -> TaskArgs:
         if not self.task_id and self.url is None:
             raise ValueError("give task_id or url")
+        if self.task_id and self.url is not None:
+            raise ValueError("give task_id or url, not both")
+        if self.piece_length is not None and self.piece_length & (self.piece_length - 1):
+            raise ValueError("piece_length must be a power of two")
         return self
+
+    def the_task_id(self) -> str:
+        """The task's id: given, or computed from the URL like a daemon computes it."""
+        if self.task_id:
+            return self.task_id
+        from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
+
+        assert self.url is not None
+        names = [n.strip() for n in self.filtered_query_params.split("&") if n.strip()]
+        return task_id(
+            str(self.url),
+            tag=self.tag,
+            application=self.application,
+            piece_length=self.piece_length,
+            filtered_query_params=names[:64] or DEFAULT_FILTERED_QUERY_PARAMS,  # as a preheat's (jobs._filters)
+        )
 
 
 JOB_ARGS: dict[str, type[Strict]] = {"preheat": PreheatArgs, "get_task": TaskArgs, "delete_task": TaskArgs}
@@ -711,7 +757,12 @@ JOB_ARGS: dict[str, type[Strict]] = {"preheat": PreheatArgs, "get_task": TaskArg
 
 class JobCreate(Strict):
     type: JobType
-    args: dict[str, Any]
+    args: dict[str, Any] = Field(
+        description="A preheat's: type (file, image), url or urls, scope, ips/count/percentage, headers, username, "
+        "password (sealed at rest, shown as ***), platform, tag, application, filtered_query_params, piece_length, "
+        "timeout. A get_task's or delete_task's: task_id, or url with tag, application, filtered_query_params and "
+        "piece_length; timeout. timeout is in nanoseconds (Go's time.Duration, as Dragonfly): 1 s to 24 h."
+    )
     bio: Bio = ""
     scheduler_cluster_ids: IdList = []
     """Clusters to run in; none: every scheduler cluster."""

@@ -8,6 +8,10 @@ worker; it returns once the server listens (``manager.urls``). :meth:`Manager.st
 
 The first root user is ``root``, with the password in ``$DFZ_MGR_ROOT_PASSWORD`` when it is set, or else a
 generated one that :func:`serve` prints once (``root-password ...``): it is stored only as a hash.
+
+The manager's secret key (``sealing.py``: a job's registry password is sealed with it in the database) is
+``$DFZ_MGR_SECRET_KEY``, else the file ``secret_key_file`` (default ``secret.key`` in ``data_dir``, or beside
+an SQLite database), made with mode 0600 at the first start.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .db import Database, display_url, parse_url
 from .fabric import FabricSettings, ManagerFabric
 from .jobs import JobRunner, JobSettings
 from .models import Role, User
+from .sealing import KEY_FILE, Sealer, load_key
 from .security import hash_password, new_password
 
 log = get_logger("mgr")
@@ -81,6 +86,11 @@ class ManagerConfig:
     """Preheat tasks (one URL on one peer) running at once per scheduler cluster, across jobs."""
     seed_wait: float = 10.0
     """Seconds a job waits for a cluster's seed peers to be connected (after a restart they register again)."""
+    task_timeout: float = 60.0
+    """Seconds a ``get_task`` or ``delete_task`` job may take when it gives no ``timeout``."""
+    secret_key_file: Path | None = None
+    """The manager's secret key (seals registry passwords at rest); default ``secret.key`` in ``data_dir``, or
+    beside the SQLite database (``$DFZ_MGR_SECRET_KEY``, when set, is the key instead)."""
 
     def __post_init__(self) -> None:
         if self.database:
@@ -96,7 +106,7 @@ class ManagerConfig:
             scheme, sep, rest = self.fabric.partition("://")
             if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
                 raise ConfigError(f"fabric: {self.fabric!r} is not an endpoint such as tcp://0.0.0.0:8003")
-        for key in ("keepalive", "refresh", "config_poll", "job_poll", "seed_wait"):
+        for key in ("keepalive", "refresh", "config_poll", "job_poll", "seed_wait", "task_timeout"):
             value = getattr(self, key)
             if not (isinstance(value, int | float) and 0.01 <= value <= 86400):
                 raise ConfigError(f"{key}: must be from 0.01 to 86400 seconds, got {value!r}")
@@ -121,7 +131,25 @@ class ManagerConfig:
         )
 
     def job_settings(self) -> JobSettings:
-        return JobSettings(poll=self.job_poll, cluster_concurrency=self.preheat_concurrency, seed_wait=self.seed_wait)
+        return JobSettings(
+            poll=self.job_poll,
+            cluster_concurrency=self.preheat_concurrency,
+            seed_wait=self.seed_wait,
+            task_timeout=self.task_timeout,
+        )
+
+    def secret_key_path(self) -> Path:
+        """Where the secret key is kept (see ``secret_key_file``)."""
+        if self.secret_key_file is not None:
+            return self.secret_key_file.expanduser()
+        if self.data_dir is not None:
+            return self.data_dir.expanduser() / KEY_FILE
+        url = parse_url(self.database_url())
+        if url.get_backend_name() == "sqlite" and url.database:
+            return Path(url.database).expanduser().resolve().parent / KEY_FILE
+        from ..peer.api import default_data_dir
+
+        return default_data_dir() / "mgr" / KEY_FILE
 
     def database_url(self) -> str:
         if self.database:
@@ -151,9 +179,9 @@ class ManagerConfig:
                 if not isinstance(value, str):
                     raise ConfigError(f"{source}: {key} must be a string")
                 values[key] = value
-            elif key == "data_dir":
+            elif key in ("data_dir", "secret_key_file"):
                 if not isinstance(value, str | Path):
-                    raise ConfigError(f"{source}: data_dir must be a directory name")
+                    raise ConfigError(f"{source}: {key} must be a path")
                 path = Path(value).expanduser()
                 values[key] = base / path if base is not None and not path.is_absolute() else path
             elif key == "cookie_secure":
@@ -255,7 +283,10 @@ class Manager:
                 except zmq.ZMQError as e:
                     raise ListenError(f"cannot listen on {self.config.fabric_listen()} (fabric): {e}") from None
                 self.fabric_endpoints = fabric.endpoints
+                key, key_source = await trio.to_thread.run_sync(load_key, self.config.secret_key_path(), self.environ)
+                sealer = Sealer(key)
                 db = Database(self.config.database_url())
+                db.sealer = sealer
                 self.db = db
                 await trio.to_thread.run_sync(db.upgrade)
                 self.root_password = await trio.to_thread.run_sync(ensure_root, db, self.environ)
@@ -286,6 +317,7 @@ class Manager:
                     urls=",".join(self.urls),
                     fabric=",".join(fabric.endpoints),
                     database=display_url(db.url),
+                    secret_key=key_source,
                 )
                 task_status.started(self)
         finally:

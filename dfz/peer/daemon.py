@@ -24,6 +24,10 @@ One :class:`Daemon` owns, for its lifetime (``run``):
   about a peer first flushes that peer's batch, so the scheduler always sees a peer's pieces before its
   ``peer_finished``.
 
+A scheduler's ``sched.delete_task`` (a manager's ``delete_task`` job) deletes a task as the local API's
+``api.delete`` does (:meth:`Daemon._delete_task`: download cancelled, serving stopped, peers left, storage
+removed) and is answered with ``sched.task_deleted``.
+
 Rules of this file:
 
 * Every background task lives in the daemon's nursery; push callbacks are synchronous and only hand
@@ -75,6 +79,7 @@ from ..sched.messages import (
     SchedAnnounceHost,
     SchedAnnounceTask,
     SchedBackToSource,
+    SchedDeleteTask,
     SchedDigests,
     SchedErrorCode,
     SchedFail,
@@ -92,6 +97,7 @@ from ..sched.messages import (
     SchedReschedule,
     SchedSeed,
     SchedTaskAnnounced,
+    SchedTaskDeleted,
     SchedTaskInfo,
     SchedTaskMetadata,
 )
@@ -1367,6 +1373,7 @@ class Daemon:
         client.on_push(SchedTaskInfo, to_peers)
         client.on_push(SchedRefused, refused)
         client.on_push(SchedSeed, lambda msg, _payload: self._on_seed(msg, link))
+        client.on_push(SchedDeleteTask, lambda msg, _payload: self._on_delete_push(msg, link))
 
     def _route(self, peer_id: str, msg: Message) -> None:
         download = self._peers.get(peer_id)
@@ -1392,6 +1399,24 @@ class Daemon:
         download.pinned = True
         download.home = link
         self._start(download)
+
+    def _on_delete_push(self, msg: SchedDeleteTask, link: _SchedLink) -> None:
+        """The scheduler asks this host to delete a task from its cache (a manager's ``delete_task`` job):
+        done in a task of its own, answered with ``sched.task_deleted`` on the same session."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._delete_for_scheduler, msg, link)
+
+    async def _delete_for_scheduler(self, msg: SchedDeleteTask, link: _SchedLink) -> None:
+        event(log, logging.INFO, "daemon.delete_asked", task=msg.task_id, scheduler=link.endpoint)
+        held, error = False, ""
+        try:
+            held = await self._delete_task(msg.task_id)
+        except (StorageError, OSError) as e:
+            error = f"cannot delete the task from the cache: {e}"
+            event(log, logging.WARNING, "daemon.delete_failed", task=msg.task_id, error=error)
+        # Queued behind the peer_left reports the deletion made, so the scheduler hears those first.
+        link.outbox.append(SchedTaskDeleted(task_id=msg.task_id, request=msg.request, held=held, error=error[:256]))
+        link.wake.set()
 
     # -- reports --
 
@@ -1605,6 +1630,17 @@ class Daemon:
         return out
 
     async def delete_task(self, task_id: str) -> bool:
+        try:
+            return await self._delete_task(task_id)
+        except StorageError:
+            return False
+
+    async def _delete_task(self, task_id: str) -> bool:
+        """Remove a task from this daemon, cleanly for everyone using it: its download (if one runs) is
+        cancelled and ends first; the piece server stops serving it (its children get a ``dropped`` task
+        state and other parents; a piece being read goes out whole, since the storage waits for reads in
+        progress before it closes the task); the schedulers hear its peers left; then the storage deletes it.
+        Whether the storage held it; raises :class:`StorageError` (or ``OSError``) when it cannot delete."""
         download = self._downloads.get(task_id)
         if download is not None:
             download.cancel()
@@ -1613,10 +1649,7 @@ class Daemon:
         for peer_id in self._served.pop(task_id, {}).values():
             self._peers.pop(peer_id, None)
             self._report(SchedPeerLeft(peer_id=peer_id))
-        try:
-            return await trio.to_thread.run_sync(self.storage.delete, task_id)
-        except StorageError:
-            return False
+        return await trio.to_thread.run_sync(self.storage.delete, task_id)
 
 
 def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:

@@ -91,6 +91,7 @@ from .events import (
     AnnounceHost,
     AnnounceTask,
     Event,
+    ForgetTask,
     HostHeartbeat,
     HostLeft,
     HostLoad,
@@ -213,6 +214,8 @@ class SchedulerCore:
                 self._drop_peers([peer], PeerTrigger.LEAVE)
             case RescheduleRequest():
                 self._reschedule_request(event)
+            case ForgetTask():
+                self._forget_task(event)
             case Tick():
                 self._tick()
             case _:
@@ -665,6 +668,17 @@ class SchedulerCore:
             if peer.state not in WAITING_STATES:
                 return
         self._reschedule(peer)
+
+    def _forget_task(self, ev: ForgetTask) -> None:
+        task = self.tasks.get(ev.task_id)
+        if task is None:
+            return
+        peers = list(task.peers.values())
+        # Every peer leaves: nobody is left to need a source (no seed trigger, no back-to-source) or new parents.
+        self._drop_peers(peers, PeerTrigger.LEAVE)
+        if self.tasks.get(task.id) is task:
+            del self.tasks[task.id]  # at once, even with a task_ttl (a stale expiry entry is skipped)
+        task.emptied_at = None
 
     # --- time -------------------------------------------------------------------------------------------
 

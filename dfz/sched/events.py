@@ -163,6 +163,16 @@ class RescheduleRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ForgetTask:
+    """The task is deleted (a manager's ``delete_task`` job): every peer of it leaves, and the task is
+    forgotten at once. Nothing is pushed to the peers (their daemons were asked to delete it); a daemon that
+    still reports about one of them is refused (``UNKNOWN_PEER``) and registers again. An unknown task is
+    not an error (nothing to forget)."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed: the core reads its clock and handles what is due: retries, host timeouts, and the
     peers and tasks whose time to live ran out."""
@@ -182,5 +192,6 @@ Event = (
     | PeerFailed
     | PeerLeft
     | RescheduleRequest
+    | ForgetTask
     | Tick
 )

@@ -362,6 +362,28 @@ class SchedRefused(Message, tag="sched.refused"):
     piece: PieceIndex | None = None
 
 
+class SchedDeleteTask(Message, tag="sched.delete_task"):
+    """To a host that has a peer of the task (1.8): delete the task from the daemon's cache (a manager's
+    ``delete_task`` job). The daemon stops its download of it, stops serving it (its children are told the
+    task was dropped and go to other parents), removes it from its storage, and answers with the client
+    push :class:`SchedTaskDeleted` repeating ``request``."""
+
+    KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    task_id: Hex64
+    request: U32
+
+
+class SchedTaskDeleted(Message, tag="sched.task_deleted"):
+    """A daemon's answer to :class:`SchedDeleteTask` (1.8). ``error`` empty: the task is not in its cache any
+    more; ``held``: it was there."""
+
+    KIND: ClassVar[Kind] = Kind.CLIENT_PUSH
+    task_id: Hex64
+    request: U32
+    held: bool = False
+    error: ShortText = ""
+
+
 SCHED_TYPES: tuple[type[Message], ...] = (
     SchedAnnounceHost,
     SchedHostAnnounced,
@@ -383,6 +405,8 @@ SCHED_TYPES: tuple[type[Message], ...] = (
     SchedDigests,
     SchedTaskInfo,
     SchedRefused,
+    SchedDeleteTask,
+    SchedTaskDeleted,
 )
 """Every ``sched.*`` type; a daemon's catalogue for its scheduler session includes them all."""
 

@@ -37,6 +37,10 @@ Theory of operation.
 * Reports (``sched.pieces`` and the other client pushes) become one event each (one per piece); a report
   the core refuses is answered with ``sched.refused`` through the host's outbox. ``sched.host_load``
   names no peer: it becomes ``HostLoad`` for the session's host.
+* The manager's jobs (``mgrjobs.py``): :meth:`SchedulerService.task_peers` reads a task's peers from the
+  core; :meth:`SchedulerService.delete_task` pushes ``sched.delete_task`` through the outboxes of the hosts
+  with a peer of the task, collects their ``sched.task_deleted`` (a host that leaves counts as failed), then
+  applies ``ForgetTask``.
 * The tick task applies ``Tick`` at ``core.next_deadline()`` (woken early when an event brings the
   deadline closer) and refreshes the bound hosts.
 """
@@ -91,6 +95,7 @@ from .events import (
     AnnounceHost,
     AnnounceTask,
     Event,
+    ForgetTask,
     HostHeartbeat,
     HostLeft,
     HostLoad,
@@ -112,6 +117,7 @@ from .messages import (
     SchedAnnounceHost,
     SchedAnnounceTask,
     SchedBackToSource,
+    SchedDeleteTask,
     SchedDigests,
     SchedErrorCode,
     SchedFail,
@@ -129,6 +135,7 @@ from .messages import (
     SchedReschedule,
     SchedSeed,
     SchedTaskAnnounced,
+    SchedTaskDeleted,
     SchedTaskInfo,
     SchedTaskMetadata,
 )
@@ -385,6 +392,53 @@ class _Binding:
     """Around the push in progress: cancelled when the host is unbound or its outbox overflows."""
 
 
+@dataclass(frozen=True)
+class TaskPeerView:
+    """One peer of a task, as a ``get_task`` job reports it (``protocol.md`` §17.9)."""
+
+    peer_id: str
+    host_id: str
+    hostname: str
+    ip: str
+    host_type: str
+    state: str
+    finished_pieces: int
+    piece_count: int
+    """-1: not known."""
+    content_length: int
+    """-1: not known."""
+
+
+@dataclass
+class HostDeletion:
+    """What one host did about a task it was asked to delete (``delete_task`` job)."""
+
+    host_id: str
+    hostname: str
+    ip: str
+    host_type: str
+    ok: bool = False
+    held: bool = False
+    error: str = ""
+
+
+@dataclass(eq=False)
+class _Deletion:
+    task_id: str
+    hosts: dict[str, HostDeletion]
+    waiting: set[str]
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def answer(self, host_id: str, *, ok: bool, held: bool = False, error: str = "") -> None:
+        if host_id not in self.waiting:
+            return
+        self.waiting.discard(host_id)
+        outcome = self.hosts[host_id]
+        outcome.ok, outcome.held, outcome.error = ok, held, error[:256]
+        if not self.waiting:
+            self.done.set()
+
+
 class _Refused(RemoteError):
     """A request or report the scheduler will not apply; ``piece`` is the piece report it stopped at."""
 
@@ -430,6 +484,7 @@ class SchedulerService:
         for report in _REPORT_TYPES:
             self.server.on_push(report, self._on_report)
         self.server.on_push(SchedHostLoad, self._on_host_load)
+        self.server.on_push(SchedTaskDeleted, self._on_task_deleted)
         self.stats = ServiceStats()
         self._hosts: dict[str, _Binding] = {}
         self._sessions: dict[bytes, _Binding] = {}
@@ -437,6 +492,8 @@ class SchedulerService:
         self._tick_wakeup = trio.Event()
         self._tick_at = math.inf
         self._strays = 0
+        self._deletions: dict[int, _Deletion] = {}
+        self._deletion_serial = 0
 
     @property
     def endpoints(self) -> list[str]:
@@ -475,6 +532,76 @@ class SchedulerService:
         """The routing id of the session a host is bound to, if any."""
         binding = self._hosts.get(host_id)
         return binding.rid if binding is not None else None
+
+    # --- the manager's jobs (get_task, delete_task: protocol.md §17.9) ---------------------------------------
+
+    def task_peers(self, task_id: str) -> list[TaskPeerView]:
+        """The peers of ``task_id`` this scheduler knows now (none for an unknown task), by peer id."""
+        task = self.core.tasks.get(task_id)
+        if task is None:
+            return []
+        count = task.piece_count
+        length = task.content_length
+        return [
+            TaskPeerView(
+                peer_id=peer.id,
+                host_id=peer.host.id,
+                hostname=peer.host.hostname[:256],
+                ip=peer.host.ip[:256],
+                host_type=peer.host.type.value,
+                state=peer.state.value,
+                finished_pieces=peer.finished_count,
+                piece_count=-1 if count is None else count,
+                content_length=-1 if length is None else length,
+            )
+            for peer in sorted(task.peers.values(), key=lambda p: p.id)
+        ]
+
+    async def delete_task(self, task_id: str, wait: float) -> list[HostDeletion]:
+        """Ask every host that has a peer of ``task_id`` to delete it from its cache (``sched.delete_task``),
+        wait until each answered (``sched.task_deleted``), left, or ``wait`` seconds passed, then forget
+        the task (every peer of it leaves). Returns what each host did, by host id; none for an unknown task."""
+        task = self.core.tasks.get(task_id)
+        if task is None:
+            return []
+        self._deletion_serial = (self._deletion_serial + 1) % 2**32
+        request = self._deletion_serial
+        hosts = {p.host.id: p.host for p in task.peers.values()}
+        outcomes = {hid: HostDeletion(hid, h.hostname[:256], h.ip[:256], h.type.value) for hid, h in sorted(hosts.items())}
+        deletion = _Deletion(task_id, outcomes, set(outcomes))
+        self._deletions[request] = deletion
+        try:
+            for host_id in sorted(outcomes):
+                binding = self._hosts.get(host_id)
+                session = self.server.peers.get(binding.rid) if binding is not None else None
+                if binding is None or session is None:
+                    deletion.answer(host_id, ok=False, error="the host is not connected to this scheduler")
+                elif SchedDeleteTask.wire_name() not in session.types:
+                    deletion.answer(host_id, ok=False, error="the daemon does not know sched.delete_task (protocol < 1.8)")
+                else:
+                    self._enqueue(binding, SchedDeleteTask(task_id=task_id, request=request))
+            event(log, 20, "task_delete_asked", task=task_id, hosts=len(outcomes), waiting=len(deletion.waiting))
+            if deletion.waiting:
+                with trio.move_on_after(wait):
+                    await deletion.done.wait()
+            for host_id in sorted(deletion.waiting):
+                deletion.answer(host_id, ok=False, error=f"no answer within {wait:g} s")
+        finally:
+            del self._deletions[request]
+        self._execute(self._apply(ForgetTask(task_id)))
+        failed = sum(1 for o in outcomes.values() if not o.ok)
+        event(log, 20, "task_deleted", task=task_id, hosts=len(outcomes), failed=failed)
+        return list(outcomes.values())
+
+    def _on_task_deleted(self, session: PeerSession, msg: Message, payload: list[Any]) -> None:
+        assert isinstance(msg, SchedTaskDeleted)
+        binding = self._sessions.get(session.routing_id)
+        deletion = self._deletions.get(msg.request)
+        if binding is None or deletion is None or deletion.task_id != msg.task_id or binding.host_id not in deletion.waiting:
+            why = f"no deletion of task {msg.task_id} (request {msg.request}) waits for this session's answer"
+            self._refuse_report(session, msg, _Refused(SchedErrorCode.WRONG_STATE, why))
+            return
+        deletion.answer(binding.host_id, ok=not msg.error, held=msg.held, error=msg.error)
 
     async def run(self, *, task_status: trio.TaskStatus[SchedulerService] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled. Raises what binding raises (``zmq.ZMQError``) before starting."""
@@ -679,10 +806,10 @@ class SchedulerService:
             return
         self._execute(actions)
 
-    def _refuse_report(self, session: PeerSession, msg: Report | SchedHostLoad, err: _Refused) -> None:
+    def _refuse_report(self, session: PeerSession, msg: Report | SchedHostLoad | SchedTaskDeleted, err: _Refused) -> None:
         name = _code_name(err.code)
         self.stats.refused[name] += 1
-        peer_id = "" if isinstance(msg, SchedHostLoad) else msg.peer_id
+        peer_id = "" if isinstance(msg, SchedHostLoad | SchedTaskDeleted) else msg.peer_id
         event(log, 20, "report_refused", type=msg.wire_name(), peer=peer_id, code=name, reason=err.reason)
         refusal = SchedRefused(type=msg.wire_name(), code=err.code, reason=err.reason, peer_id=peer_id, piece=err.piece)
         binding = self._sessions.get(session.routing_id)
@@ -721,6 +848,8 @@ class SchedulerService:
         self._execute(actions)
 
     def _unbind(self, binding: _Binding) -> None:
+        for deletion in self._deletions.values():
+            deletion.answer(binding.host_id, ok=False, error="the host left before it answered")
         if self._hosts.get(binding.host_id) is binding:
             del self._hosts[binding.host_id]
         if self._sessions.get(binding.rid) is binding:
@@ -1030,7 +1159,12 @@ async def serve(config: ServiceConfig, *, on_listening: Callable[[list[str]], No
                 await nursery.start(service.run)
                 started = True
                 if config.manager:
-                    await nursery.start(_manager_agent(service).run)
+                    from .mgrjobs import ManagerJobs
+
+                    agent = _manager_agent(service)
+                    jobs = ManagerJobs(service, agent)  # its push handlers, before the agent's session starts
+                    await nursery.start(agent.run)
+                    await nursery.start(jobs.run)
                 if on_listening is not None:
                     on_listening(service.endpoints)
                 async for signum in signals:
