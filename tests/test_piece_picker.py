@@ -67,11 +67,8 @@ def test_rarest_first_takes_the_rarest_piece_first() -> None:
     p.parent_lacks("c", 4)  # piece 4: only "a" has it
     p.parent_lacks("c", 2)  # piece 2: "a" and "b"
     assert p.availability(4) == 1 and p.availability(2) == 2 and p.availability(0) == 3
-    p.remove_parent("b")
-    p.remove_parent("c")
-    assert p.next_assignments() == [("a", 4)]
-    p.piece_done("a", 4)
-    assert p.next_assignments() == [("a", 2)]
+    got = dict(p.next_assignments())  # window 1: one piece each, the rarest each parent has
+    assert got["a"] == 4 and got["b"] == 2 and got["c"] in {0, 1, 3, 5}
 
 
 def test_rarest_first_ties_are_broken_at_random_per_child() -> None:

@@ -1039,3 +1039,39 @@ def test_simulated_swarm_of_1000_peers_on_200_hosts_over_20_tasks() -> None:
     for task in core.tasks.values():
         assert task.state is TaskState.SUCCEEDED
         assert task.digests == {k: piece_digest(task.id, k) for k in range(task.piece_count or 0)}
+
+
+def test_a_flash_crowd_tops_up_the_peers_that_registered_first() -> None:
+    # The first child registers when only the seed's peer is there: it gets one parent. As the crowd
+    # arrives it gets more (up to candidate_parent_limit), pushed as its whole list, old parents kept.
+    # (Host a has no upload slot, so that nobody takes pa as a parent: a peer below it could not become
+    # its parent, the DAG has no cycle.)
+    h = Harness(candidate_parent_limit=3)
+    h.host("s", seed=True, slots=8)
+    h.host("a", slots=0)
+    for name in "bcd":
+        h.host(name, slots=8)
+    h.register("ps", "s")  # the seed's peer: it goes to the origin
+    h.metadata("ps", 4 * PIECE)
+    h.piece("ps", 0)
+    h.register("pa", "a")
+    assert h.parents("pa") == ["ps"]
+    actions = h.register("pb", "b")
+    topped = [a for a in actions if isinstance(a, PushParents) and a.peer_id == "pa"]
+    assert len(topped) == 1 and [c.peer_id for c in topped[0].parents] == ["ps", "pb"]
+    assert h.parents("pa") == ["ps", "pb"]
+    h.register("pc", "c")
+    assert sorted(h.parents("pa")) == ["pb", "pc", "ps"]  # full: 3 parents
+    assert h.peer("pa") not in h.peer("pa").task.hungry
+    actions = h.register("pd", "d")
+    assert sorted(h.parents("pa")) == ["pb", "pc", "ps"]  # never more than the limit
+    assert not [a for a in actions if isinstance(a, PushParents) and a.peer_id == "pa"]
+    # A parent that leaves puts the child back on the list, and the next possible parent tops it up.
+    h.apply(PeerLeft("pc"))
+    assert sorted(h.parents("pa")) in (["pb", "pd", "ps"], ["pb", "ps"])
+    h.host("e", slots=8)
+    h.register("pe", "e")
+    assert len(h.parents("pa")) == 3
+    # A peer that is no longer running is off the list.
+    h.apply(PeerLeft("pa"))
+    assert not any(p.id == "pa" for p in h.core.tasks["t"].hungry)

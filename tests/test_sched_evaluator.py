@@ -64,6 +64,7 @@ from dfz.sched.evaluator import (
     progress_score,
     reliability_score,
     slots_score,
+    spare_seeds,
     useful_pieces,
 )
 from dfz.sched.model import network_keys
@@ -305,8 +306,10 @@ def swarm_with_candidates(**config: Any) -> Harness:
     h.register("p0", "o")
     h.source("p0", 3)
     h.register("px", "x")
-    h.host("x", slots=0, capacity=1000)  # for a moment, so that py does not take px as a parent
-    h.register("py", "y")
+    h.peer("px").task.hungry.clear()  # px and py keep p0 alone (no top-up): these tests
+    h.host("x", slots=0, capacity=1000)  # are about a new peer's first choice. x has no slot for a moment,
+    h.register("py", "y")  # so that py does not take px as a parent
+    h.peer("py").task.hungry.clear()
     h.host("x", capacity=1000)
     assert h.parents("px") == h.parents("py") == ["p0"]
     return h
@@ -465,9 +468,13 @@ def test_the_fast_ranking_follows_the_feature_functions(data: st.DataObject, wei
     expected = evaluator.scores(child, candidates)
     fast = {peer.id: -neg for neg, _, peer in evaluator._ranked(child, candidates)}
     assert fast == pytest.approx(expected, abs=1e-9)
-    best = sorted(candidates, key=lambda p: (-expected[p.id], p.id))
+    # The choice is among the candidates left after spare_seeds, scored among themselves (the normalisers
+    # are the best values among the candidates).
+    spared = spare_seeds(candidates, config.seed_fanout)
+    among = evaluator.scores(child, spared)
+    best = sorted(spared, key=lambda p: (-among[p.id], p.id))
     chosen = evaluator.choose_parents(child, candidates, 3)
-    assert [expected[p.id] for p in chosen] == pytest.approx([expected[p.id] for p in best[:3]], abs=1e-9)
+    assert [among[p.id] for p in chosen] == pytest.approx([among[p.id] for p in best[:3]], abs=1e-9)
 
 
 def test_the_random_evaluator_is_a_seeded_subset() -> None:
@@ -997,3 +1004,30 @@ def test_a_seeded_random_simulation_is_reproducible() -> None:
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+def test_a_seed_that_feeds_its_share_is_spared_while_others_can_serve() -> None:
+    task = make_task(piece_count=8)
+    child = make_peer("child", make_host("hc"), task)
+    seed = make_peer("seed", make_host("hs", seed=True, slots=32, capacity=100, uploads=2), task, pieces=range(8))
+    peers = [make_peer(f"p{i}", make_host(f"h{i}", slots=32, capacity=50), task) for i in range(3)]
+    evaluator = MultiFeatureEvaluator(SchedulerConfig())
+    # Capacity 100 against the others' best 50: a share of 2 children, and it has 2: left out.
+    assert seed not in evaluator.choose_parents(child, [seed, *peers], 4)
+    assert spare_seeds([seed, *peers], 1.0) == peers
+    # Alone, it is chosen all the same: somebody has to serve.
+    assert evaluator.choose_parents(child, [seed], 4) == [seed]
+    # With a child less it has room; a larger fanout widens its share; 0 switches the rule off.
+    seed.host.uploads = 1
+    assert seed in evaluator.choose_parents(child, [seed, *peers], 4)
+    seed.host.uploads = 2
+    assert seed in spare_seeds([seed, *peers], 1.5)
+    assert seed in MultiFeatureEvaluator(SchedulerConfig(seed_fanout=0)).choose_parents(child, [seed, *peers], 4)
+    # The daemon's own count of children (other schedulers' included) counts too.
+    seed.host.uploads, seed.host.upload_peers = 0, 2
+    assert seed not in spare_seeds([seed, *peers], 1.0)
+    # Unknown capacities: nothing to compare, nobody is left out.
+    seed.host.upload_capacity = 0
+    assert seed in spare_seeds([seed, *peers], 1.0)
+    with pytest.raises(ValueError, match="seed_fanout"):
+        SchedulerConfig(seed_fanout=-1)

@@ -170,6 +170,7 @@ class SchedulingConfig(Strict):
     host_type_weight: float = Field(default=_SCHED.host_type_weight, ge=0, le=1000)
     progress_weight: float = Field(default=_SCHED.progress_weight, ge=0, le=1000)
     reliability_weight: float = Field(default=_SCHED.reliability_weight, ge=0, le=1000)
+    seed_fanout: float = Field(default=_SCHED.seed_fanout, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _as_scheduler_config(self) -> SchedulingConfig:

@@ -16,8 +16,8 @@ an SQLite database), made with mode 0600 at the first start.
 
 from __future__ import annotations
 
-import logging
 import gc
+import logging
 import os
 import signal
 from collections.abc import Callable, Mapping

@@ -46,6 +46,12 @@ class SchedulerConfig:
     """Weight of reliability: the parent's upload success rate and its piece costs. (The four weights
     above are Dragonfly's since v2.4; progress and reliability are off by default, and unreliable parents
     are excluded anyway, by the bad-parent rule and by each child's blocked parents.)"""
+    seed_fanout: float = 1.0
+    """How many children a seed host with a known upload capacity feeds while other candidates exist: this
+    many times its capacity over the best capacity among the other candidates (at least 1). Beyond it the
+    seed is left out of the choice and the tree deepens: a seed that fed every child of a flash crowd sent
+    the same pieces to each, and its upload, not the swarm's, set the pace (bench_swarm --heterogeneous
+    with the seed's upload limited). 0: no limit."""
 
     # --- bad parents ---------------------------------------------------------------------------------------
     bad_parent_window: int = 30
@@ -125,6 +131,8 @@ class SchedulerConfig:
         for name in WEIGHT_KEYS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more (weights are relative: 0 switches a feature off)")
+        if self.seed_fanout < 0:
+            raise ValueError("seed_fanout must be 0 (no limit) or more")
         if not any(getattr(self, name) > 0 for name in WEIGHT_KEYS):
             raise ValueError(f"weights ({', '.join(WEIGHT_KEYS)}) are all 0: at least one must be positive")
         if self.bad_parent_window < 3:

@@ -122,6 +122,9 @@ from .state import (
 
 Clock = Callable[[], float]
 
+TOP_UPS_PER_EVENT = 4
+"""Running peers short of parents that one event tops up, at most (the cost of an event stays bounded)."""
+
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -778,6 +781,8 @@ class SchedulerCore:
         self._set_state(peer, PeerTrigger.SCHEDULE)
         self._set_task_state(peer.task, TaskTrigger.DOWNLOAD)
         peer.task.waiting.pop(peer, None)
+        if len(peer.parents) < limit:
+            peer.task.hungry[peer] = None
         peer.attempts = 0
         peer.retry_at = 0.0
         self._out.append(PushParents(peer.id, peer.task.id, _candidates_of(linked)))
@@ -836,21 +841,55 @@ class SchedulerCore:
         return seen
 
     def _retry_dirty_tasks(self) -> None:
-        """Free retries for waiting peers of tasks that gained a possible parent during this event.
+        """Free retries for waiting peers of tasks that gained a possible parent during this event, then
+        more parents for a few running peers that have fewer than ``candidate_parent_limit``.
 
         One pass per task, oldest waiter first; a peer scheduled in the pass is already a candidate for
-        the ones after it, which is what lets a flash crowd form a tree in one event.
+        the ones after it, which is what lets a flash crowd form a tree in one event. The top-up matters
+        in a flash crowd too: the first children register when nobody else is there, and kept only the
+        seed (and each other) as parents for the whole download.
         """
         dirty, self._dirty = self._dirty, {}
         for task in dirty:
-            if self.tasks.get(task.id) is not task or not task.waiting:
+            if self.tasks.get(task.id) is not task:
                 continue
             for peer in list(task.waiting):
                 if not task.open:
                     break  # no host of the task has a free slot: nobody can be scheduled now
                 if peer in task.waiting:
                     self._try_schedule(peer)
+            hungry = task.hungry
+            for peer in list(itertools.islice(hungry, TOP_UPS_PER_EVENT)):
+                if not task.open:
+                    break
+                if self._top_up(peer):
+                    hungry.pop(peer, None)
+                else:
+                    hungry[peer] = hungry.pop(peer)  # to the back: the others get their turn
         self._dirty = {}
+
+    def _top_up(self, peer: Peer) -> bool:
+        """Add parents to a running peer that has fewer than ``candidate_parent_limit``, keeping the ones it
+        has, and push the whole list. True when the peer needs no more (or is no longer running)."""
+        limit = self.config.candidate_parent_limit
+        have = len(peer.parents)
+        if peer.state is not PeerState.RUNNING or not have or have >= limit or self.peers.get(peer.id) is not peer:
+            return True
+        current = peer.parents
+        candidates = [c for c in self._candidates(peer) if c not in current]
+        if not candidates:
+            return False
+        chosen = self.evaluator.choose_parents(peer, candidates, limit - have)
+        linked = False
+        for parent in chosen[: limit - have]:
+            if parent not in candidates:
+                raise RuntimeError(f"evaluator {self.evaluator!r} chose {parent.id}, which is not a candidate")
+            if parent.host.uploads < parent.host.upload_slots and parent not in current:
+                self._link(parent, peer)
+                linked = True
+        if linked:
+            self._out.append(PushParents(peer.id, peer.task.id, _candidates_of(current)))
+        return len(current) >= limit
 
     def _give_up(self, peer: Peer) -> None:
         task, n = peer.task, peer.attempts
@@ -994,6 +1033,8 @@ class SchedulerCore:
         if host.uploads == host.upload_slots - 1:  # a slot is free again
             self._refresh_open(host)
         self._dirty[parent.task] = None  # an upload slot is free: waiting peers may use it
+        if child.state is PeerState.RUNNING:
+            child.task.hungry[child] = None  # one parent less
 
     def _set_state(self, peer: Peer, trigger: PeerTrigger) -> None:
         old = peer.state
@@ -1009,6 +1050,8 @@ class SchedulerCore:
         if new not in WAITING_STATES:
             peer.task.waiting.pop(peer, None)
             peer.retry_at = 0.0
+        if new is not PeerState.RUNNING:
+            peer.task.hungry.pop(peer, None)
         if new in PARENT_STATES and old not in PARENT_STATES:
             self._open(peer)
             self._dirty[peer.task] = None  # a new possible parent
@@ -1124,6 +1167,7 @@ class SchedulerCore:
             count = task.piece_count
             check(count is None or all(k < count for k in task.digests), f"task {task.id}: digest beyond the end")
             check(set(task.waiting) <= set(task.peers.values()), f"task {task.id}: waiting peer not in the task")
+            check(set(task.hungry) <= set(task.peers.values()), f"task {task.id}: hungry peer not in the task")
             check(_acyclic(task), f"task {task.id}: the DAG has a cycle")
         check(seen_peers == len(self.peers), "peers index != peers of tasks")
 

@@ -32,7 +32,10 @@ of feature scores, each in ``[0, 1]``, larger is better (weights from :class:`Sc
 * **location** (``location_weight``, 0.1): 1 for equal locations, else the number of leading
   ``|``-separated elements they share over :data:`~dfz.sched.model.MAX_LOCATION_ELEMENTS`.
 * **host type** (``host_type_weight``, 0.1): a seed host 1 while it has capacity (a free slot and, if
-  its capacity is known, free bandwidth), 0 once saturated; a normal host 0.5.
+  its capacity is known, free bandwidth), 0 once saturated; a normal host 0.5. Before scoring, a seed host
+  that feeds its share of children already is left out while other candidates remain
+  (:func:`spare_seeds`, ``seed_fanout``): the tree deepens instead of the seed sending every piece to
+  every child.
 * **progress** (``progress_weight``, 0 by default): the pieces the parent has that the child lacks
   (``popcount(parent & ~child)``) over the pieces the child lacks, or over the best candidate's count
   when the task's size is unknown.
@@ -167,6 +170,7 @@ class MultiFeatureEvaluator:
         self.host_type_weight = config.host_type_weight
         self.progress_weight = config.progress_weight
         self.reliability_weight = config.reliability_weight
+        self.seed_fanout = config.seed_fanout
 
     def __repr__(self) -> str:
         return (
@@ -175,6 +179,8 @@ class MultiFeatureEvaluator:
         )
 
     def choose_parents(self, child: Peer, candidates: Sequence[Peer], limit: int) -> list[Peer]:
+        if self.seed_fanout and len(candidates) > 1:
+            candidates = spare_seeds(candidates, self.seed_fanout)
         return best_of(candidates, self._scores(child, candidates), limit)
 
     def scores(self, child: Peer, candidates: Sequence[Peer]) -> dict[str, float]:
@@ -280,6 +286,29 @@ class MultiFeatureEvaluator:
             elif free_slots > 0 and free != 0:
                 score += wh
         return free, score
+
+
+def spare_seeds(candidates: Sequence[Peer], fanout: float) -> Sequence[Peer]:
+    """The candidates without the seed hosts that feed their share of children already, when others
+    remain. A seed's share is ``fanout`` times its announced upload capacity over the best capacity
+    among the other candidates, at least 1; a seed or a field of candidates with unknown capacities is
+    never left out (there is nothing to compare)."""
+    reference = 0
+    for peer in candidates:
+        host = peer.host
+        if host.type is not HostType.SEED and host.upload_capacity > reference:
+            reference = host.upload_capacity
+    if reference <= 0:
+        return candidates
+    out = []
+    for peer in candidates:
+        host = peer.host
+        if host.type is HostType.SEED and host.upload_capacity > 0:
+            share = max(1, int(fanout * host.upload_capacity / reference))
+            if max(host.uploads, host.upload_peers) >= share:
+                continue
+        out.append(peer)
+    return out if out else candidates
 
 
 def best_of(candidates: Sequence[Peer], scores: Sequence[float], limit: int) -> list[Peer]:

@@ -171,6 +171,9 @@ class Task:
     peers: dict[str, Peer] = field(default_factory=dict, repr=False)
     waiting: dict[Peer, None] = field(default_factory=dict, repr=False)
     """Peers that need parents and have none, oldest first."""
+    hungry: dict[Peer, None] = field(default_factory=dict, repr=False)
+    """Running peers that may have fewer parents than ``candidate_parent_limit``, oldest first: they get
+    more when the task gains a possible parent (the core checks each entry when it comes to it)."""
     counts: dict[PeerState, int] = field(default_factory=lambda: dict.fromkeys(PeerState, 0), repr=False)
     """Peers of this task in each state."""
     seed_host: str | None = None

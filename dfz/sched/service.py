@@ -159,6 +159,7 @@ RUNTIME_SETTINGS = frozenset(
     (
         "evaluator",
         *WEIGHT_KEYS,
+        "seed_fanout",
         "candidate_parent_limit",
         "candidate_parent_sample",
         "bad_parent_ratio",
@@ -518,7 +519,7 @@ class SchedulerService:
             raise ValueError(f"candidate_parent_limit: at most {MAX_PARENTS} (parents in one sched.parents push)")
         old = self.core.config
         self.core.config = new
-        if self._own_evaluator and any(getattr(old, k) != getattr(new, k) for k in ("evaluator", *WEIGHT_KEYS)):
+        if self._own_evaluator and any(getattr(old, k) != getattr(new, k) for k in ("evaluator", "seed_fanout", *WEIGHT_KEYS)):
             self.core.evaluator = evaluator_for(new)
         event(log, 20, "sched_reconfigured", taken=",".join(sorted(taken)) or "-", ignored=",".join(ignored) or "-")
         return sorted(taken), ignored
