@@ -37,7 +37,8 @@ CPU seconds are reported too (from /proc for the daemons, seed and scheduler ove
 ``RUSAGE_CHILDREN`` for the ``dfz get`` and curl processes; nginx in neither): with N+2 Python processes
 on a 2-core machine the makespan is often CPU-bound, and ``dfz_cpu_s_per_gb`` (per GB delivered to the
 N peers) says how far. Every output's sha256 is checked (untimed). ``floor_s`` = F/U: with peers' links faster than the origin
-(loopback), the floor ``max(F/U, F/d, N·F/(U + sum u))`` of DESIGN.md is F/U. Goals (printed):
+(loopback), the floor ``max(F/U, F/d, N·F/(U + sum u))`` of DESIGN.md is F/U; with the seed's upload limited
+to s it is also at least F/s and, with the daemons' limited too, N·F/(s + sum u). Goals (printed):
 ``origin_egress_ratio`` <= 1.02, ``makespan_s`` <= 1.3 x ``floor_s``, each daemon's peak RSS <= 256 MiB.
 The table shows each round; the JSON's top-level figures are medians over rounds (the worst for egress
 and RSS). Progress goes to stderr; the last line of stdout is one JSON object. Every process and the
@@ -467,9 +468,32 @@ def median(values: list[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present and len(present) == len(values) else None
 
 
+def upload_rates(args: argparse.Namespace) -> list[int] | None:
+    """Every daemon's upload limit, or None when some daemon's is unlimited."""
+    fast = args.upload_rate if args.heterogeneous else 0
+    if not fast:
+        return None
+    slow = slow_daemons(args)
+    return [max(1, fast // 10) if i < slow else fast for i in range(args.peers)]
+
+
+def swarm_floor(args: argparse.Namespace) -> float:
+    """DESIGN.md's floor ``max(F/U, F/d, N*F/(U + sum u))`` with the seed in U's place when its upload
+    is limited (every byte enters the swarm through the seed): ``F/s`` (each piece leaves the seed once)
+    and ``N*F/(s + sum u)`` (the N copies are uploaded by the seed and the daemons). Loopback links: no F/d."""
+    size = args.size
+    floor = size / args.origin_rate
+    uploads = upload_rates(args)
+    if args.seed_upload_rate:
+        floor = max(floor, size / args.seed_upload_rate)
+        if uploads is not None:
+            floor = max(floor, args.peers * size / (args.seed_upload_rate + sum(uploads)))
+    return floor
+
+
 def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
     size, rate = args.size, args.origin_rate
-    floor = size / rate
+    floor = swarm_floor(args)
     dfz = [p for _, p in phases if p.kind == "dfz"]
     direct = [p for _, p in phases if p.kind == "direct"]
     rand = [p for _, p in phases if p.kind == "random"]
@@ -488,7 +512,7 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
 
     print(
         f"{args.peers} peers, {size} bytes ({size / MIB:.0f} MiB), origin capped at {rate} B/s ({args.cap});"
-        f" floor F/U = {floor:.2f} s; {args.rounds} round(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f" floor = {floor:.2f} s; {args.rounds} round(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
         f"{'round':>5s} {'crowd':6s} {'makespan':>9s} {'p50':>7s} {'p90':>7s} {'max':>7s}"
