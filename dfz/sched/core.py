@@ -123,7 +123,9 @@ from .state import (
 Clock = Callable[[], float]
 
 TOP_UPS_PER_EVENT = 4
-"""Running peers short of parents that one event tops up, at most (the cost of an event stays bounded)."""
+"""Running peers short of parents that take a new serving peer as a parent in one event, at most."""
+TOP_UP_CHECKS = 16
+"""Running peers short of parents looked at per new serving peer, at most (the cost of an event stays bounded)."""
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -173,6 +175,7 @@ class SchedulerCore:
         may be stale (the peer served a child since, the task got peers): ``_collect`` checks again."""
         self._seq = itertools.count()
         self._dirty: dict[Task, None] = {}
+        self._grown: dict[Task, list[Peer]] = {}  # peers that began to serve in this event, by task
         self._out: list[Action] = []
         self._now = 0.0
 
@@ -188,6 +191,7 @@ class SchedulerCore:
         self._now = self.clock()
         self._out = []
         self._dirty = {}
+        self._grown = {}
         match event:
             case AnnounceHost():
                 self._announce_host(event)
@@ -850,6 +854,7 @@ class SchedulerCore:
         seed (and each other) as parents for the whole download.
         """
         dirty, self._dirty = self._dirty, {}
+        grown, self._grown = self._grown, {}
         for task in dirty:
             if self.tasks.get(task.id) is not task:
                 continue
@@ -858,38 +863,64 @@ class SchedulerCore:
                     break  # no host of the task has a free slot: nobody can be scheduled now
                 if peer in task.waiting:
                     self._try_schedule(peer)
-            hungry = task.hungry
-            for peer in list(itertools.islice(hungry, TOP_UPS_PER_EVENT)):
-                if not task.open:
-                    break
-                if self._top_up(peer):
-                    hungry.pop(peer, None)
-                else:
-                    hungry[peer] = hungry.pop(peer)  # to the back: the others get their turn
+            if task.hungry and task in grown:
+                for parent in grown[task]:
+                    self._top_up_with(parent)
         self._dirty = {}
+        self._grown = {}
 
-    def _top_up(self, peer: Peer) -> bool:
-        """Add parents to a running peer that has fewer than ``candidate_parent_limit``, keeping the ones it
-        has, and push the whole list. True when the peer needs no more (or is no longer running)."""
+    def _top_up_with(self, parent: Peer) -> None:
+        """Offer a peer that began to serve to the task's running peers short of parents, oldest first:
+        at most ``TOP_UPS_PER_EVENT`` take it, after at most ``TOP_UP_CHECKS`` looks. The peer is checked
+        against the DAG's rules directly (no candidate sample, no ranking: it is one new peer, and it
+        costs a few comparisons per look). A seed host's peer is left to the evaluator's choice."""
+        task = parent.task
+        host = parent.host
+        if host.is_seed or parent.state not in PARENT_STATES:
+            return
+        hungry = task.hungry
         limit = self.config.candidate_parent_limit
-        have = len(peer.parents)
-        if peer.state is not PeerState.RUNNING or not have or have >= limit or self.peers.get(peer.id) is not peer:
-            return True
-        current = peer.parents
-        candidates = [c for c in self._candidates(peer) if c not in current]
-        if not candidates:
-            return False
-        chosen = self.evaluator.choose_parents(peer, candidates, limit - have)
-        linked = False
-        for parent in chosen[: limit - have]:
-            if parent not in candidates:
-                raise RuntimeError(f"evaluator {self.evaluator!r} chose {parent.id}, which is not a candidate")
-            if parent.host.uploads < parent.host.upload_slots and parent not in current:
-                self._link(parent, peer)
-                linked = True
-        if linked:
-            self._out.append(PushParents(peer.id, peer.task.id, _candidates_of(current)))
-        return len(current) >= limit
+        ancestors: set[Peer] | None = None
+        bad_until = task.bad.get(parent)
+        if bad_until is not None and bad_until > self._now:
+            return
+        taken = 0
+        for child in list(itertools.islice(hungry, TOP_UP_CHECKS)):
+            if host.uploads >= host.upload_slots or taken >= TOP_UPS_PER_EVENT:
+                break
+            have = len(child.parents)
+            if child.state is not PeerState.RUNNING or not have or have >= limit or self.peers.get(child.id) is not child:
+                hungry.pop(child, None)
+                continue
+            if (
+                child is parent
+                or child.host is host
+                or parent in child.parents
+                or (child.avoid is not None and parent.id in child.avoid)
+            ):
+                continue
+            if ancestors is None:
+                ancestors = self._ancestors(parent)
+            if child in ancestors:
+                continue  # the child is above the new peer: taking it as a parent would make a cycle
+            self._link(parent, child)
+            taken += 1
+            self._out.append(PushParents(child.id, task.id, _candidates_of(child.parents)))
+            if len(child.parents) >= limit:
+                hungry.pop(child, None)
+            else:
+                hungry[child] = hungry.pop(child)  # to the back: the others get the next one first
+
+    @staticmethod
+    def _ancestors(peer: Peer) -> set[Peer]:
+        seen: set[Peer] = set()
+        stack = list(peer.parents)
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(node.parents)
+        return seen
 
     def _give_up(self, peer: Peer) -> None:
         task, n = peer.task, peer.attempts
@@ -1055,6 +1086,7 @@ class SchedulerCore:
         if new in PARENT_STATES and old not in PARENT_STATES:
             self._open(peer)
             self._dirty[peer.task] = None  # a new possible parent
+            self._grown.setdefault(peer.task, []).append(peer)  # for the top-ups too
         elif old in PARENT_STATES and new not in PARENT_STATES:
             self._close(peer)
         if new is PeerState.SUCCEEDED or new is PeerState.FAILED:
