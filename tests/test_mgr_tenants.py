@@ -79,7 +79,7 @@ async def refused(client: Client, request: Any) -> tuple[int, str]:
 
 
 async def test_tickets_over_the_fabric(nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="dfz")
     manager = await start_manager(nursery, tmp_path)
     key_file = manager.config.ticket_key_path()
     assert key_file == tmp_path / "ticket.key" and stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
