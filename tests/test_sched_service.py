@@ -76,6 +76,7 @@ from dfz.sched import (
     ServiceConfig,
     TaskState,
 )
+from dfz.sched import service as service_module
 from dfz.sched.messages import (
     MAX_DIGESTS_PER_MESSAGE,
     MAX_FAILED_PER_REPORT,
@@ -509,9 +510,21 @@ async def test_reports_about_peers_of_another_host_are_refused_with_the_sched_co
             nursery.cancel_scope.cancel()
 
 
-async def test_tenant_tickets_bind_hosts_to_tenants_and_tenants_never_share_a_task() -> None:
+class WallClock:
+    """Stands in for the ``time`` module of the service: the wall clock tickets are checked against."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_tenant_tickets_bind_hosts_to_tenants_and_tenants_never_share_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
     signer, stranger = TicketSigner.generate(), TicketSigner.generate()
-    now = time.time()
+    wall = WallClock()
+    monkeypatch.setattr(service_module, "time", wall)
+    now = wall.now
 
     def ticket(host: str, tenant: str = "7", *, by: TicketSigner = signer, at: float = now, ttl: float = 600) -> bytes:
         return by.issue(tenant=tenant, tenant_name=f"tenant-{tenant}", host_id=host, now=at, ttl=ttl)
@@ -560,11 +573,11 @@ async def test_tenant_tickets_bind_hosts_to_tenants_and_tenants_never_share_a_ta
 
             # A ticket that expires after the announce: registrations are refused until a fresh one is announced.
             d = await Daemon(service.endpoints[0], "host-d").start(nursery)
-            await d.announce(ticket=ticket("host-d", at=now - 100, ttl=71))  # expires within about a second
-            await trio.sleep(1.2)
+            await d.announce(ticket=ticket("host-d", ttl=60))
+            wall.now += 100
             e = await refused(d.register("d-1"))
             assert e.code == SchedErrorCode.BAD_TICKET and "announce the host again" in e.reason
-            await d.announce(ticket=ticket("host-d", at=time.time()))
+            await d.announce(ticket=ticket("host-d", at=wall.now))
             assert (await d.register("d-1")).assignment == "parents"
             assert service.core.peers["d-1"].host.tenant == "7"
             service.core.check_invariants()
