@@ -81,6 +81,14 @@ def keygen(name: str, directory: Path, force: bool) -> None:
     "--hostname",
     help="The name to register with [default: this machine's]; two schedulers of a cluster on one machine need two.",
 )
+@click.option(
+    "--ticket-key",
+    "ticket_keys",
+    multiple=True,
+    metavar="HEX",
+    help="A manager's public key (dfz mgr prints it as ticket-key) whose tenant tickets to accept, besides the one "
+    "--manager gives (repeatable; adds to the config's ticket_keys).",
+)
 @click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
 def sched(  # noqa: PLR0917 - click passes every option as an argument
     config_file: Path | None,
@@ -88,6 +96,7 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
     manager: str | None,
     cluster: str | None,
     hostname: str | None,
+    ticket_keys: tuple[str, ...],
     verbose: int,
 ) -> None:
     """Run the scheduler until SIGTERM or SIGINT.
@@ -115,6 +124,8 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
         if listen:
             config = dataclasses.replace(config, listen=listen)
         given: dict[str, Any] = {"manager": manager, "cluster": cluster, "hostname": hostname}
+        if ticket_keys:
+            given["ticket_keys"] = (*config.ticket_keys, *ticket_keys)
         config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
         trio.run(functools.partial(serve, config, on_listening=listening))
     except (ConfigError, ListenError) as e:
@@ -130,7 +141,8 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML file of settings: database, data_dir, listen, session_ttl, cookie_secure (see dfz/mgr/service.py).",
+    help="TOML file of settings: database, data_dir, listen, session_ttl, cookie_secure, ticket_key_file, ticket_ttl "
+    "(see dfz/mgr/service.py).",
 )
 @click.option(
     "--database",
@@ -162,8 +174,9 @@ def mgr(  # noqa: PLR0917 - click passes every option as an argument
     its fabric endpoint (--fabric); dynamic configs reach them from there without a restart.
 
     Prints `database URL` (password hidden), at the very first start when $DFZ_MGR_ROOT_PASSWORD is not set
-    `root-password PASSWORD` for the user `root` (shown this once), `fabric ENDPOINT` and, last,
-    `listening http://HOST:PORT` once it serves.
+    `root-password PASSWORD` for the user `root` (shown this once), `ticket-key HEX` (the public key tenant
+    tickets are signed with: schedulers and daemons may be configured to trust it), `fabric ENDPOINT` and,
+    last, `listening http://HOST:PORT` once it serves.
     """
     import functools
 
@@ -178,6 +191,8 @@ def mgr(  # noqa: PLR0917 - click passes every option as an argument
             click.echo(f"database {display_url(manager.db.url)}")
         if manager.root_password is not None:
             click.echo(f"root-password {manager.root_password}")
+        if manager.signer is not None:
+            click.echo(f"ticket-key {manager.signer.public_key.hex()}")
         for endpoint in manager.fabric_endpoints:
             click.echo(f"fabric {endpoint}")
         for url in manager.urls:
@@ -803,6 +818,14 @@ def _daemon_options(f: Any) -> Any:
             "its dynamic settings (rate limits, upload slots) apply while running; a seed peer registers there.",
         ),
         click.option("--cluster", help="dfz seed: the seed-peer cluster to register in at the manager (default: its default)."),
+        click.option(
+            "--tenant-token",
+            envvar="DFZ_TENANT_TOKEN",
+            metavar="TOKEN",
+            help="A daemon token from the manager (POST /api/v1/daemon-tokens): the daemon joins that token's tenant "
+            "(needs --manager) [default: $DFZ_TENANT_TOKEN; none: no tenant]. Prefer the variable or the config file's "
+            "tenant_token: a flag shows in the process list.",
+        ),
         click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug."),
     ]
     for option in reversed(options):
@@ -818,7 +841,7 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
     from .broker import default_context
     from .config import ConfigError
     from .peer.config import DaemonConfig
-    from .peer.daemon import Daemon, ListenError, serve
+    from .peer.daemon import Daemon, ListenError, TenantRefused, serve
     from .peer.storage import StorageError
 
     if verbose:
@@ -846,7 +869,7 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
         else:
             config = DaemonConfig.from_mapping(overrides, source="command line")
         trio.run(functools.partial(serve, config, on_ready=ready))
-    except (ConfigError, ListenError, StorageError) as e:
+    except (ConfigError, ListenError, StorageError, TenantRefused) as e:
         raise click.ClickException(str(e)) from None
     default_context().term()
 
@@ -916,9 +939,23 @@ def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
     metavar="SECONDS",
     help="How long each part may take to start.",
 )
+@click.option(
+    "--tenant-token",
+    envvar="DFZ_TENANT_TOKEN",
+    metavar="TOKEN",
+    help="A daemon token of the manager's (made through its REST API at an earlier run): the seed and the daemon join "
+    "its tenant [default: $DFZ_TENANT_TOKEN; none: no tenant].",
+)
 @click.option("-v", "--verbose", count=True, help="More logs from the parts (in DATA_DIR/logs/): -v info, -vv debug.")
 def up(  # noqa: PLR0917 - click passes every option as an argument
-    data_dir: Path | None, host: str, no_seed: bool, no_manager: bool, scheduler_count: int, start_timeout: float, verbose: int
+    data_dir: Path | None,
+    host: str,
+    no_seed: bool,
+    no_manager: bool,
+    scheduler_count: int,
+    start_timeout: float,
+    tenant_token: str | None,
+    verbose: int,
 ) -> None:
     """Run a whole cluster on this machine: a manager, a scheduler (or --schedulers N), a seed peer and a
     daemon, until SIGTERM or SIGINT.
@@ -938,6 +975,8 @@ def up(  # noqa: PLR0917 - click passes every option as an argument
     from .cluster import UpConfig, run_up
     from .peer.endpoints import default_data_dir
 
+    if tenant_token and no_manager:
+        raise click.UsageError("--tenant-token (or $DFZ_TENANT_TOKEN) needs the manager: leave out --no-manager")
     config = UpConfig(
         data_dir=data_dir if data_dir is not None else default_data_dir(),
         host=host,
@@ -946,6 +985,7 @@ def up(  # noqa: PLR0917 - click passes every option as an argument
         schedulers=scheduler_count,
         verbose=verbose,
         start_timeout=start_timeout,
+        tenant_token=tenant_token or "",
     )
     code = trio.run(functools.partial(run_up, config, echo=click.echo, error=functools.partial(click.echo, err=True)))
     sys.exit(code)

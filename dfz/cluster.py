@@ -94,6 +94,9 @@ class UpConfig:
     """Seconds each part has to stop after SIGTERM before it is killed."""
     python: str = sys.executable
     """The interpreter that runs the parts (``python -m dfz.cli ...``): the one running ``dfz up``."""
+    tenant_token: str = field(default="", repr=False)
+    """A daemon token of the manager's: the seed and the daemon join its tenant (given to them in
+    ``$DFZ_TENANT_TOKEN``, never on a command line). Needs :attr:`manager`."""
 
 
 @dataclass
@@ -221,12 +224,12 @@ def _pdeathsig() -> Callable[[], None] | None:
 class _Child:
     """A child process started from the main thread (for PR_SET_PDEATHSIG), its stdout read by trio."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log
         self._log: TextIO = log.open("a", buffering=1)
         read, write = os.pipe()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         try:
             self.popen = subprocess.Popen(  # forked from the main thread: see _pdeathsig
                 list(argv),
@@ -364,8 +367,8 @@ class Cluster:
         verbose = ["-" + "v" * self.config.verbose] if self.config.verbose > 0 else []
         return [self.config.python, "-m", "dfz.cli", *args, *verbose]
 
-    def _spawn(self, name: str, argv: list[str]) -> _Child:
-        child = _Child(name, argv, self.data_dir / "logs" / f"{name}.log")
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Child:
+        child = _Child(name, argv, self.data_dir / "logs" / f"{name}.log", env)
         self.children[name] = child
         return child
 
@@ -410,7 +413,7 @@ class Cluster:
             for scheduler in schedulers:
                 argv += ["--scheduler", scheduler]
             argv += ["--listen", f"tcp://{cfg.host}:0", "--api", api, *manager]
-            self._spawn(name, self._cli(*argv))
+            self._spawn(name, self._cli(*argv), {"DFZ_TENANT_TOKEN": cfg.tenant_token} if cfg.tenant_token else None)
         dirs = {name: data_dir for name, data_dir, _ in peers}
 
         async def ready(name: str) -> None:

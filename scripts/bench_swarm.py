@@ -481,8 +481,8 @@ def swarm_floor(args: argparse.Namespace) -> float:
     """DESIGN.md's floor ``max(F/U, F/d, N*F/(U + sum u))`` with the seed in U's place when its upload
     is limited (every byte enters the swarm through the seed): ``F/s`` (each piece leaves the seed once)
     and ``N*F/(s + sum u)`` (the N copies are uploaded by the seed and the daemons). Loopback links: no F/d."""
-    size = args.size
-    floor = size / args.origin_rate
+    size: int = args.size
+    floor: float = size / args.origin_rate
     uploads = upload_rates(args)
     if args.seed_upload_rate:
         floor = max(floor, size / args.seed_upload_rate)

@@ -10,6 +10,7 @@ tested on its own. Every wait is bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -38,7 +39,7 @@ from dfz.peer.api_messages import (
     ApiTasks,
     check_request,
 )
-from dfz.peer.local import CachedTask, DownloadRequest, DownloadState, Progress
+from dfz.peer.local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
 from dfz.tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
 
 SIZE = 4000
@@ -58,6 +59,14 @@ class ScriptedService:
         self.closed_changed = trio.Event()
         self.running = trio.Event()
         self.tasks: dict[str, CachedTask] = {}
+        self.tenant = ""
+
+    async def resolve(self, request: DownloadRequest) -> DownloadRequest:
+        """As the daemon: its own tenant (``self.tenant``) scopes every request; another one is refused."""
+        await trio.lowlevel.checkpoint()
+        if request.tenant and request.tenant != self.tenant:
+            raise TenantError(f"tenant {request.tenant!r}: this daemon is in tenant {self.tenant!r}", wrong=True)
+        return dataclasses.replace(request, tenant=self.tenant)
 
     def download(self, request: DownloadRequest) -> AsyncIterator[Progress]:
         return self._download(request)
@@ -144,8 +153,25 @@ async def follow(api_endpoint: str, request: DownloadRequest) -> list[Progress]:
 # --- the API in process ------------------------------------------------------------------------------
 
 
+async def test_the_daemons_tenant_makes_the_task_id_and_another_is_refused(short_tmp: str) -> None:
+    service = ScriptedService()
+    service.tenant = "7"
+    url = "http://origin.test/ok"
+    with trio.fail_after(10):
+        async with serving(service, short_tmp) as server, open_api_client(server.endpoints[0]) as api:
+            async with api.download(DownloadRequest(url=url, output=None)) as download:
+                assert [p async for p in download][-1].state is DownloadState.SUCCEEDED
+                assert download.task_id == task_id(url, tenant="7") != task_id(url)
+            with pytest.raises(ApiRequestError) as e:
+                async with api.download(DownloadRequest(url=url, output=None, tenant="8")) as download:
+                    pass
+            assert e.value.code == ApiErrorCode.BAD_TENANT and "tenant '7'" in e.value.reason
+    assert [r.tenant for r in service.requests] == ["7"]
+
+
 async def test_a_download_pushes_its_progress_and_ends_with_its_final_state(short_tmp: str) -> None:
     service = ScriptedService()
+    service.tenant = "ten"
     output = os.path.join(short_tmp, "out.bin")
     request = DownloadRequest(
         url="http://origin.test/ok?X-Amz-Signature=abc&v=1",

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from click.testing import CliRunner
 from e2e_helpers import Origin, Route, serve_origin
 
+from dfz.cli import main as cli_main
 from dfz.peer.config import ConfigError, DaemonConfig
 from dfz.peer.daemon import Daemon
 from dfz.peer.local import DownloadRequest, DownloadState, Progress
@@ -242,6 +244,23 @@ def test_config_from_toml(tmp_path: Path) -> None:
     f.write_text('data_dir = "data"\nupload_slots = "many"\n')
     with pytest.raises(ConfigError, match="upload_slots"):
         DaemonConfig.load(f)
+
+
+def test_config_tenant_token(tmp_path: Path) -> None:
+    f = tmp_path / "daemon.toml"
+    f.write_text('data_dir = "data"\nmanager = "tcp://10.0.0.1:8003"\ntenant_token = "dfzd_secret"\n')
+    config = DaemonConfig.load(f)
+    assert config.tenant_token == "dfzd_secret" and "dfzd_secret" not in repr(config)  # never shown
+    f.write_text('data_dir = "data"\ntenant_token = "dfzd_secret"\n')
+    with pytest.raises(ConfigError, match="tenant_token: the manager checks it"):
+        DaemonConfig.load(f)
+    with pytest.raises(ConfigError, match="tenant_token"):
+        DaemonConfig(data_dir=tmp_path, manager="tcp://10.0.0.1:8003", tenant_token="two words")
+    # dfz up refuses a token without its manager, before starting anything.
+    result = CliRunner().invoke(
+        cli_main, ["up", "--data-dir", str(tmp_path / "up"), "--no-manager"], env={"DFZ_TENANT_TOKEN": "t"}
+    )
+    assert result.exit_code == 2 and "needs the manager" in result.output
 
 
 def test_config_with_several_schedulers(tmp_path: Path) -> None:

@@ -64,6 +64,11 @@ class Mgr:
 
 @pytest.fixture
 def mgr(procs: Procs, tmp_path: Path) -> Iterator[Mgr]:
+    yield from run_mgr(procs, tmp_path)
+
+
+def run_mgr(procs: Procs, tmp_path: Path) -> Iterator[Mgr]:
+    """A ``dfz mgr`` process (SQLite in ``tmp_path``) and a REST client signed in as root, until the end."""
     config = tmp_path / "mgr.toml"
     config.write_text(f"keepalive = {KEEPALIVE}\nliveness = {LIVENESS}\nrefresh = 2\nconfig_poll = 0.2\n")
     argv = dfz_cmd("mgr", "--config", str(config), "--database", f"sqlite:///{tmp_path / 'm.db'}", "--listen", "127.0.0.1:0")

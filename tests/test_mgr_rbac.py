@@ -38,6 +38,7 @@ TENANT_ADMIN_TOO = frozenset({"root", "tenant-admin"})
 JOB_WRITERS = frozenset({"root", "operator", "tenant-admin"})
 CONFIG_READERS = frozenset({"root", "operator", "guest"})
 AUDIT_READERS = frozenset({"root", "operator", "tenant-admin"})
+DAEMON_TOKENS = frozenset({"root", "operator", "tenant-admin"})
 
 V1 = "/api/v1"
 
@@ -66,6 +67,8 @@ MATRIX: dict[str, frozenset[str]] = {
     f"GET {V1}/personal-access-tokens/{{row_id}}": EVERYONE,
     f"PATCH {V1}/personal-access-tokens/{{row_id}}": EVERYONE,
     f"DELETE {V1}/personal-access-tokens/{{row_id}}": EVERYONE,
+    # Daemon tokens (which tenant daemons join): operators for any tenant, a tenant admin for its own; the guest none.
+    **_crud("daemon-tokens", DAEMON_TOKENS, DAEMON_TOKENS),
     # Clusters and their instances: everybody reads, operators manage.
     **_crud("scheduler-clusters", EVERYONE, OPS),
     **_crud("seed-peer-clusters", EVERYONE, OPS),
@@ -223,6 +226,7 @@ def _bodies(w: World) -> dict[str, Callable[[], dict[str, Any]]]:
         "roles": lambda: {"name": w.name("r"), "permissions": ["cluster:read"]},
         "configs": lambda: {"name": w.name("cfg"), "target": "daemon", "value": {"upload_slots": 8}},
         "jobs": lambda: {"type": "get_task", "args": {"task_id": "ab" * 32}},
+        "daemon-tokens": lambda: {"name": w.name("dt"), "tenant_id": w.tenant},
     }
 
 
@@ -239,6 +243,7 @@ PATCHES: dict[str, dict[str, Any]] = {
     "configs": {"bio": "changed"},
     "jobs": {"bio": "changed"},
     "personal-access-tokens": {"name": "renamed"},
+    "daemon-tokens": {"bio": "changed"},
 }
 
 

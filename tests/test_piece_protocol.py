@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from dfz.peer.messages import (
 from dfz.peer.storage import Storage, StoredTask, TaskClosed
 from dfz.peer.upload import PieceServer, PieceServerConfig
 from dfz.tasks import KiB, MiB, PieceLayout, piece_digest, task_id
+from dfz.tickets import TicketSigner, TicketVerifier
 
 PL = 64 * KiB
 URL = "https://origin.example/piece-protocol.bin"
@@ -642,3 +644,86 @@ async def test_malformed_peer_messages_get_invalid_and_the_server_keeps_serving(
                 sock.close()
             assert server.server.stats.bad_frames["invalid"] == len(bad) - 2  # two were refused by the handler
             nursery.cancel_scope.cancel()
+
+
+# -- tenants: a piece server serves a tenant's task to that tenant only -------------------------------------
+
+
+async def test_a_piece_server_refuses_other_tenants_and_forged_tickets_and_serves_everyone_else(
+    stores: Callable[[str], Storage],
+) -> None:
+    signer, stranger = TicketSigner.generate(), TicketSigner.generate()
+    now = time.time()
+
+    def ticket(host: str, tenant: str = "7", *, by: TicketSigner = signer, at: float = now, ttl: float = 600) -> bytes:
+        return by.issue(tenant=tenant, tenant_name=f"tenant-{tenant}", host_id=host, now=at, ttl=ttl)
+
+    content = content_of(20 * PL)
+    public_url = URL + "?public"
+    public = task_id(public_url)
+    parent = stores("parent")
+    mine = parent.create(TID, url=URL, piece_length=PL, content_length=len(content), tenant="7")
+    for i, part in enumerate(pieces_of(content)):
+        mine.write_piece(i, part)
+    mine.finish()
+    shared = parent.create(public, url=public_url, piece_length=PL, content_length=PL)
+    shared.write_piece(0, content[:PL])
+    shared.finish()
+    child, layout = empty_task(stores("child"), content)
+    rec = Recorder()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                PieceServer(parent, [TCP], config=server_config(), tickets=TicketVerifier([signer.public_key])).run
+            )
+            endpoint = server.endpoints[0]
+            forger = Client(PEER_CATALOGUE, endpoint, name="forger", config=ClientConfig(heartbeat=HB))
+            await nursery.start(forger.run)
+
+            async def refused(msg: Message) -> RemoteError:
+                with pytest.raises(RemoteError) as e:
+                    await forger.request(msg)
+                return e.value
+
+            # Straight for a piece: no subscription. Subscribing needs a ticket of the task's tenant.
+            assert (await refused(GetPiece(task_id=TID, piece=0))).code == PeerErrorCode.NOT_SUBSCRIBED
+            attempts = {
+                "no ticket": (Subscribe(task_id=TID), PeerErrorCode.WRONG_TENANT),
+                "another tenant's ticket": (
+                    Subscribe(task_id=TID, ticket=ticket("x", "8"), host_id="x"),
+                    PeerErrorCode.WRONG_TENANT,
+                ),
+                "another key": (Subscribe(task_id=TID, ticket=ticket("x", by=stranger), host_id="x"), PeerErrorCode.BAD_TICKET),
+                "garbage": (Subscribe(task_id=TID, ticket=b"\x81\xa1v\x01" + bytes(64), host_id="x"), PeerErrorCode.BAD_TICKET),
+                "expired": (
+                    Subscribe(task_id=TID, ticket=ticket("x", at=now - 3600, ttl=60), host_id="x"),
+                    PeerErrorCode.BAD_TICKET,
+                ),
+                "someone else's": (Subscribe(task_id=TID, ticket=ticket("host-c"), host_id="x"), PeerErrorCode.BAD_TICKET),
+                "no host id": (Subscribe(task_id=TID, ticket=ticket("host-c")), PeerErrorCode.BAD_TICKET),
+                "a tenant's ticket for a task of none": (
+                    Subscribe(task_id=public, ticket=ticket("x"), host_id="x"),
+                    PeerErrorCode.WRONG_TENANT,
+                ),
+            }
+            for what, (msg, code) in attempts.items():
+                e = await refused(msg)
+                assert e.code == code, (what, e)
+                assert "tenant '7'" not in e.reason, (what, e.reason)  # the task's tenant is not told
+            assert (await refused(GetPiece(task_id=TID, piece=0))).code == PeerErrorCode.NOT_SUBSCRIBED
+            assert server.stats.errors["WRONG_TENANT"] == 3 and server.stats.errors["BAD_TICKET"] == 5
+            assert server.stats.tickets_refused == {"signature": 2, "expired": 1, "wrong_host": 2}
+            assert server.stats.pieces_served == 0 and server.children == 0
+
+            # The forger's session still works for what it may have: a task of no tenant, without a ticket.
+            (await forger.request(Subscribe(task_id=public))).expect(Subscribed)
+            reply = await forger.request(GetPiece(task_id=public, piece=0))
+            assert reply.expect(PieceData).piece == 0 and bytes(reply.frames[0].buffer) == content[:PL]
+
+            # A child of the tenant, whose ticket names its host, downloads the tenant's task whole.
+            downloader = rec.downloader(child, layout, content, [endpoint], ticket=lambda: (ticket("host-c"), "host-c"))
+            await downloader.run()
+            assert downloader.done and not rec.lost
+            assert server.stats.pieces_served == 1 + layout.count
+            nursery.cancel_scope.cancel()
+    await assert_output(child, content)

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from dfz.sched import (
     Action,
     AnnounceHost,
+    AnnounceTask,
     BackToSource,
     Evaluator,
     Event,
@@ -48,11 +49,13 @@ from dfz.sched import (
     TaskMetadataKnown,
     TaskState,
     TaskTrigger,
+    TenantMismatch,
     Tick,
     TriggerSeed,
     UnknownHost,
     UnknownPeer,
 )
+from dfz.sched.core import InvariantViolation
 from dfz.sched.state import PEER_TRANSITIONS, TASK_TRANSITIONS, next_peer_state, next_task_state
 
 URL = "http://origin.example/file.bin"
@@ -165,10 +168,10 @@ class Harness:
         assert fingerprint(self.core) == before
         return info.value
 
-    def host(self, host_id: str, *, seed: bool = False, slots: int = 4) -> list[Action]:
+    def host(self, host_id: str, *, seed: bool = False, slots: int = 4, tenant: str = "") -> list[Action]:
         n = len(self.core.hosts) + 1
         kind = HostType.SEED if seed else HostType.NORMAL
-        return self.apply(AnnounceHost(host_id, host_id, f"10.0.0.{n}", 4000, kind, upload_slots=slots))
+        return self.apply(AnnounceHost(host_id, host_id, f"10.0.0.{n}", 4000, kind, upload_slots=slots, tenant=tenant))
 
     def register(self, peer_id: str, host: str, task: str = "t", **kw: Any) -> list[Action]:
         return self.apply(RegisterPeer(peer_id, task, host, URL, **kw))
@@ -218,6 +221,68 @@ def seeded_swarm(**config: Any) -> Harness:
     assert summary(h.register("p1", "a")) == [("trigger", "seed", "t")]
     assert summary(h.register("s1", "seed")) == [("source", "s1"), ("push", "p1", ("s1",))]
     return h
+
+
+# --- tenants --------------------------------------------------------------------------------------------
+
+
+def two_tenants() -> Harness:
+    """Tenant a: a seed and hosts a1, a2, a3; tenant b: a seed and host b1. p1 on a1 made task t (tenant a)."""
+    h = Harness()
+    h.host("seed-b", seed=True, slots=8, tenant="b")
+    h.host("seed-a", seed=True, slots=8, tenant="a")
+    for name in ("a1", "a2", "a3"):
+        h.host(name, tenant="a")
+    h.host("b1", tenant="b")
+    h.host("plain")
+    assert summary(h.register("p1", "a1")) == [("trigger", "seed-a", "t")]  # its tenant's seed, never seed-b
+    assert h.core.tasks["t"].tenant == "a"
+    return h
+
+
+def test_a_task_is_of_one_tenant_and_other_tenants_are_refused() -> None:
+    h = two_tenants()
+    for host in ("b1", "seed-b", "plain"):
+        error = h.refuse(RegisterPeer(f"x-{host}", "t", host, URL), TenantMismatch)
+        assert "tenant 'a'" in str(error)
+    digests = tuple((k, piece_digest("t", k)) for k in range(2))
+    whole = blake3(b"t").hexdigest()
+    h.refuse(AnnounceTask("x", "t", "b1", URL, "", "", PIECE, 2 * PIECE, whole, digests), TenantMismatch)
+    # Its own tenant's peers join; the seed of tenant a is the root.
+    assert summary(h.register("s1", "seed-a")) == [("source", "s1"), ("push", "p1", ("s1",))]
+    assert summary(h.register("p2", "a2")) == [("push", "p2", ("s1", "p1"))]
+    # The other tenant's own task is a swarm of its own, rooted at its own seed.
+    assert summary(h.register("q1", "b1", task="u")) == [("trigger", "seed-b", "u")]
+    assert summary(h.register("sb", "seed-b", task="u")) == [("source", "sb"), ("push", "q1", ("sb",))]
+
+
+def test_a_hosts_tenant_never_changes() -> None:
+    h = two_tenants()
+    h.refuse(AnnounceHost("a2", "a2", "10.0.0.9", 4000, tenant="b"), TenantMismatch)
+    h.refuse(AnnounceHost("plain", "plain", "10.0.0.9", 4000, tenant="a"), TenantMismatch)
+    h.apply(AnnounceHost("a2", "a2", "10.0.0.9", 4000, tenant="a"))  # the same tenant: an ordinary update
+    assert h.core.hosts["a2"].tenant == "a"
+
+
+def test_no_seed_of_the_tenant_means_back_to_source() -> None:
+    h = Harness()
+    h.host("seed-a", seed=True, tenant="a")
+    h.host("b1", tenant="b")
+    assert summary(h.register("q1", "b1")) == [("source", "q1")]
+
+
+def test_parents_are_of_the_childs_tenant_even_if_the_model_says_otherwise() -> None:
+    """Defence in depth: a candidate of another tenant is dropped by the parent choice itself, though
+    registration already keeps tenants out of each other's tasks (here the model is forced into it)."""
+    h = two_tenants()
+    h.register("s1", "seed-a")
+    h.register("p2", "a2")
+    h.core.hosts["a2"].tenant = "b"  # as if p2's host were of another tenant
+    h.core.hosts["a2"].scored_by = None
+    actions = h.core.apply(RegisterPeer("p3", "t", "a3", URL))
+    assert summary(actions) == [("push", "p3", ("s1", "p1"))]  # never p2
+    with pytest.raises(InvariantViolation):
+        h.core.check_invariants()  # and the checker sees the forced model
 
 
 # --- the state tables ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -75,6 +76,7 @@ from dfz.sched import (
     ServiceConfig,
     TaskState,
 )
+from dfz.sched import service as service_module
 from dfz.sched.messages import (
     MAX_DIGESTS_PER_MESSAGE,
     MAX_FAILED_PER_REPORT,
@@ -83,6 +85,7 @@ from dfz.sched.messages import (
     MAX_PEERS_PER_MESSAGE,
 )
 from dfz.tasks import MAX_PIECE_LENGTH, MAX_PIECES, task_id
+from dfz.tickets import TicketSigner
 
 HB = 0.1
 LIVENESS = 3
@@ -157,7 +160,7 @@ class Daemon:
         """Leave like a daemon that stops: the client says ``bye``."""
         self._scope.cancel()
 
-    async def announce(self, boot: str = "boot-1") -> SchedHostAnnounced:
+    async def announce(self, boot: str = "boot-1", ticket: bytes = b"") -> SchedHostAnnounced:
         msg = SchedAnnounceHost(
             host_id=self.host_id,
             boot=boot,
@@ -166,6 +169,7 @@ class Daemon:
             port=self.port,
             type="seed" if self.seed else "normal",
             upload_slots=self.slots,
+            ticket=ticket,
         )
         return (await self.client.request(msg)).expect(SchedHostAnnounced)
 
@@ -503,6 +507,90 @@ async def test_reports_about_peers_of_another_host_are_refused_with_the_sched_co
             assert state_of(service, "a-1") is PeerState.FAILED and service.core.peers["a-1"].avoid == {"x-1"}
             assert service.stats.refused["NOT_YOUR_PEER"] == 2 and service.stats.refused["NOT_ANNOUNCED"] == 2
             service.core.check_invariants()
+            nursery.cancel_scope.cancel()
+
+
+class WallClock:
+    """Stands in for the ``time`` module of the service: the wall clock tickets are checked against."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_tenant_tickets_bind_hosts_to_tenants_and_tenants_never_share_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    signer, stranger = TicketSigner.generate(), TicketSigner.generate()
+    wall = WallClock()
+    monkeypatch.setattr(service_module, "time", wall)
+    now = wall.now
+
+    def ticket(host: str, tenant: str = "7", *, by: TicketSigner = signer, at: float = now, ttl: float = 600) -> bytes:
+        return by.issue(tenant=tenant, tenant_name=f"tenant-{tenant}", host_id=host, now=at, ttl=ttl)
+
+    async def refused(call: Any) -> RemoteError:
+        with pytest.raises(RemoteError) as e:
+            await call
+        return e.value
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service: SchedulerService = await nursery.start(
+                SchedulerService(service_config(ticket_keys=(signer.public_key.hex(),))).run
+            )
+            a, b, c = [await Daemon(service.endpoints[0], f"host-{x}").start(nursery) for x in "abc"]
+            # Every ticket that does not verify is refused, counted by kind; the host is not announced.
+            bad = {
+                "malformed": b"junk",
+                "signature": ticket("host-a", by=stranger),
+                "expired": ticket("host-a", at=now - 2000, ttl=60),
+                "not_yet_valid": ticket("host-a", at=now + 600),
+                "wrong_host": ticket("host-b"),
+            }
+            for kind, forged in bad.items():
+                e = await refused(a.announce(ticket=forged))
+                assert e.code == SchedErrorCode.BAD_TICKET and kind.replace("_", " ") in e.reason.replace("_", " "), e
+            assert service.stats.tickets_refused == dict.fromkeys(bad, 1)
+            assert "host-a" not in service.core.hosts and service.stats.refused["BAD_TICKET"] == len(bad)
+
+            # Verified: each host in the tenant its ticket proves (c in none); a task is its maker's tenant's.
+            assert (await a.announce(ticket=ticket("host-a"))).tenant == "7"
+            assert (await b.announce(ticket=ticket("host-b", "8"))).tenant == "8"
+            assert (await c.announce()).tenant == ""
+            assert (await a.register("a-1")).assignment == "back_to_source"
+            assert service.core.tasks[TASK].tenant == "7"
+            for other in (b, c):
+                e = await refused(other.register(f"{other.host_id}-1"))
+                assert e.code == SchedErrorCode.WRONG_TENANT and "tenant '7'" in e.reason
+            other_task = task_id(URL, tenant="8")
+            assert (await b.register("b-1", task=other_task)).assignment == "back_to_source"
+            assert service.stats.refused["WRONG_TENANT"] == 2
+            # A host stays in its tenant: announcing into another is refused; a fresh ticket of its own is taken.
+            assert (await refused(a.announce(ticket=ticket("host-a", "8")))).code == SchedErrorCode.WRONG_TENANT
+            assert (await refused(c.announce(ticket=ticket("host-c")))).code == SchedErrorCode.WRONG_TENANT
+            assert (await a.announce(ticket=ticket("host-a", at=now + 5))).resumed
+
+            # A ticket that expires after the announce: registrations are refused until a fresh one is announced.
+            d = await Daemon(service.endpoints[0], "host-d").start(nursery)
+            await d.announce(ticket=ticket("host-d", ttl=60))
+            wall.now += 100
+            e = await refused(d.register("d-1"))
+            assert e.code == SchedErrorCode.BAD_TICKET and "announce the host again" in e.reason
+            await d.announce(ticket=ticket("host-d", at=wall.now))
+            assert (await d.register("d-1")).assignment == "parents"
+            assert service.core.peers["d-1"].host.tenant == "7"
+            service.core.check_invariants()
+
+            # A scheduler that knows no manager key refuses every ticket, and serves hosts without one.
+            lone: SchedulerService = await nursery.start(SchedulerService(service_config()).run)
+            e_host = await Daemon(lone.endpoints[0], "host-e").start(nursery)
+            e = await refused(e_host.announce(ticket=ticket("host-e")))
+            assert e.code == SchedErrorCode.BAD_TICKET and "no manager key" in e.reason
+            assert (await e_host.announce()).tenant == ""
+            lone.trust_key(signer.public_key)  # as its manager session would give it
+            f_host = await Daemon(lone.endpoints[0], "host-f").start(nursery)
+            assert (await f_host.announce(ticket=ticket("host-f"))).tenant == "7"
             nursery.cancel_scope.cancel()
 
 

@@ -66,8 +66,8 @@ def storage(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Storage]
         yield s
 
 
-def new_task(storage: Storage, size: int | None = SIZE, tid: str = TID, **kw: bool) -> StoredTask:
-    return storage.create(tid, url=URL, piece_length=PL, content_length=size, **kw)
+def new_task(storage: Storage, size: int | None = SIZE, tid: str = TID, *, hash_content: bool = True) -> StoredTask:
+    return storage.create(tid, url=URL, piece_length=PL, content_length=size, hash_content=hash_content)
 
 
 def write_all(task: StoredTask, content: bytes, order: list[int] | None = None) -> None:

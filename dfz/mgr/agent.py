@@ -18,6 +18,10 @@ One :class:`ManagerAgent` is one fabric session (``dfz/broker`` client) to the m
 * **Jobs**: a daemon takes ``mgr.preheat`` (``on_preheat``) and reports with :meth:`ManagerAgent.report`; a
   scheduler takes ``mgr.get_task`` / ``mgr.delete_task`` (:meth:`ManagerAgent.on_push`,
   ``dfz/sched/mgrjobs.py``) and answers with :meth:`ManagerAgent.answer`.
+* **Tenant tickets** (1.9): the registration reply's ``ticket`` and ``ticket_key``, and every fresh ticket a
+  keepalive reply carries, go to ``on_ticket(ticket, key)`` (``key`` empty when it did not come with it). A
+  ``TOKEN_REFUSED`` answer (the daemon's tenant token is unknown, revoked or expired) goes to
+  ``on_token_refused(reason)``: the process decides what to do (a daemon stops; it never drops to no tenant).
 * The manager being down never stops the process: everything is retried, and what the process has (its
   schedulers, its settings) stays as it is meanwhile.
 """
@@ -94,6 +98,8 @@ class ManagerAgent:
         lookup: Callable[[], MgrListSchedulers] | None = None,
         on_schedulers: Callable[[MgrSchedulers], Awaitable[None]] | None = None,
         on_preheat: Callable[[MgrPreheat], None] | None = None,
+        on_ticket: Callable[[bytes, bytes], None] | None = None,
+        on_token_refused: Callable[[str], None] | None = None,
         heartbeat: float = 1.0,
         ctx: zmq.Context[Any] | None = None,
     ) -> None:
@@ -102,6 +108,8 @@ class ManagerAgent:
         self.registration = registration
         self.lookup = lookup
         self.on_schedulers = on_schedulers
+        self.on_ticket = on_ticket
+        self.on_token_refused = on_token_refused
         self.client = Client(
             MGR_CATALOGUE,
             endpoint,
@@ -207,6 +215,8 @@ class ManagerAgent:
                 continue
             except RemoteError as e:
                 event(log, logging.ERROR, "mgr_agent_register_refused", manager=self.endpoint, code=e.code, error=e.reason)
+                if e.code == MgrErrorCode.TOKEN_REFUSED:
+                    self._token_refused(e.reason)
                 await trio.sleep(RETRY)
                 self._need_register.set()
                 continue
@@ -223,6 +233,7 @@ class ManagerAgent:
             )
             target = "scheduler" if msg.kind == "scheduler" else "daemon"
             self._config(target, reply.config, "registration")
+            self._ticket(reply.ticket, reply.ticket_key)
             await self._keepalive(reply.keepalive_ms / 1000)
 
     async def _keepalive(self, interval: float) -> None:
@@ -232,15 +243,38 @@ class ManagerAgent:
                 await self._need_register.wait()
                 return  # a new session: register again
             try:
-                (await self.client.request(MgrKeepalive(), timeout=max(interval * 3, 1.0))).expect(MgrAlive)
+                alive = (await self.client.request(MgrKeepalive(), timeout=max(interval * 3, 1.0))).expect(MgrAlive)
             except (ConnectionLost, RequestTimeout):
                 continue  # a reconnect sets _need_register
             except RemoteError as e:
+                if e.code == MgrErrorCode.TOKEN_REFUSED:
+                    event(log, logging.ERROR, "mgr_agent_token_refused", manager=self.endpoint, error=e.reason)
+                    self._token_refused(e.reason)
+                    continue
                 if e.code == MgrErrorCode.NOT_REGISTERED:
                     event(log, logging.WARNING, "mgr_agent_forgotten", manager=self.endpoint)
                     self._need_register.set()
                     return
                 event(log, logging.WARNING, "mgr_agent_keepalive_refused", manager=self.endpoint, code=e.code, error=e.reason)
+                continue
+            if alive.ticket:
+                self._ticket(alive.ticket, b"")
+
+    def _ticket(self, ticket: bytes, key: bytes) -> None:
+        if self.on_ticket is None or not (ticket or key):
+            return
+        try:
+            self.on_ticket(ticket, key)
+        except Exception as e:
+            event(log, logging.ERROR, "mgr_agent_ticket_failed", error=repr(e))
+
+    def _token_refused(self, reason: str) -> None:
+        if self.on_token_refused is None:
+            return
+        try:
+            self.on_token_refused(reason)
+        except Exception as e:
+            event(log, logging.ERROR, "mgr_agent_ticket_failed", error=repr(e))
 
     # --- schedulers -------------------------------------------------------------------------------------------
 

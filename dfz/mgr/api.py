@@ -23,9 +23,15 @@ from .. import __version__
 from . import audit, crud, oapi
 from .auth import Principal, client_ip, requires, signed_in, unauthorized
 from .db import Database
-from .models import Job, PersonalAccessToken, User, UserSession, utcnow
+from .models import DaemonToken, Job, PersonalAccessToken, User, UserSession, utcnow
 from .resources import JOBS, RESOURCES, USERS
 from .schemas import (
+    DAEMON_TOKEN_DAYS,
+    DaemonTokenCreate,
+    DaemonTokenCreated,
+    DaemonTokenFilter,
+    DaemonTokenRead,
+    DaemonTokenUpdate,
     JobRead,
     Page,
     PasswordChange,
@@ -39,7 +45,16 @@ from .schemas import (
     TokenUpdate,
     UserRead,
 )
-from .security import SESSION_COOKIE, TOKEN_PREFIX, covers, hash_password, new_secret, secret_digest, verify_password
+from .security import (
+    DAEMON_TOKEN_PREFIX,
+    SESSION_COOKIE,
+    TOKEN_PREFIX,
+    covers,
+    hash_password,
+    new_secret,
+    secret_digest,
+    verify_password,
+)
 
 API_PREFIX = "/api/v1"
 _UNKNOWN_USER_HASH = hash_password(new_secret(""))
@@ -121,6 +136,7 @@ def create_app(db: Database, settings: ApiSettings | None = None) -> FastAPI:
     v1.include_router(_sessions(settings))
     v1.include_router(_me())
     v1.include_router(_tokens())
+    v1.include_router(_daemon_tokens())
     for spec in RESOURCES:
         v1.include_router(crud.router(spec))
     v1.include_router(_job_actions())
@@ -294,14 +310,14 @@ def _token_present(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "state": state}
 
 
-def _token_state(value: str) -> Any:
+def _token_state(value: str, table: Any = PersonalAccessToken) -> Any:
     now = utcnow()
-    revoked = col(PersonalAccessToken.revoked_at)
+    revoked = col(table.revoked_at)
     if value == "revoked":
         return revoked.is_not(None)
     if value == "expired":
-        return revoked.is_(None) & (col(PersonalAccessToken.expires_at) <= now)
-    return revoked.is_(None) & (col(PersonalAccessToken.expires_at) > now)
+        return revoked.is_(None) & (col(table.expires_at) <= now)
+    return revoked.is_(None) & (col(table.expires_at) > now)
 
 
 TOKENS = crud.Resource(
@@ -410,6 +426,123 @@ def _tokens() -> APIRouter:
                 token.revoked_at = token.updated_at = utcnow()
                 session.add(token)
                 audit.record(session, principal.actor, "revoke", TOKENS.kind, row_id, {"prefix": token.prefix})
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return api
+
+
+# --- daemon tokens -----------------------------------------------------------------------------------------
+
+DAEMON_TOKENS = crud.Resource(
+    path="daemon-tokens",
+    kind="daemon_token",
+    title="daemon token",
+    table=DaemonToken,
+    group="daemon",
+    read=DaemonTokenRead,
+    filter=DaemonTokenFilter,
+    present=_token_present,
+    filters={"state": lambda value: _token_state(value, DaemonToken)},
+    tenant_field="tenant_id",
+)
+
+
+def _daemon_tokens() -> APIRouter:
+    """Daemon tokens: a daemon (``dfz daemon --tenant-token``) or seed peer configured with one is in its tenant
+    (the manager checks it at every registration and ticket refresh, ``protocol.md`` §17.10). Root and
+    operators make them for any tenant, a tenant admin for its own; the secret is in the creation's answer
+    only; revoking one keeps it listed (as revoked) and stops the daemons that use it."""
+    api = APIRouter(prefix=f"/{DAEMON_TOKENS.path}", tags=[DAEMON_TOKENS.path])
+    crud.TITLES[str(DaemonToken.__tablename__)] = DAEMON_TOKENS.title
+    reader = requires("daemon", "read")
+    writer = requires("daemon", "write")
+
+    @api.get(
+        "",
+        response_model=Page[DaemonTokenRead],
+        summary="List daemon tokens (a tenant admin: its tenant's)",
+        responses=crud.ERRORS,
+    )
+    def list_daemon_tokens(
+        request: Request, query: Annotated[DaemonTokenFilter, Query()], principal: Annotated[Principal, Depends(reader)]
+    ) -> Any:
+        with crud.database(request).reading() as session:
+            return crud.list_page(session, DAEMON_TOKENS, query, principal)
+
+    @api.post(
+        "",
+        status_code=status.HTTP_201_CREATED,
+        response_model=DaemonTokenCreated,
+        summary="Create a daemon token for a tenant; the secret is in the answer, once",
+        responses={**crud.ERRORS, 422: {"model": Problem}},
+    )
+    def create_daemon_token(request: Request, body: DaemonTokenCreate, principal: Annotated[Principal, Depends(writer)]) -> Any:
+        tenant_id = body.tenant_id
+        if principal.confined:
+            if principal.tenant_id is None:
+                raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {principal.role!r} without a tenant makes no daemon token")
+            if tenant_id is not None and tenant_id != principal.tenant_id:
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN, f"tenant_id: you are confined to tenant {principal.tenant_id}, not {tenant_id}"
+                )
+            tenant_id = principal.tenant_id
+        elif tenant_id is None:
+            raise HTTPException(422, "tenant_id: name the tenant whose daemons will use the token")
+        secret = new_secret(DAEMON_TOKEN_PREFIX)
+        expires = body.expires_at or utcnow() + dt.timedelta(days=DAEMON_TOKEN_DAYS)
+        with crud.database(request).writing() as session:
+            crud.check_references(session, DaemonToken, {"tenant_id": tenant_id})
+            row = DaemonToken(
+                name=body.name,
+                bio=body.bio,
+                prefix=secret[: len(DAEMON_TOKEN_PREFIX) + 6],
+                token_hash=secret_digest(secret),
+                tenant_id=tenant_id,
+                user_id=principal.user_id,
+                expires_at=expires,
+            )
+            session.add(row)
+            session.flush()
+            shown = crud.to_read(session, DAEMON_TOKENS, [row])[0]
+            audit.record(session, principal.actor, "create", DAEMON_TOKENS.kind, row.id, shown.model_dump())
+        return DaemonTokenCreated(**shown.model_dump(), token=secret)
+
+    @api.get(
+        "/{row_id}",
+        response_model=DaemonTokenRead,
+        summary="Get a daemon token",
+        responses={**crud.ERRORS, 404: {"model": Problem}},
+    )
+    def get_daemon_token(request: Request, row_id: crud.RowId, principal: Annotated[Principal, Depends(reader)]) -> Any:
+        with crud.database(request).reading() as session:
+            return crud.to_read(session, DAEMON_TOKENS, [crud.get_or_404(session, DAEMON_TOKENS, row_id, principal)])[0]
+
+    @api.patch(
+        "/{row_id}",
+        response_model=DaemonTokenRead,
+        summary="Rename a daemon token",
+        responses={**crud.ERRORS, 404: {"model": Problem}},
+    )
+    def update_daemon_token(
+        request: Request, row_id: crud.RowId, body: DaemonTokenUpdate, principal: Annotated[Principal, Depends(writer)]
+    ) -> Any:
+        with crud.database(request).writing() as session:
+            return crud.update(session, DAEMON_TOKENS, principal, row_id, body)
+
+    @api.delete(
+        "/{row_id}",
+        status_code=status.HTTP_204_NO_CONTENT,
+        response_class=Response,
+        summary="Revoke a daemon token (it stays listed, as revoked; its daemons stop at their next ticket refresh)",
+        responses={**crud.ERRORS, 404: {"model": Problem}},
+    )
+    def revoke_daemon_token(request: Request, row_id: crud.RowId, principal: Annotated[Principal, Depends(writer)]) -> Response:
+        with crud.database(request).writing() as session:
+            token: DaemonToken = crud.get_or_404(session, DAEMON_TOKENS, row_id, principal)
+            if token.revoked_at is None:
+                token.revoked_at = token.updated_at = utcnow()
+                session.add(token)
+                audit.record(session, principal.actor, "revoke", DAEMON_TOKENS.kind, row_id, {"prefix": token.prefix})
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     return api

@@ -26,6 +26,12 @@ Theory of operation:
   ``mgr.get_task`` / ``mgr.delete_task`` to schedulers through :meth:`ManagerFabric.push_to`; their answers
   (``mgr.task_report``, ``mgr.task_peers``, ``mgr.task_deleted``) go to the runner's callbacks, which say
   whether more is wanted (``mgr.noted``).
+* **Tenants.** A daemon or seed peer that registers with a daemon token (``tenant_token``) is checked
+  (``tenancy.check_token``: known, not revoked or expired, its tenant enabled) and answered with a tenant
+  ticket signed with the manager's key (``dfz/tickets.py``), valid ``ticket_ttl`` seconds; a keepalive past
+  half of that checks the token again (by its id) and carries a fresh ticket. A token refused answers
+  ``TOKEN_REFUSED``. Every registration reply carries the manager's public key, for the schedulers and
+  daemons that check tickets. The token's secret is never kept, logged or written anywhere.
 * **Nothing from the wire is trusted.** The codec checks types and bounds; the rest (addresses,
   clusters) answers ``BAD_VALUE`` or ``UNKNOWN_CLUSTER``; a database failure answers ``STORE_FAILED``;
   a handler bug answers ``INTERNAL``. None of them stops the server.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,7 +51,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..broker import ErrorCode, Message, PeerEvent, PeerGone, PeerSession, RemoteError, Request, Server, ServerConfig
 from ..log import event, get_logger
-from . import registry
+from ..tickets import TicketSigner
+from . import registry, tenancy
 from .db import Database
 from .messages import (
     MGR_CATALOGUE,
@@ -79,6 +87,8 @@ class FabricSettings:
     """Seconds after which a daemon asks again which schedulers serve it."""
     config_poll: float = 1.0
     """Seconds between two looks at the database for changed clusters and dynamic configs."""
+    ticket_ttl: float = 600.0
+    """Seconds a tenant ticket is valid; refreshed on a keepalive after half of it."""
 
     @property
     def bound(self) -> float:
@@ -97,6 +107,11 @@ class _Session:
     active: bool = False
     config_cluster: int | None = None
     """The scheduler cluster whose dynamic configs apply (by registration, or by ``mgr.list_schedulers``)."""
+    grant: tenancy.Grant | None = None
+    """The tenant of a daemon registered with a daemon token (its ticket is refreshed on keepalives)."""
+    ticket_host: str = ""
+    ticket_issued: float = 0.0
+    """Wall-clock time the session's latest ticket was issued at."""
     targets: set[Target] = field(default_factory=set)
     sent: dict[Target, dict[str, Any]] = field(default_factory=dict)
     serial: int = 0
@@ -113,14 +128,26 @@ class FabricStats:
     pushes: int = 0
     refused: int = 0
     inactive: int = 0
+    tickets: int = 0
+    """Tenant tickets issued (at registration and refreshed)."""
+    tokens_refused: int = 0
 
 
 class ManagerFabric:
     """The fabric endpoint of a manager over ``db``. ``await nursery.start(fabric.run)`` binds (raising
     ``zmq.ZMQError`` when it cannot) and serves until cancelled; ``endpoints`` are the bound addresses."""
 
-    def __init__(self, db: Database | None, settings: FabricSettings | None = None, *, name: str = "dfz-mgr") -> None:
+    def __init__(
+        self,
+        db: Database | None,
+        settings: FabricSettings | None = None,
+        *,
+        name: str = "dfz-mgr",
+        signer: TicketSigner | None = None,
+    ) -> None:
         self.db = db
+        self.signer = signer
+        """Signs tenant tickets; None: this manager issues none (a tenant token is refused as unavailable)."""
         self.settings = settings or FabricSettings()
         s = self.settings
         self.server = Server(
@@ -207,10 +234,51 @@ class ManagerFabric:
 
     # --- requests ------------------------------------------------------------------------------------------
 
+    async def _check_token(self, db: Database, check: Callable[[], tenancy.Grant], host: str) -> tenancy.Grant:
+        try:
+            return await self._in_thread(check)  # type: ignore[no-any-return]
+        except tenancy.TokenRefused as e:
+            self.stats.refused += 1
+            self.stats.tokens_refused += 1
+            event(log, logging.WARNING, "mgr_token_refused", host=host, reason=e.reason)
+            raise RemoteError(MgrErrorCode.TOKEN_REFUSED, f"the tenant token is refused: {e.reason}") from None
+
+    def _issue(self, s: _Session, grant: tenancy.Grant, host_id: str) -> bytes:
+        assert self.signer is not None
+        now = time.time()
+        ticket = self.signer.issue(
+            tenant=grant.tenant, tenant_name=grant.tenant_name, host_id=host_id, now=now, ttl=self.settings.ticket_ttl
+        )
+        s.grant, s.ticket_host, s.ticket_issued = grant, host_id, now
+        self.stats.tickets += 1
+        event(
+            log,
+            logging.INFO,
+            "mgr_ticket_issued",
+            host=host_id,
+            tenant=grant.tenant,
+            tenant_name=grant.tenant_name,
+            token=grant.prefix,
+        )
+        return ticket
+
     async def _on_register(self, req: Request) -> MgrRegistered:
         msg = req.msg
         assert isinstance(msg, MgrRegister)
         db = self._db()
+
+        grant: tenancy.Grant | None = None
+        if msg.tenant_token:
+            if msg.kind == "scheduler":
+                self.stats.refused += 1
+                raise RemoteError(MgrErrorCode.BAD_VALUE, "tenant_token: a scheduler serves every tenant; only daemons join one")
+            if not msg.host_id:
+                self.stats.refused += 1
+                raise RemoteError(MgrErrorCode.BAD_VALUE, "host_id: a daemon with a tenant token registers with its host id")
+            if self.signer is None:
+                raise RemoteError(ErrorCode.UNAVAILABLE, "this manager has no ticket key: it cannot put daemons in tenants")
+            token = msg.tenant_token
+            grant = await self._check_token(db, lambda: tenancy.check_token(db, token), msg.host_id)
 
         host = msg.kind == "host"
         serving = None
@@ -219,8 +287,10 @@ class ManagerFabric:
                 self.snapshot.clusters, ip=msg.ip, hostname=msg.hostname, idc=msg.idc, location=msg.location
             )
 
+        tenant_id = grant.tenant_id if grant is not None else None
+
         def work() -> tuple[registry.Registered, Snapshot]:
-            done = registry.register(db, msg, serving=serving)
+            done = registry.register(db, msg, serving=serving, tenant_id=tenant_id)
             # A host changes nothing daemons are told: no snapshot to reload (a thousand of them start at once).
             return done, self.snapshot if host else registry.load_snapshot(db)
 
@@ -247,6 +317,9 @@ class ManagerFabric:
             s.config_cluster = done.config_cluster_id
         config = snapshot.settings(target, s.config_cluster)
         s.sent[target] = config
+        ticket = self._issue(s, grant, msg.host_id) if grant is not None else b""
+        if grant is None:
+            s.grant = None
         self.stats.registrations += 1
         event(
             log,
@@ -268,6 +341,8 @@ class ManagerFabric:
             cluster=done.cluster[:256],
             keepalive_ms=max(10, round(self.settings.keepalive * 1000)),
             config=config,
+            ticket=ticket,
+            ticket_key=self.signer.public_key if self.signer is not None else b"",
         )
 
     async def _on_keepalive(self, req: Request) -> MgrAlive:
@@ -286,7 +361,18 @@ class ManagerFabric:
             event(log, logging.INFO, "mgr_instance_active", kind=instance[0], id=instance[1], why="keepalive again")
             if instance[0] != "host":
                 self._reload.set()
-        return MgrAlive(instance_id=s.instance[1])
+        ticket = b""
+        grant = s.grant
+        if grant is not None and time.time() >= s.ticket_issued + self.settings.ticket_ttl / 2:
+            db = self._db()
+            token_id = grant.token_id
+            try:
+                fresh = await self._check_token(db, lambda: tenancy.recheck(db, token_id), s.ticket_host)
+            except RemoteError:
+                s.grant = None  # the next keepalives carry no ticket; the daemon stops on this answer
+                raise
+            ticket = self._issue(s, fresh, s.ticket_host)
+        return MgrAlive(instance_id=s.instance[1], ticket=ticket)
 
     def _on_list(self, req: Request) -> MgrSchedulers:
         msg = req.msg

@@ -41,6 +41,10 @@ InstanceKind = Literal["scheduler", "seed_peer", "host"]
 """``host``: a daemon (a host of the P2P network), a row of the manager's ``hosts`` table."""
 HostId = Annotated[str, Meta(max_length=128, pattern=r"^[!-~]*$")]
 Label = Annotated[str, Meta(max_length=64)]
+Ticket = Annotated[bytes, Meta(max_length=1024)]
+"""A tenant ticket (``dfz/tickets.py``, ``protocol.md`` §17.10); empty: none."""
+TicketKey = Annotated[bytes, Meta(max_length=32)]
+"""The manager's Ed25519 public key (32 bytes) that tenant tickets are checked with; empty: none."""
 
 
 class MgrErrorCode(IntEnum):
@@ -50,6 +54,7 @@ class MgrErrorCode(IntEnum):
     UNKNOWN_CLUSTER = 1401  # the cluster named (or the id given) does not exist; no default cluster to fall back to
     BAD_VALUE = 1402  # a field the codec cannot check is wrong (ip not an address, ...): the reason says which
     STORE_FAILED = 1403  # the database could not be written or read: try again later
+    TOKEN_REFUSED = 1404  # the tenant token is unknown, revoked or expired, or its tenant is disabled: the daemon stops
 
 
 # --- nested records ---------------------------------------------------------------------------------------
@@ -79,6 +84,7 @@ class MgrRegister(Message, tag="mgr.register"):
     ``cluster_id`` are not used)."""
 
     KIND: ClassVar[Kind] = Kind.REQUEST
+    VERSION: ClassVar[int] = 2
     kind: InstanceKind
     hostname: Hostname
     ip: Address
@@ -101,6 +107,9 @@ class MgrRegister(Message, tag="mgr.register"):
     """A host's platform (its distribution, when known)."""
     arch: Label = ""
     """A host's machine architecture (``x86_64``)."""
+    tenant_token: Annotated[str, Meta(max_length=256)] = ""
+    """(1.9) A daemon's or seed peer's daemon token: the manager puts it in the token's tenant and answers with a
+    signed ticket (``host_id`` required); empty: no tenant. Refused with ``TOKEN_REFUSED``."""
 
 
 class MgrRegistered(Message, tag="mgr.registered"):
@@ -110,11 +119,16 @@ class MgrRegistered(Message, tag="mgr.registered"):
     cluster is the scheduler cluster that serves it (0 and "" when none does)."""
 
     KIND: ClassVar[Kind] = Kind.REPLY
+    VERSION: ClassVar[int] = 2
     instance_id: U63
     cluster_id: U63
     cluster: Name
     keepalive_ms: Annotated[int, Meta(ge=10, le=3_600_000)]
     config: Settings = {}
+    ticket: Ticket = b""
+    """(1.9) With a ``tenant_token``: the tenant ticket to show schedulers and parents."""
+    ticket_key: TicketKey = b""
+    """(1.9) The key tenant tickets are checked with (schedulers and piece servers trust it)."""
 
 
 class MgrKeepalive(Message, tag="mgr.keepalive"):
@@ -127,7 +141,10 @@ class MgrAlive(Message, tag="mgr.alive"):
     """Reply to :class:`MgrKeepalive`."""
 
     KIND: ClassVar[Kind] = Kind.REPLY
+    VERSION: ClassVar[int] = 2
     instance_id: U63
+    ticket: Ticket = b""
+    """(1.9) A fresh tenant ticket, when the one the instance holds is past half its life; empty: keep it."""
 
 
 class MgrListSchedulers(Message, tag="mgr.list_schedulers"):

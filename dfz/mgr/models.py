@@ -268,6 +268,30 @@ class PersonalAccessToken(SQLModel, table=True):
     updated_at: dt.datetime = _created()
 
 
+class DaemonToken(SQLModel, table=True):
+    """A token that puts the daemons (and seed peers) configured with it in a tenant: a daemon shows it to
+    the manager when it registers (``mgr.register``) and gets a signed tenant ticket back
+    (``dfz/tickets.py``). Like personal access tokens, only the secret's SHA-256 is kept; it expires and can
+    be revoked (a revoked or expired token makes the daemons that use it stop at their next registration or
+    ticket refresh)."""
+
+    __tablename__ = "daemon_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = _str(default=None)
+    bio: str = _str(TEXT_LENGTH)
+    prefix: str = _str(32, default=None)
+    token_hash: str = _str(64, default=None, unique=True)
+    tenant_id: int = _fk("tenants.id", nullable=False)
+    user_id: int | None = _fk("users.id", nullable=True, ondelete="SET NULL")
+    """Who made it."""
+    expires_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+    revoked_at: dt.datetime | None = _time()
+    last_used_at: dt.datetime | None = _time()
+    created_at: dt.datetime = _created()
+    updated_at: dt.datetime = _created()
+
+
 class UserSession(SQLModel, table=True):
     """A person's sign-in session (the console's cookie); like tokens, only the secret's digest is kept."""
 

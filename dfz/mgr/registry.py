@@ -159,9 +159,10 @@ def _seed_peer_cluster(session: Session, name: str, cluster_id: int) -> SeedPeer
     return row
 
 
-def register(db: Database, msg: MgrRegister, *, serving: ClusterView | None = None) -> Registered:
+def register(db: Database, msg: MgrRegister, *, serving: ClusterView | None = None, tenant_id: int | None = None) -> Registered:
     """Create or take over the instance ``msg`` names, active from now. ``serving``: for a host, the
-    scheduler cluster that serves it (:func:`match_cluster`; None: none does). Raises :class:`RegistryError`."""
+    scheduler cluster that serves it (:func:`match_cluster`; None: none does); ``tenant_id``: a host's
+    tenant, from its daemon token (None: none; the REST API's value is replaced). Raises :class:`RegistryError`."""
     try:
         ip = check_ip(msg.ip)
     except ValueError:
@@ -186,6 +187,7 @@ def register(db: Database, msg: MgrRegister, *, serving: ClusterView | None = No
                 "platform": msg.platform,
                 "arch": msg.arch,
                 "scheduler_cluster_id": serving_id,
+                "tenant_id": tenant_id,
             }
             if row is None:
                 row = Host(host_id=msg.host_id, **values)

@@ -563,15 +563,20 @@ class TokenCreate(Strict):
 
     @model_validator(mode="after")
     def _expiry(self) -> TokenCreate:
-        if self.expires_at is not None:
-            if self.expires_at.tzinfo is None:
-                raise ValueError("expires_at needs a timezone, e.g. 2030-01-01T00:00:00Z")
-            now = dt.datetime.now(dt.UTC)
-            if self.expires_at <= now:
-                raise ValueError("expires_at is in the past")
-            if self.expires_at > now + dt.timedelta(days=TOKEN_MAX_DAYS):
-                raise ValueError(f"expires_at is more than {TOKEN_MAX_DAYS} days away")
+        check_expiry(self.expires_at)
         return self
+
+
+def check_expiry(expires_at: dt.datetime | None) -> None:
+    """A token's expiry: timezone-aware, in the future, within :data:`TOKEN_MAX_DAYS`."""
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise ValueError("expires_at needs a timezone, e.g. 2030-01-01T00:00:00Z")
+        now = dt.datetime.now(dt.UTC)
+        if expires_at <= now:
+            raise ValueError("expires_at is in the past")
+        if expires_at > now + dt.timedelta(days=TOKEN_MAX_DAYS):
+            raise ValueError(f"expires_at is more than {TOKEN_MAX_DAYS} days away")
 
 
 class TokenUpdate(Partial):
@@ -602,6 +607,57 @@ class TokenCreated(TokenRead):
 class TokenFilter(ListQuery):
     name: Name | None = None
     user_id: Id | None = None
+    state: TokenState | None = None
+
+
+# --- daemon tokens ----------------------------------------------------------------------------------------------
+
+DAEMON_TOKEN_DAYS = 365
+"""A daemon token's default lifetime."""
+
+
+class DaemonTokenCreate(Strict):
+    name: Name
+    bio: Bio = ""
+    tenant_id: Id | None = None
+    """The tenant the daemons configured with it join (a tenant admin's own when left out; others must name one)."""
+    expires_at: dt.datetime | None = None
+    """When it stops working (timezone-aware, within a year); default: in 365 days."""
+
+    @model_validator(mode="after")
+    def _expiry(self) -> DaemonTokenCreate:
+        check_expiry(self.expires_at)
+        return self
+
+
+class DaemonTokenUpdate(Partial):
+    name: Name | None = None
+    bio: Bio | None = None
+
+
+class DaemonTokenRead(Read):
+    id: int
+    name: str
+    bio: str
+    prefix: str
+    tenant_id: int
+    user_id: int | None
+    state: TokenState
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class DaemonTokenCreated(DaemonTokenRead):
+    token: str
+    """The secret, for ``dfz daemon --tenant-token`` (or ``$DFZ_TENANT_TOKEN``): shown this once, never again."""
+
+
+class DaemonTokenFilter(ListQuery):
+    name: Name | None = None
+    tenant_id: Id | None = None
     state: TokenState | None = None
 
 

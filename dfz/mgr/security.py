@@ -30,11 +30,14 @@ PERMISSION_GROUPS: dict[str, str] = {
     "user": "users, roles, and other users' tokens",
     "audit": "the audit log (read only)",
     "token": "one's own personal access tokens",
+    "daemon": "daemon tokens, which put daemons in a tenant",
 }
 """Every permission group and what it covers."""
 
 ALL = "*"
 TOKEN_PREFIX = "dfz_"
+DAEMON_TOKEN_PREFIX = "dfzd_"
+"""Daemon tokens (``/api/v1/daemon-tokens``) start with this, personal access tokens with :data:`TOKEN_PREFIX`."""
 SESSION_COOKIE = "dfz_session"
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1

@@ -6,6 +6,11 @@ alone), creates the first root user when there are no users, and serves the API 
 worker; it returns once the server listens (``manager.urls``). :meth:`Manager.stop` shuts down gracefully
 (requests in progress finish, up to ``graceful_timeout``); cancelling stops at once.
 
+The manager's tenant-ticket key (Ed25519, ``dfz/tickets.py``) is read from ``ticket_key_file``, made there on
+first start (mode 0600) when missing; by default ``ticket.key`` next to the SQLite database (or in
+``data_dir``). Managers sharing one database must share this file (``ticket_key_file``), or the schedulers
+and daemons must trust each one's public key. ``dfz mgr`` prints the public key as ``ticket-key HEX``.
+
 The first root user is ``root``, with the password in ``$DFZ_MGR_ROOT_PASSWORD`` when it is set, or else a
 generated one that :func:`serve` prints once (``root-password ...``): it is stored only as a hash.
 
@@ -32,6 +37,7 @@ from sqlmodel import func, select
 
 from ..config import ConfigError, read_toml
 from ..log import event, get_logger
+from ..tickets import TicketSigner
 from . import audit
 from .db import Database, display_url, parse_url
 from .fabric import FabricSettings, ManagerFabric
@@ -46,6 +52,7 @@ ROOT_USER = "root"
 ROOT_PASSWORD_ENV = "DFZ_MGR_ROOT_PASSWORD"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DATABASE_FILE = "manager.db"
+TICKET_KEY_FILE = "ticket.key"
 
 
 class ListenError(Exception):
@@ -91,6 +98,11 @@ class ManagerConfig:
     secret_key_file: Path | None = None
     """The manager's secret key (seals registry passwords at rest); default ``secret.key`` in ``data_dir``, or
     beside the SQLite database (``$DFZ_MGR_SECRET_KEY``, when set, is the key instead)."""
+    ticket_key_file: Path | None = None
+    """The Ed25519 key that signs tenant tickets (PEM, made on first start, mode 0600). Default: ``ticket.key`` in
+    ``data_dir``, else next to the SQLite database, else in ``$DFZ_DATA_DIR/mgr``."""
+    ticket_ttl: float = 600.0
+    """Seconds a tenant ticket is valid (a revoked daemon token stops being honoured within about this long)."""
 
     def __post_init__(self) -> None:
         if self.database:
@@ -106,6 +118,8 @@ class ManagerConfig:
             scheme, sep, rest = self.fabric.partition("://")
             if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
                 raise ConfigError(f"fabric: {self.fabric!r} is not an endpoint such as tcp://0.0.0.0:8003")
+        if not (isinstance(self.ticket_ttl, int | float) and 10 <= self.ticket_ttl <= 86400):
+            raise ConfigError(f"ticket_ttl: must be from 10 to 86400 seconds, got {self.ticket_ttl!r}")
         for key in ("keepalive", "refresh", "config_poll", "job_poll", "seed_wait", "task_timeout"):
             value = getattr(self, key)
             if not (isinstance(value, int | float) and 0.01 <= value <= 86400):
@@ -128,7 +142,20 @@ class ManagerConfig:
             liveness=self.liveness,
             refresh=self.refresh,
             config_poll=self.config_poll,
+            ticket_ttl=self.ticket_ttl,
         )
+
+    def ticket_key_path(self) -> Path:
+        if self.ticket_key_file is not None:
+            return self.ticket_key_file.expanduser()
+        if self.data_dir is not None:
+            return self.data_dir.expanduser() / TICKET_KEY_FILE
+        url = parse_url(self.database_url())
+        if url.get_backend_name() == "sqlite" and url.database:
+            return Path(url.database).expanduser().resolve().parent / TICKET_KEY_FILE
+        from ..peer.api import default_data_dir
+
+        return default_data_dir() / "mgr" / TICKET_KEY_FILE
 
     def job_settings(self) -> JobSettings:
         return JobSettings(
@@ -179,9 +206,9 @@ class ManagerConfig:
                 if not isinstance(value, str):
                     raise ConfigError(f"{source}: {key} must be a string")
                 values[key] = value
-            elif key in ("data_dir", "secret_key_file"):
+            elif key in ("data_dir", "secret_key_file", "ticket_key_file"):
                 if not isinstance(value, str | Path):
-                    raise ConfigError(f"{source}: {key} must be a path")
+                    raise ConfigError(f"{source}: {key} must be a {'directory' if key == 'data_dir' else 'file'} name")
                 path = Path(value).expanduser()
                 values[key] = base / path if base is not None and not path.is_absolute() else path
             elif key == "cookie_secure":
@@ -244,6 +271,8 @@ class Manager:
         self.db: Database | None = None
         self.fabric: ManagerFabric | None = None
         self.fabric_endpoints: list[str] = []
+        self.signer: TicketSigner | None = None
+        """Signs tenant tickets (loaded or made at start)."""
         self.jobs: JobRunner | None = None
         """Runs the jobs (preheat) once the database is open."""
         """Where the fabric endpoint listens (``mgr.*``), once it serves."""
@@ -274,7 +303,12 @@ class Manager:
                 sock.listen(http_config.backlog)
         except OSError as e:
             raise ListenError(f"cannot listen on {self.config.listen}: {e.strerror or e}") from None
-        fabric = self.fabric = ManagerFabric(None, self.config.fabric_settings())
+        key_path = self.config.ticket_key_path()
+        try:
+            signer = self.signer = await trio.to_thread.run_sync(TicketSigner.load_or_create, key_path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"ticket_key_file: cannot use {key_path}: {e}") from None
+        fabric = self.fabric = ManagerFabric(None, self.config.fabric_settings(), signer=signer)
         db: Database | None = None
         try:
             async with trio.open_nursery() as nursery:

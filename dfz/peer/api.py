@@ -64,7 +64,7 @@ from .endpoints import ENDPOINT_ENV as ENDPOINT_ENV
 from .endpoints import builtin_schemes as builtin_schemes
 from .endpoints import default_data_dir as default_data_dir
 from .endpoints import default_endpoint as default_endpoint
-from .local import DownloadRequest, DownloadService, DownloadState, Progress
+from .local import DownloadRequest, DownloadService, DownloadState, Progress, TenantError
 
 log = get_logger("peer.api")
 
@@ -170,6 +170,11 @@ class ApiServer:
             request = check_request(request_from_wire(msg), self.schemes)
         except ApiInputError as e:
             raise RemoteError(e.code, e.message) from None
+        try:
+            # The daemon's tenant, never the client's choice, makes the task id (protocol.md §16.1).
+            request = await self.service.resolve(request)
+        except TenantError as e:
+            raise RemoteError(ApiErrorCode.BAD_TENANT if e.wrong else 503, str(e)[:4096]) from None
         peer = req.peer
         running = self._by_session.setdefault(peer.session, set())
         if len(running) >= self.max_downloads_per_session:

@@ -72,6 +72,7 @@ class ApiErrorCode(IntEnum):
     BAD_PIECE_LENGTH = 1304  # a fixed piece length that is not a power of two from 64 KiB to 64 MiB
     BAD_HEADER = 1305  # a header name that is not an HTTP token, or a value with CR, LF or NUL
     BAD_TIMEOUT = 1306  # a timeout that is not a positive number of milliseconds
+    BAD_TENANT = 1307  # the request names another tenant than the daemon's (a download is in the daemon's tenant)
     UNKNOWN_DOWNLOAD = 1310  # `api.cancel` names a download this server does not run (any more)
     TOO_MANY_DOWNLOADS = 1311  # the session has as many downloads running as the server allows
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ class DaemonConfig:
     manager's dynamic settings (rate limits, upload slots) while running. A seed peer registers there too."""
     cluster: str = ""
     """A seed peer's seed-peer cluster at the manager (its name); empty: the manager's default one."""
+    tenant_token: str = field(default="", repr=False)
+    """A daemon token from the manager (``/api/v1/daemon-tokens``; ``--tenant-token`` or ``$DFZ_TENANT_TOKEN``): the
+    daemon is in that token's tenant (its task ids, its swarms, who its piece server serves). Needs ``manager``.
+    Empty: no tenant. A token the manager refuses stops the daemon; it never falls back to no tenant."""
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     """Endpoints of the piece server; the first tcp one is announced to the scheduler."""
     advertise_ip: str = ""
@@ -90,6 +94,10 @@ class DaemonConfig:
             _endpoint("manager", self.manager)
         if len(self.cluster) > 255:
             raise ConfigError("cluster: at most 255 characters")
+        if self.tenant_token and not self.manager:
+            raise ConfigError("tenant_token: the manager checks it: set manager (--manager) too")
+        if len(self.tenant_token) > 256 or not all(0x21 <= ord(c) <= 0x7E for c in self.tenant_token):
+            raise ConfigError("tenant_token: at most 256 visible ASCII characters (a token from /api/v1/daemon-tokens)")
         for e in self.schedulers:
             _endpoint("schedulers", e)
         if len(set(self.schedulers)) != len(self.schedulers):
@@ -175,7 +183,7 @@ class DaemonConfig:
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
                 elif key in ("seed", "direct_io"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
-                elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location", "manager", "cluster"):
+                elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location", "manager", "cluster", "tenant_token"):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))

@@ -19,6 +19,14 @@ One :class:`Daemon` owns, for its lifetime (``run``):
   ``parents`` → a :class:`~dfz.peer.download.Downloader` verifying every piece against the digests the
   scheduler forwards; ``back_to_source`` → :func:`~dfz.peer.origin.fetch_from_origin`, reporting the
   task's metadata and each piece's digest; ``wait`` → wait for pushes; ``fail`` → fail with the reason.
+* the **tenant** (``protocol.md`` §17.10): with a ``tenant_token`` the daemon registers with the manager
+  showing it and gets a signed ticket; until then it announces nothing and starts no download. Its task ids
+  are computed with the ticket's tenant (never with one a client asks for), every scheduler announce and
+  every subscription to a parent carries the ticket, and its piece server serves a task stored for a tenant
+  only to children whose ticket proves that tenant. A fresh ticket (the manager refreshes it on keepalives)
+  is announced again to every scheduler. A token the manager refuses stops the daemon
+  (:class:`TenantRefused`): it never falls back to no tenant. Without a token the daemon is in no tenant
+  ("") and all of this is inert;
 * the **reporters**, one per scheduler: piece reports are collected per peer and sent to the peer's
   scheduler as one ``sched.pieces`` every ``report_interval`` (or when a batch is full); any other report
   about a peer first flushes that peer's batch, so the scheduler always sees a peer's pieces before its
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -53,7 +62,8 @@ import re
 import secrets
 import signal
 import socket
-from collections import deque
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -110,9 +120,10 @@ from ..tasks import (
     needs_swarm,
     validate_piece_length,
 )
+from ..tickets import TicketError, TicketVerifier
 from .config import DaemonConfig
 from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, PieceFailure
-from .local import CachedTask, DownloadRequest, DownloadState, Progress
+from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
@@ -134,6 +145,15 @@ _KIND_IN_REASON = re.compile(r"\[([a-z_]{1,40})\]")
 
 DIGEST_WAIT = 2.0
 """Seconds a download that has every piece waits for the whole-file digest before computing it."""
+_PARENT_STATS_TASKS = 4096
+"""Tasks whose bytes per parent host are kept for ``api.list`` (the oldest are forgotten first)."""
+_EXTRA_VALUE = 1024
+"""Longest value of an ``api.list`` task's ``extra`` entry (protocol.md §16.2)."""
+
+
+class TenantRefused(Exception):
+    """The manager refused the daemon's tenant token (unknown, revoked, expired, or its tenant disabled): the
+    daemon stops rather than run in no tenant."""
 
 
 class _Failed(Exception):
@@ -227,6 +247,9 @@ class _Download:
         self.digests: dict[int, str] = {}
         self.parents: list[SchedParent] = []
         self.peer_of_endpoint: dict[str, str] = {}
+        self.host_of_endpoint: dict[str, str] = {}
+        self.tenant = daemon.tenant or ""
+        """The daemon's tenant when the download started (the task id is of it; its storage records it)."""
         self.link: _SchedLink | None = None
         """The scheduler the current peer registers with (the task's on the ring, :meth:`Daemon._link_for`)."""
         self.home: _SchedLink | None = None
@@ -393,6 +416,10 @@ class _Download:
                 if e.code == SchedErrorCode.NOT_ANNOUNCED:
                     await trio.sleep(0.1)
                     continue
+                if e.code == SchedErrorCode.BAD_TICKET:  # the ticket the scheduler holds expired: show the fresh one
+                    link.need_announce.set()
+                    await trio.sleep(0.5)
+                    continue
                 raise _Failed("scheduler_refused", f"the scheduler refused the download: {e}") from None
         raise _Failed("scheduler_unreachable", f"the scheduler at {endpoint} did not answer the registration; try again")
 
@@ -507,6 +534,7 @@ class _Download:
         self.parents = list(parents)
         for p in parents:
             self.peer_of_endpoint[_endpoint_of(p)] = p.peer_id
+            self.host_of_endpoint[_endpoint_of(p)] = p.host_id
         if self._downloader is not None:
             self._downloader.set_parents(_endpoint_of(p) for p in parents)
 
@@ -522,6 +550,7 @@ class _Download:
                     piece_length=layout.piece_length,
                     content_length=layout.content_length,
                     hash_content=False,
+                    tenant=self.tenant,
                 )
             )
         except LayoutConflict:
@@ -533,6 +562,7 @@ class _Download:
                     piece_length=layout.piece_length,
                     content_length=layout.content_length,
                     hash_content=False,
+                    tenant=self.tenant,
                 )
             )
         self.stored = task
@@ -564,6 +594,7 @@ class _Download:
                     parent=self.peer_of_endpoint.get(done.parent),
                 ),
             )
+            daemon._count_from(self.task_id, self.host_of_endpoint.get(done.parent, done.parent), done.size)
             self._piece_landed(done.size, peers=done.size)
 
         def on_failed(failure: PieceFailure) -> None:
@@ -589,6 +620,7 @@ class _Download:
             limiter=daemon.download_limiter,
             name=f"dfz-daemon-{daemon.host_id}",
             ctx=daemon.ctx,
+            ticket=daemon.current_ticket,
         )
         self._downloader = downloader
         self._report_resumed()
@@ -642,6 +674,8 @@ class _Download:
                 FinishedPiece(piece=piece.index, digest=piece.digest, size=piece.size, cost_ms=int(piece.cost * 1000)),
             )
             self._piece_landed(piece.size, origin=piece.size if piece.fetched else 0)
+            if piece.fetched:
+                daemon._count_from(self.task_id, "origin", piece.size)
 
         try:
             backend = daemon.sources.backend_for(self.url)
@@ -657,6 +691,7 @@ class _Download:
                 on_task=on_task,
                 on_metadata=on_metadata,
                 on_piece=on_piece,
+                tenant=self.tenant,
             )
         except (OriginError, SourceError) as e:
             err = e if isinstance(e, OriginError) else origin_error_of(e)
@@ -701,6 +736,7 @@ class _Download:
                 on_task=lambda t: None,
                 on_metadata=lambda pl, cl: self._learn(content_length=cl, piece_length=pl),
                 on_piece=on_piece,
+                tenant=self.tenant,
             )
         except SourceError as e:
             err = origin_error_of(e)
@@ -781,6 +817,20 @@ class Daemon:
             upload_slots=config.upload_slots,
             rate_limit=config.upload_rate_limit,
         )
+        self.tickets = TicketVerifier()
+        """The manager keys tenant tickets are checked with (its own, and its children's, by its piece server)."""
+        self.ticket = b""
+        """This host's tenant ticket from the manager; empty without a tenant token."""
+        self.tenant: str | None = None if config.tenant_token else ""
+        """This daemon's tenant: "" for none; None while a tenant token waits for its first ticket."""
+        self.ticket_expires = 0.0
+        self._tenant_known = trio.Event()
+        if not config.tenant_token:
+            self._tenant_known.set()
+        self._refused = trio.Event()
+        self._refused_reason = ""
+        self._from_hosts: OrderedDict[str, Counter[str]] = OrderedDict()
+        """Task id -> verified bytes received per parent host id (and ``origin``), for ``api.list``."""
         self.ctx = ctx
         self.boot = secrets.token_hex(8)
         self.host_id = config.host_id
@@ -851,7 +901,12 @@ class Daemon:
             if not self.host_id:
                 self.host_id = await trio.to_thread.run_sync(_host_id, data_dir)
             self._piece_server = PieceServer(
-                self._storage, cfg.listen, config=self.piece_server_config, name=f"dfz-pieces-{self.host_id}", ctx=self.ctx
+                self._storage,
+                cfg.listen,
+                config=self.piece_server_config,
+                name=f"dfz-pieces-{self.host_id}",
+                ctx=self.ctx,
+                tickets=self.tickets,
             )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -861,6 +916,7 @@ class Daemon:
                     await self._open_link(nursery, endpoint)
                 if cfg.manager:
                     self.manager = await nursery.start(self._manager_agent().run)
+                nursery.start_soon(self._tenant_guard)
                 nursery.start_soon(self._cache_announcer)
                 nursery.start_soon(self._load_reporter)
                 nursery.start_soon(self._syncer)
@@ -928,6 +984,7 @@ class Daemon:
                     os=os_name,
                     platform=distro,
                     arch=arch,
+                    tenant_token=cfg.tenant_token,
                 )
             return MgrRegister(
                 kind="seed_peer",
@@ -938,6 +995,8 @@ class Daemon:
                 cluster=cfg.cluster,
                 idc=cfg.idc,
                 location=cfg.location,
+                host_id=self.host_id if cfg.tenant_token else "",
+                tenant_token=cfg.tenant_token,
             )
 
         def lookup() -> MgrListSchedulers:
@@ -969,9 +1028,95 @@ class Daemon:
             lookup=lookup if cfg.from_manager else None,
             on_schedulers=on_schedulers if cfg.from_manager else None,
             on_preheat=self._on_preheat,
+            on_ticket=self._on_ticket,
+            on_token_refused=self._on_token_refused,
             heartbeat=cfg.heartbeat,
             ctx=self.ctx,
         )
+
+    # -- the tenant --
+
+    def current_ticket(self) -> tuple[bytes, str]:
+        """This host's tenant ticket and host id, as subscriptions to parents show them."""
+        return self.ticket, self.host_id
+
+    def _on_ticket(self, ticket: bytes, key: bytes) -> None:
+        """The manager's key and, with a tenant token, this host's (fresh) ticket."""
+        if key:
+            try:
+                self.tickets.trust(key)
+            except ValueError as e:
+                event(log, logging.WARNING, "daemon.ticket_key_refused", error=str(e))
+        if not ticket:
+            return
+        if not self.config.tenant_token:
+            event(log, logging.WARNING, "daemon.ticket_unasked", manager=self.config.manager)
+            return
+        try:
+            got = self.tickets.verify(ticket, now=time.time(), host_id=self.host_id)
+        except TicketError as e:  # the manager's own ticket does not verify: keep what we have, say it loudly
+            event(log, logging.ERROR, "daemon.ticket_bad", kind=e.kind, error=e.reason)
+            return
+        if self.tenant is not None and self.tenant != got.tenant:
+            self._on_token_refused(f"the manager moved this host from tenant {self.tenant!r} to {got.tenant!r}")
+            return
+        first = self.tenant is None
+        self.ticket, self.tenant, self.ticket_expires = ticket, got.tenant, float(got.expires_at)
+        event(
+            log,
+            logging.INFO,
+            "daemon.ticket",
+            tenant=got.tenant,
+            tenant_name=got.tenant_name,
+            expires_in=round(got.expires_at - time.time()),
+            first=first,
+        )
+        self._tenant_known.set()
+        if not first:
+            for link in self._links.values():
+                if link.up:
+                    link.need_announce.set()  # the schedulers hold the ticket's expiry: show them the fresh one
+
+    def _on_token_refused(self, reason: str) -> None:
+        if self._refused.is_set():
+            return
+        self._refused_reason = reason
+        event(log, logging.ERROR, "daemon.tenant_refused", manager=self.config.manager, error=reason)
+        self._refused.set()
+
+    async def _tenant_guard(self) -> None:
+        """Stop the daemon when the manager refuses its tenant token (see :class:`TenantRefused`)."""
+        await self._refused.wait()
+        raise TenantRefused(
+            f"the manager at {self.config.manager} refused this daemon's tenant token: {self._refused_reason}; "
+            "the daemon stops rather than run in no tenant (ask for a new token: /api/v1/daemon-tokens)"
+        )
+
+    async def resolve(self, request: DownloadRequest) -> DownloadRequest:
+        """See :meth:`dfz.peer.local.DownloadService.resolve`: the daemon's tenant, waited for up to
+        ``scheduler_wait`` while a tenant token has no ticket yet."""
+        if self.tenant is None:
+            with trio.move_on_after(self.config.scheduler_wait):
+                await self._tenant_known.wait()
+        tenant = self.tenant
+        if tenant is None:
+            why = self._refused_reason or f"no answer from the manager at {self.config.manager} yet"
+            raise TenantError(f"this daemon has a tenant token but no tenant ticket ({why})", wrong=False)
+        if request.tenant and request.tenant != tenant:
+            raise TenantError(
+                f"tenant {request.tenant!r}: this daemon is in tenant {tenant or '(none)'!r}, and a download is always in "
+                "the daemon's tenant (leave tenant empty)",
+                wrong=True,
+            )
+        return request if request.tenant == tenant else replace(request, tenant=tenant)
+
+    def _count_from(self, task_id: str, source: str, nbytes: int) -> None:
+        counts = self._from_hosts.get(task_id)
+        if counts is None:
+            counts = self._from_hosts[task_id] = Counter()
+            while len(self._from_hosts) > _PARENT_STATS_TASKS:
+                self._from_hosts.popitem(last=False)
+        counts[source] += nbytes
 
     def _on_preheat(self, msg: MgrPreheat) -> None:
         """The manager's ``mgr.preheat`` (a preheat job's task): download the URL into the cache, reporting
@@ -1206,6 +1351,7 @@ class Daemon:
             location=cfg.location,
             upload_capacity=cfg.upload_capacity,
             upload_slots=self.piece_server_config.upload_slots,
+            ticket=self.ticket,
         )
 
     async def _announcer(self, link: _SchedLink) -> None:
@@ -1214,6 +1360,7 @@ class Daemon:
         cfg = self.config
         while True:
             await link.need_announce.wait()
+            await self._tenant_known.wait()  # a host with a tenant token is announced with its ticket only
             link.need_announce = trio.Event()
             try:
                 reply = (await link.client.request(self._host_announcement(), timeout=cfg.register_timeout)).expect(
@@ -1239,6 +1386,7 @@ class Daemon:
                 scheduler=link.endpoint,
                 resumed=reply.resumed,
                 session=reply.session,
+                tenant=reply.tenant or "-",
             )
             if reply.resumed:
                 for peer_id in sorted(link.orphans):  # moved elsewhere while it was down
@@ -1303,8 +1451,8 @@ class Daemon:
         infos = await trio.to_thread.run_sync(self.storage.list_tasks)
         for info in infos:
             tid = info.task_id
-            if info.state is not StoredState.SUCCEEDED or tid in self._downloads:
-                continue
+            if info.state is not StoredState.SUCCEEDED or tid in self._downloads or info.tenant != self.tenant:
+                continue  # (a task stored for another tenant than this daemon's now stays out of every swarm)
             if info.piece_count is None or info.piece_count > MAX_DIGESTS_PER_MESSAGE:
                 continue  # too many digests for one announcement: the task is served once requested again
             link = self._link_for(tid)
@@ -1501,6 +1649,12 @@ class Daemon:
         """
         deadline = math.inf if request.timeout is None else trio.current_time() + request.timeout
         try:
+            request = await self.resolve(request)
+        except TenantError as e:
+            kind = "bad_request" if e.wrong else "no_tenant"
+            yield Progress(task_id="", state=DownloadState.FAILED, error=str(e), error_kind=kind)
+            return
+        try:
             tid, expected = _check_request(request)
         except (ValueError, DigestFormatError) as e:
             yield Progress(task_id="", state=DownloadState.FAILED, error=str(e), error_kind="bad_request")
@@ -1614,8 +1768,17 @@ class Daemon:
         return done
 
     def list_tasks(self) -> list[CachedTask]:
+        """The stored tasks. ``extra``: ``running`` (``yes`` while downloading), ``tenant`` (when it has one) and
+        ``from_hosts``, the verified bytes this process received for the task by source, a JSON object of
+        parent host id (and ``origin``) -> bytes, the largest first (those that fit 1024 characters)."""
         out: list[CachedTask] = []
         for info in self.storage.list_tasks():
+            extra = {"running": "yes"} if info.task_id in self._downloads else {}
+            if info.tenant:
+                extra["tenant"] = info.tenant[:_EXTRA_VALUE]
+            counts = self._from_hosts.get(info.task_id)
+            if counts:
+                extra["from_hosts"] = _from_hosts_text(counts)
             out.append(
                 CachedTask(
                     task_id=info.task_id,
@@ -1624,7 +1787,7 @@ class Daemon:
                     complete=info.state is StoredState.SUCCEEDED,
                     pieces_done=info.pieces_stored,
                     piece_count=info.piece_count,
-                    extra={"running": "yes"} if info.task_id in self._downloads else {},
+                    extra=extra,
                 )
             )
         return out
@@ -1646,10 +1809,22 @@ class Daemon:
             download.cancel()
             await download.finished.wait()
         self.piece_server.drop_task(task_id, "deleted")
+        self._from_hosts.pop(task_id, None)
         for peer_id in self._served.pop(task_id, {}).values():
             self._peers.pop(peer_id, None)
             self._report(SchedPeerLeft(peer_id=peer_id))
         return await trio.to_thread.run_sync(self.storage.delete, task_id)
+
+
+def _from_hosts_text(counts: Counter[str]) -> str:
+    """``{"host": bytes, ...}``, largest first, as many as fit :data:`_EXTRA_VALUE` characters."""
+    shown: dict[str, int] = {}
+    for source, nbytes in counts.most_common():
+        text = json.dumps({**shown, source: nbytes}, separators=(",", ":"))
+        if len(text) > _EXTRA_VALUE:
+            break
+        shown[source] = nbytes
+    return json.dumps(shown, separators=(",", ":"))
 
 
 def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
@@ -1732,6 +1907,9 @@ async def serve(config: DaemonConfig, *, on_ready: Callable[[Daemon, list[str]],
                     break
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        refused = group.subgroup(TenantRefused)
+        if refused is not None:
+            raise _leaf(refused) from None
         if started:
             raise
         leaf = _leaf(group)

@@ -725,7 +725,9 @@ class ParentFetcher:
         self._early.clear()
         self._early_all = False
         try:
-            reply = await client.request(Subscribe(task_id=dl.task_id), timeout=dl.config.subscribe_timeout)
+            ticket, host_id = dl.ticket() if dl.ticket is not None else (b"", "")
+            subscribe = Subscribe(task_id=dl.task_id, ticket=ticket, host_id=host_id if ticket else "")
+            reply = await client.request(subscribe, timeout=dl.config.subscribe_timeout)
         except RemoteError as e:
             if e.code == PeerErrorCode.NO_UPLOAD_SLOT:
                 dl.stats.busy_parents += 1
@@ -947,6 +949,8 @@ class Downloader:
     parents. With no parent, or none that has the missing pieces, it waits; the owner bounds it with a
     deadline (or cancels it).
 
+    ``ticket()`` gives the tenant ticket and host id each subscription carries (the daemon's current ones).
+
     Callbacks, synchronous, from the trio thread: ``on_piece(PieceDone)`` after each stored piece (to
     announce it and report it to the scheduler), ``on_piece_failed(PieceFailure)`` after each failed
     fetch, ``on_parent_lost(parent, reason)`` when a parent is given up (it may be added again) or blocked
@@ -969,6 +973,7 @@ class Downloader:
         curve: CurveClient | None = None,
         ctx: zmq.Context[Any] | None = None,
         rng: random.Random | None = None,
+        ticket: Callable[[], tuple[bytes, str]] | None = None,
     ) -> None:
         if task.piece_length != layout.piece_length:
             raise ValueError(f"the task has piece length {task.piece_length}, the layout {layout.piece_length}")
@@ -982,6 +987,8 @@ class Downloader:
         self.on_piece = on_piece
         self.on_piece_failed = on_piece_failed
         self.on_parent_lost = on_parent_lost
+        self.ticket = ticket
+        """The daemon's tenant ticket and host id now (``peer.subscribe`` shows them to each parent); None: no tenant."""
         self.limiter = limiter or RateLimiter(self.config.rate_limit, self.config.rate_burst)
         self.stats = DownloaderStats()
         self.digests: dict[int, str] = {}

@@ -80,7 +80,8 @@ class Progress:
     (``--digest``, or the whole file against the origin's digest); ``timeout``;
     ``scheduler_unreachable``, ``scheduler_refused``, ``scheduler_failed`` (the scheduler failed the
     download, e.g. no parent and no back-to-source allowed); ``output_error`` (cannot write the output);
-    ``storage_error`` (the local cache); ``cancelled``; ``internal`` (a bug)."""
+    ``storage_error`` (the local cache); ``cancelled``; ``no_tenant`` (the daemon has a tenant token but no
+    ticket for it: the manager refused the token, or has not answered); ``internal`` (a bug)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,22 @@ class CachedTask:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class TenantError(ValueError):
+    """A request the daemon cannot scope to its tenant: ``wrong`` when it names another tenant than the
+    daemon's; otherwise the daemon has no tenant ticket (yet)."""
+
+    def __init__(self, message: str, *, wrong: bool) -> None:
+        super().__init__(message)
+        self.wrong = wrong
+
+
 class DownloadService(Protocol):
+    async def resolve(self, request: DownloadRequest) -> DownloadRequest:
+        """The request as the daemon runs it: in the daemon's tenant, which alone decides the task id (a client
+        never chooses it). Raises :class:`TenantError` for a request naming another tenant, or when the daemon
+        does not know its tenant yet."""
+        ...
+
     def download(self, request: DownloadRequest) -> AsyncIterator[Progress]:
         """Start (or join) the download and yield progress until a final state (SUCCEEDED, FAILED,
         CANCELLED), which is always the last item. Closing the iterator early cancels this caller's

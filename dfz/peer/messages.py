@@ -50,6 +50,8 @@ class PeerErrorCode(IntEnum):
     NO_UPLOAD_SLOT = 1202  # every upload slot of the parent is in use: go to another parent, retry later
     TASK_DROPPED = 1203  # the parent dropped (deleted) the task: it will not serve it again
     NOT_SUBSCRIBED = 1204  # `peer.get_piece` for a task the child has not subscribed to on this session
+    WRONG_TENANT = 1205  # the task is not of the tenant the child's ticket proves (or it has one and no ticket came)
+    BAD_TICKET = 1206  # the tenant ticket is malformed, not the manager's, expired or another host's
 
 
 class TaskStatus:
@@ -68,7 +70,13 @@ class Subscribe(Message, tag="peer.subscribe"):
     end of the session. Answered by :class:`Subscribed`."""
 
     KIND: ClassVar[Kind] = Kind.REQUEST
+    VERSION: ClassVar[int] = 2
     task_id: TaskId
+    ticket: Annotated[bytes, Meta(max_length=1024)] = b""
+    """(1.9) The child's tenant ticket (``dfz/tickets.py``); empty: the child is in no tenant. A task of a
+    tenant is served only to children whose ticket proves that tenant."""
+    host_id: Annotated[str, Meta(max_length=128)] = ""
+    """(1.9) The child's host id, which its ticket must name (with a ticket)."""
 
 
 class Subscribed(Message, tag="peer.subscribed"):

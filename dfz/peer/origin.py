@@ -104,8 +104,9 @@ async def fetch_from_origin(
     on_task: Callable[[StoredTask], None],
     on_metadata: Callable[[int, int | None], None],
     on_piece: Callable[[OriginPiece], None],
+    tenant: str = "",
 ) -> StoredTask:
-    """Store every piece of ``url`` in ``storage`` as task ``task_id``; return the task (not finished:
+    """Store every piece of ``url`` in ``storage`` as task ``task_id`` (of ``tenant``); return the task (not finished:
     the caller finishes it, which computes the whole-file digest).
 
     Callbacks, synchronous, on the trio thread, in this order: ``on_task(task)`` once the task is open,
@@ -121,7 +122,8 @@ async def fetch_from_origin(
                 PieceLayout(info.content_length, piece_length)
         except InvalidPieceLength as e:
             raise OriginError("bad_request", str(e), origin_error=False) from None
-        task = await trio.to_thread.run_sync(_open, storage, task_id, url, piece_length, info.content_length)
+        length = info.content_length
+        task = await trio.to_thread.run_sync(lambda: _open(storage, task_id, url, piece_length, length, tenant=tenant))
         on_task(task)
         on_metadata(piece_length, info.content_length)
         digests = await trio.to_thread.run_sync(task.piece_digests)
@@ -140,13 +142,13 @@ async def fetch_from_origin(
         raise OriginError("origin_changed", f"the file changed at the origin during the download: {e}") from None
 
 
-def _open(storage: Storage, task_id: str, url: str, piece_length: int, content_length: int | None) -> StoredTask:
+def _open(storage: Storage, task_id: str, url: str, piece_length: int, content_length: int | None, *, tenant: str) -> StoredTask:
     try:
-        return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length)
+        return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length, tenant=tenant)
     except LayoutConflict:
         # Stored with another layout: an older version of the file. Start over.
         storage.delete(task_id)
-        return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length)
+        return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length, tenant=tenant)
 
 
 async def _buffer(size: int) -> bytearray:

@@ -12,7 +12,8 @@ The metadata is a JSON object: ``format`` (1), ``task_id``, ``url``, ``piece_len
 the piece bitmap), ``content_digest`` (BLAKE3 of the whole content, hex), ``hash_content`` (whether this
 peer computes the whole-file digest itself), ``data_mtime_ns`` (the data file's mtime when the task
 succeeded), ``synced`` (the data file was fdatasync-ed after the last piece recorded here was written),
-``created_at`` and ``updated_at`` (Unix seconds).
+``created_at`` and ``updated_at`` (Unix seconds), and ``tenant`` (the tenant the task was stored for, ""
+for none; absent in files written before tenants: "").
 
 Crash safety: snapshots at checkpoints, not a journal; data verified after a crash, not synced per piece.
     The metadata is rewritten whole: written to ``meta.json.tmp``, fsynced, renamed over ``meta.json``,
@@ -205,6 +206,7 @@ class _Meta(msgspec.Struct, kw_only=True):
     synced: bool
     created_at: float
     updated_at: float
+    tenant: str = ""
 
 
 _decoder = msgspec.json.Decoder(_Meta)
@@ -269,6 +271,8 @@ class TaskInfo:
     data_path: Path
     created_at: float
     updated_at: float
+    tenant: str = ""
+    """The tenant the task was stored for (its task id is of that tenant); "" for none."""
 
 
 def _info_of(meta: _Meta, data_path: Path) -> TaskInfo:
@@ -293,6 +297,7 @@ def _info_of(meta: _Meta, data_path: Path) -> TaskInfo:
         data_path=data_path,
         created_at=meta.created_at,
         updated_at=meta.updated_at,
+        tenant=meta.tenant,
     )
 
 
@@ -476,6 +481,11 @@ class StoredTask:
     def state(self) -> TaskState:
         with self._lock:
             return self._meta.state
+
+    @property
+    def tenant(self) -> str:
+        """The tenant the task was stored for ("" for none)."""
+        return self._meta.tenant
 
     @property
     def content_digest(self) -> str | None:
@@ -1233,10 +1243,12 @@ class Storage:
         piece_length: int,
         content_length: int | None,
         hash_content: bool = True,
+        tenant: str = "",
     ) -> StoredTask:
         """Start storing a task. ``piece_length`` comes from :func:`dfz.tasks.piece_length_for` (or the
-        scheduler); ``content_length`` is None for a stream of unknown length. Raises :class:`TaskExists`
-        if it is already stored; a corrupt or half-created one in its place is replaced."""
+        scheduler); ``content_length`` is None for a stream of unknown length; ``tenant`` is the tenant it is
+        stored for (only peers of that tenant are served it). Raises :class:`TaskExists` if it is already
+        stored; a corrupt or half-created one in its place is replaced."""
         d = self.task_dir(task_id)
         validate_piece_length(piece_length)
         if content_length is not None:
@@ -1269,6 +1281,7 @@ class Storage:
                     synced=True,
                     created_at=now,
                     updated_at=now,
+                    tenant=tenant,
                 )
                 task = StoredTask(self, meta, fd)
                 task._dirty = True
@@ -1290,6 +1303,7 @@ class Storage:
         piece_length: int,
         content_length: int | None,
         hash_content: bool = True,
+        tenant: str = "",
     ) -> StoredTask:
         """The stored task if its layout fits (resuming it), else a new one. Raises
         :class:`LayoutConflict` when a stored task has another piece length or content length: the
@@ -1299,7 +1313,12 @@ class Storage:
             if task is None:
                 try:
                     return self.create(
-                        task_id, url=url, piece_length=piece_length, content_length=content_length, hash_content=hash_content
+                        task_id,
+                        url=url,
+                        piece_length=piece_length,
+                        content_length=content_length,
+                        hash_content=hash_content,
+                        tenant=tenant,
                     )
                 except TaskExists:
                     continue  # another thread created it meanwhile

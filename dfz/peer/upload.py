@@ -16,6 +16,13 @@ Limits, each enforced here and nowhere else:
 * **Upload rate**: one token bucket (:class:`~dfz.peer.ratelimit.RateLimiter`) for all bytes served, paid
   before the piece is read, so a throttled server holds no piece in memory while it waits.
 
+Tenants: a task stored for a tenant (:attr:`StoredTask.tenant`) is served only to children whose
+``peer.subscribe`` carries a ticket of that tenant, signed by a manager the daemon trusts, issued to the host
+id the child names, and not expired (``dfz/tickets.py``); anyone else is refused at subscription
+(``WRONG_TENANT``, or ``BAD_TICKET`` for a ticket that does not verify), so never holds the subscription that
+``peer.get_piece`` needs. A task of no tenant is served to children without a ticket only. Refusals are
+counted (``stats.errors``, ``stats.tickets_refused``) and change nothing else: the server goes on serving.
+
 Pieces are read with ``os.pread`` in a worker thread (:meth:`StoredTask.read_piece`) and sent zero-copy;
 sockets are only touched from the trio thread. The owner tells the server about pieces as they land
 (:meth:`PieceServer.announce`) and the server pushes them, batched, to the children subscribed to the
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +56,7 @@ from ..broker import (
 )
 from ..log import event, get_logger
 from ..tasks import BytesLike, DigestMismatch
+from ..tickets import TicketError, TicketVerifier
 from .messages import (
     MAX_HAVE_PIECES,
     PEER_CATALOGUE,
@@ -107,6 +116,8 @@ class PieceServerStats:
     """Subscriptions refused with ``NO_UPLOAD_SLOT``."""
     errors: Counter[str] = field(default_factory=Counter)
     """Requests answered with a piece-protocol error, by code name."""
+    tickets_refused: Counter[str] = field(default_factory=Counter)
+    """Children's tenant tickets refused, by kind (``signature``, ``expired``, ``wrong_host``, ...)."""
     haves_pushed: int = 0
     serving: int = 0
     """``peer.get_piece`` requests being served now."""
@@ -149,8 +160,11 @@ class PieceServer:
         name: str = "dfz-piece-server",
         curve: CurveServer | None = None,
         ctx: zmq.Context[Any] | None = None,
+        tickets: TicketVerifier | None = None,
     ) -> None:
         self.storage = storage
+        self.tickets = tickets if tickets is not None else TicketVerifier()
+        """The manager keys children's tenant tickets are checked with (the daemon adds its manager's)."""
         self.config = config or PieceServerConfig()
         cfg = self.config
         fabric = dataclasses.replace(cfg.fabric, max_in_flight=cfg.max_requests_per_child)
@@ -278,6 +292,7 @@ class PieceServer:
         assert isinstance(msg, Subscribe)
         rid = req.peer.routing_id
         task = await self._task(msg.task_id)
+        self._admit(msg, task)
         tasks = self._slots.get(rid)
         if tasks is None:
             if len(self._slots) >= self.config.upload_slots:
@@ -300,6 +315,30 @@ class PieceServer:
                 raise self._refuse(PeerErrorCode.TASK_DROPPED, f"task {msg.task_id} was deleted on this peer") from None
             raise
         return reply, [bitmap]
+
+    def _admit(self, msg: Subscribe, task: StoredTask) -> None:
+        """Refuse a child that may not have this task: its ticket does not verify, or proves another tenant than
+        the task's, or it brings none for a task of a tenant."""
+        tenant = task.tenant
+        if msg.ticket:
+            try:
+                ticket = self.tickets.verify(msg.ticket, now=time.time(), host_id=msg.host_id)
+            except TicketError as e:
+                self.stats.tickets_refused[e.kind] += 1
+                event(log, logging.WARNING, "upload.ticket_refused", host=msg.host_id[:128], kind=e.kind, reason=e.reason)
+                raise self._refuse(PeerErrorCode.BAD_TICKET, f"the tenant ticket is refused ({e.kind}): {e.reason}") from None
+            if ticket.tenant == tenant:
+                return
+            child = ticket.tenant
+        elif not tenant:
+            return
+        else:
+            child = ""
+        event(log, logging.WARNING, "upload.wrong_tenant", task=msg.task_id, host=msg.host_id[:128], tenant=child or "-")
+        raise self._refuse(
+            PeerErrorCode.WRONG_TENANT,
+            f"task {msg.task_id} is not served to peers of {'your tenant' if child else 'no tenant (no ticket came)'}",
+        )
 
     async def _unsubscribe(self, req: Request) -> Message:
         msg = req.msg

@@ -15,7 +15,7 @@ from .actions import (
 )
 from .config import SchedulerConfig
 from .core import Clock, InvariantViolation, SchedulerCore
-from .errors import InvalidEvent, InvalidTransition, SchedulerError, TaskFull, UnknownHost, UnknownPeer
+from .errors import InvalidEvent, InvalidTransition, SchedulerError, TaskFull, TenantMismatch, UnknownHost, UnknownPeer
 from .evaluator import Evaluator, MultiFeatureEvaluator, RandomEvaluator, SimpleEvaluator
 from .events import (
     AnnounceHost,
@@ -143,6 +143,7 @@ __all__ = [
     "TaskMetadataKnown",
     "TaskState",
     "TaskTrigger",
+    "TenantMismatch",
     "Tick",
     "TriggerSeed",
     "UnknownHost",

@@ -23,6 +23,10 @@ Rules of this file:
   ``Task.open``, the task's peers that can take a child now, which ``_link``, ``_unlink`` and
   ``_set_state`` keep current.
 * State transitions go through the tables of ``state.py`` (``_set_state`` / ``_set_task_state``).
+* Tenants never meet. A task is of the tenant of the host that made it; a host of another tenant is refused
+  its peers (``TenantMismatch``), a candidate parent is always of the child's tenant (checked again in
+  ``_candidates``, although task ids already differ between tenants), only a seed host of the task's tenant
+  is triggered, and a host's tenant never changes.
 
 Theory of operation.
 
@@ -85,7 +89,7 @@ from .actions import (
     TriggerSeed,
 )
 from .config import SchedulerConfig
-from .errors import InvalidEvent, TaskFull, UnknownHost, UnknownPeer
+from .errors import InvalidEvent, TaskFull, TenantMismatch, UnknownHost, UnknownPeer
 from .evaluator import Evaluator, MultiFeatureEvaluator, evaluator_for
 from .events import (
     AnnounceHost,
@@ -258,6 +262,8 @@ class SchedulerCore:
             raise InvalidEvent(f"host {ev.host_id}: upload slots and capacity cannot be negative")
         idc_key, location_key = network_keys(ev.idc, ev.location)
         host = self.hosts.get(ev.host_id)
+        if host is not None and host.tenant != ev.tenant:
+            raise TenantMismatch(f"host {host.id}", ev.tenant, host.tenant)
         if host is None:
             host = Host(
                 id=ev.host_id,
@@ -272,6 +278,7 @@ class SchedulerCore:
                 last_seen=self._now,
                 idc_key=idc_key,
                 location_key=location_key,
+                tenant=ev.tenant,
             )
             self.hosts[host.id] = host
             self._by_last_seen[host.id] = host
@@ -356,6 +363,8 @@ class SchedulerCore:
             self._resend(existing)
             return
         task = self.tasks.get(ev.task_id)
+        if task is not None and task.tenant != host.tenant:
+            raise TenantMismatch(f"task {task.id}", host.tenant, task.tenant)
         if task is not None and None not in (ev.piece_length, task.piece_length) and ev.piece_length != task.piece_length:
             raise InvalidEvent(
                 f"peer {ev.peer_id} asks piece length {ev.piece_length} for task {task.id}, "
@@ -372,6 +381,7 @@ class SchedulerCore:
                 headers=ev.headers,
                 created_at=self._now,
                 piece_length=ev.piece_length,
+                tenant=host.tenant,
             )
             self.tasks[task.id] = task
         task.emptied_at = None
@@ -415,6 +425,8 @@ class SchedulerCore:
         if sorted(digests) != list(range(count)) or not all(_is_hex(d) for d in digests.values()) or not _is_hex(ev.digest):
             raise InvalidEvent(f"peer {ev.peer_id}: a whole task is announced with one digest for each of its {count} pieces")
         task = self.tasks.get(ev.task_id)
+        if task is not None and task.tenant != host.tenant:
+            raise TenantMismatch(f"task {task.id}", host.tenant, task.tenant)
         if task is not None:
             conflict = _metadata_conflict(task, ev.content_length, ev.piece_length)
             if conflict is None and task.digest is not None and task.digest != ev.digest:
@@ -437,6 +449,7 @@ class SchedulerCore:
                 application=ev.application,
                 headers=(),
                 created_at=self._now,
+                tenant=host.tenant,
             )
             self.tasks[task.id] = task
 
@@ -806,6 +819,7 @@ class SchedulerCore:
         # it will have) with no more pieces than the child, none of them missing at the child (rare: the
         # bitmaps are compared only then).
         mine, lacking, succeeded = child.finished_count, ~child.finished, PeerState.SUCCEEDED
+        tenant = host.tenant
         if n > k:
             # A random arithmetic progression modulo n: k distinct peers for two draws of the generator
             # (a step coprime with n never revisits an index before n steps).
@@ -819,7 +833,9 @@ class SchedulerCore:
         out = [
             peer
             for peer in sample
-            if peer.host is not host and (peer.finished_count > mine or peer.state is not succeeded or peer.finished & lacking)
+            if peer.host is not host
+            and peer.host.tenant == tenant
+            and (peer.finished_count > mine or peer.state is not succeeded or peer.finished & lacking)
         ]
         bad = task.bad
         if bad and out:
@@ -897,6 +913,7 @@ class SchedulerCore:
                 or child.host is host
                 or parent in child.parents
                 or (child.avoid is not None and parent.id in child.avoid)
+                or child.host.tenant != host.tenant  # a task has one tenant: defence in depth
             ):
                 continue
             if ancestors is None:
@@ -978,7 +995,7 @@ class SchedulerCore:
     def _pick_seed_host(self, task: Task) -> Host | None:
         """Rendezvous hashing over the seed hosts not tried for this task: the same task goes to the same
         seed (whose cache may hold it) for as long as that seed is there."""
-        untried = [h for h in self._seed_hosts.values() if h.id not in task.tried_seed_hosts]
+        untried = [h for h in self._seed_hosts.values() if h.id not in task.tried_seed_hosts and h.tenant == task.tenant]
         if not untried:
             return None
         return max(untried, key=lambda h: (zlib.crc32(f"{task.id}\n{h.id}".encode()), h.id))
@@ -1208,6 +1225,7 @@ class SchedulerCore:
         check(self.peers.get(peer.id) is peer, f"{what}: not in the peers index")
         check(self.hosts.get(peer.host.id) is peer.host, f"{what}: its host is gone")
         check(peer.host.peers.get(peer.id) is peer, f"{what}: not among its host's peers")
+        check(peer.host.tenant == peer.task.tenant, f"{what}: its host's tenant is not its task's")
         check(peer.finished_count == peer.finished.bit_count(), f"{what}: finished count")
         check(not peer.parents or peer.state is PeerState.RUNNING, f"{what}: {peer.state.value} with parents")
         check(not peer.children or peer.state in PARENT_STATES, f"{what}: {peer.state.value} with children")
@@ -1215,6 +1233,7 @@ class SchedulerCore:
             check(peer in parent.children, f"{what}: parent {parent.id} does not list it as a child")
             check(parent.task is peer.task, f"{what}: parent {parent.id} is in another task")
             check(parent.host is not peer.host, f"{what}: parent {parent.id} is on its own host")
+            check(parent.host.tenant == peer.host.tenant, f"{what}: parent {parent.id} is of another tenant")
             check(parent.state in PARENT_STATES, f"{what}: parent {parent.id} is {parent.state.value}")
         for child in peer.children:
             check(peer in child.parents, f"{what}: child {child.id} does not list it as a parent")

@@ -55,3 +55,13 @@ class TaskFull(SchedulerError):
             "is downloading or serving: try again later, or raise the limit"
         )
         self.task_id = task_id
+
+
+class TenantMismatch(SchedulerError):
+    """A host of one tenant asks for a task of another (or announces itself in another tenant than it is in):
+    tenants never share a task, a parent or a host."""
+
+    def __init__(self, what: str, tenant: str, other: str) -> None:
+        super().__init__(f"{what} is of tenant {other or '(none)'!r}, and this host of tenant {tenant or '(none)'!r}")
+        self.tenant = tenant
+        self.other = other

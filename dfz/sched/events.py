@@ -27,6 +27,8 @@ class AnnounceHost:
     location: str = ""
     upload_capacity: int = 0
     upload_slots: int = 4
+    tenant: str = ""
+    """The tenant the shell verified (a ticket); "" for none. A host's tenant never changes (refused)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,8 @@ class SchedErrorCode(IntEnum):
     UNKNOWN_PEER = 1104  # the peer is not registered (never, or it left, or its host was removed)
     WRONG_STATE = 1105  # the peer's or task's state does not allow this report
     REFUSED = 1106  # the report does not fit what the scheduler knows (see the reason)
+    WRONG_TENANT = 1107  # the task (or the host) is of another tenant than this session's host: tenants never meet
+    BAD_TICKET = 1108  # the tenant ticket is malformed, not the manager's, expired, or another host's: announce again
 
 
 # --- nested records -------------------------------------------------------------------------------------
@@ -112,6 +114,7 @@ class SchedAnnounceHost(Message, tag="sched.announce_host"):
     """
 
     KIND: ClassVar[Kind] = Kind.REQUEST
+    VERSION: ClassVar[int] = 2
     host_id: Id
     boot: Id
     """Unique per start of the daemon's process."""
@@ -126,12 +129,15 @@ class SchedAnnounceHost(Message, tag="sched.announce_host"):
     """Upload bandwidth in bytes/s (0: unknown)."""
     upload_slots: U16 = 4
     """Children the host serves at once, over all its peers."""
+    ticket: Annotated[bytes, Meta(max_length=1024)] = b""
+    """(1.9) The host's tenant ticket from the manager (``dfz/tickets.py``); empty: the host is in no tenant."""
 
 
 class SchedHostAnnounced(Message, tag="sched.host_announced"):
     """Reply to :class:`SchedAnnounceHost`."""
 
     KIND: ClassVar[Kind] = Kind.REPLY
+    VERSION: ClassVar[int] = 2
     host_id: Id
     session: Annotated[str, Meta(max_length=64)]
     """The fabric session the host is bound to (its ``welcome.session``)."""
@@ -140,6 +146,8 @@ class SchedHostAnnounced(Message, tag="sched.host_announced"):
     """True when the host was kept from an earlier session (same boot): its peers are still registered."""
     peers: U32 = 0
     """Peers of this host the scheduler holds; 0 after a fresh announce (register your downloads again)."""
+    tenant: Annotated[str, Meta(max_length=64)] = ""
+    """(1.9) The tenant the host's ticket proved ("" for none)."""
 
 
 class SchedRegisterPeer(Message, tag="sched.register_peer"):

@@ -46,6 +46,7 @@ class _HostLayout:
         "scored_by",
         "scored_free",
         "scored_part",
+        "tenant",
         "type",
         "upload_capacity",
         "upload_peers",
@@ -93,6 +94,9 @@ class Host(_HostLayout):
     changes the host's slots, uploads, load or announcement."""
     scored_free: int = field(default=-1, repr=False)
     scored_part: float = field(default=0.0, repr=False)
+    tenant: str = ""
+    """The tenant the host proved it is in (its verified ticket, ``protocol.md`` §17.10); "" for none. It does
+    not change while the host lives: its peers join only tasks of that tenant, and have parents of it only."""
 
     @property
     def is_seed(self) -> bool:
@@ -190,6 +194,8 @@ class Task:
     core mirrors here): candidates are checked against this short index, not each one's ``costs``."""
     emptied_at: float | None = None
     """When the task's last peer went (kept for ``task_ttl``), or None while it has peers."""
+    tenant: str = ""
+    """The tenant of the host whose peer made the task: only peers on hosts of this tenant join it."""
 
     @property
     def piece_count(self) -> int | None:

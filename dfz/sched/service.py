@@ -41,6 +41,11 @@ Theory of operation.
   core; :meth:`SchedulerService.delete_task` pushes ``sched.delete_task`` through the outboxes of the hosts
   with a peer of the task, collects their ``sched.task_deleted`` (a host that leaves counts as failed), then
   applies ``ForgetTask``.
+* **Tenants.** ``sched.announce_host`` may carry a tenant ticket; the service verifies it (a trusted manager
+  key, the announced host id, not expired: ``dfz/tickets.py``) and binds the host to its tenant, or refuses
+  the announce (``BAD_TICKET``). Registrations and task announcements of a host whose ticket expired are
+  refused (``BAD_TICKET``: announce again with a fresh one); the core keeps tenants apart (``WRONG_TENANT``).
+  The keys come from the configuration (``ticket_keys``) and from the manager session.
 * The tick task applies ``Tick`` at ``core.next_deadline()`` (woken early when an event brings the
   deadline closer) and refreshes the bound hosts.
 """
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -76,6 +82,7 @@ from ..config import ConfigError as ConfigError  # re-exported: the error of thi
 from ..config import read_toml
 from ..log import event, get_logger
 from ..tasks import InvalidPieceLength, PieceLayout, validate_piece_length
+from ..tickets import CLOCK_SKEW, TicketError, TicketVerifier, parse_public_key
 from .actions import (
     Action,
     BackToSource,
@@ -89,7 +96,7 @@ from .actions import (
 )
 from .config import WEIGHT_KEYS, SchedulerConfig
 from .core import SchedulerCore
-from .errors import InvalidTransition, SchedulerError, UnknownHost, UnknownPeer
+from .errors import InvalidTransition, SchedulerError, TenantMismatch, UnknownHost, UnknownPeer
 from .evaluator import Evaluator, evaluator_for
 from .events import (
     AnnounceHost,
@@ -223,6 +230,9 @@ class ServiceConfig:
     per host name, address and cluster: two schedulers of a cluster on one machine need two names."""
     advertise_ip: str = ""
     """The address daemons reach this scheduler at, as registered; empty: the first tcp endpoint's host."""
+    ticket_keys: tuple[str, ...] = ()
+    """Public keys (64 hex digits, as ``dfz mgr`` prints ``ticket-key``) of managers whose tenant tickets this
+    scheduler accepts, besides the key its own manager session gives. None at all: a host with a ticket is refused."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -256,6 +266,11 @@ class ServiceConfig:
                 raise ConfigError("manager: registering needs a tcp listen endpoint (daemons connect to what is registered)")
         if len(self.cluster) > 255 or len(self.hostname) > 255 or len(self.advertise_ip) > 64:
             raise ConfigError("cluster and hostname: at most 255 characters; advertise_ip: at most 64")
+        for key in self.ticket_keys:
+            try:
+                parse_public_key(key)
+            except (ValueError, AttributeError) as e:
+                raise ConfigError(f"ticket_keys: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
@@ -280,6 +295,9 @@ class ServiceConfig:
                     values[key] = _scheduler_config(value)
                 elif key == "listen":
                     values[key] = _endpoints(value)
+                elif key == "ticket_keys":
+                    items = value if isinstance(value, list) else [value]
+                    values[key] = tuple(_typed(key, v, str, "64 hex digits or a list of them") for v in items)
                 elif key in ("name", "manager", "cluster", "hostname", "advertise_ip"):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("heartbeat", "send_timeout"):
@@ -375,6 +393,8 @@ class ServiceStats:
     """Actions for a peer or host that was gone by the time they were decided."""
     hosts_lost: int = 0
     """Hosts removed because a push to them failed or their outbox overflowed."""
+    tickets_refused: Counter[str] = field(default_factory=Counter)
+    """Tenant tickets refused, by kind (``malformed``, ``signature``, ``expired``, ``wrong_host``, ...)."""
 
 
 @dataclass(eq=False)
@@ -385,6 +405,9 @@ class _Binding:
     boot: str
     rid: bytes
     user_id: str | None
+    tenant: str = ""
+    ticket_expires: float | None = None
+    """When the host's ticket expires (Unix seconds); None: no ticket (no tenant)."""
     queue: deque[Message] = field(default_factory=deque)
     wakeup: trio.Event = field(default_factory=trio.Event)
     closed: bool = False
@@ -487,6 +510,8 @@ class SchedulerService:
         self.server.on_push(SchedHostLoad, self._on_host_load)
         self.server.on_push(SchedTaskDeleted, self._on_task_deleted)
         self.stats = ServiceStats()
+        self.tickets = TicketVerifier(parse_public_key(k) for k in self.config.ticket_keys)
+        """The manager keys tenant tickets are checked with (:meth:`trust_key` adds the manager session's)."""
         self._hosts: dict[str, _Binding] = {}
         self._sessions: dict[bytes, _Binding] = {}
         self._nursery: trio.Nursery | None = None
@@ -523,6 +548,14 @@ class SchedulerService:
             self.core.evaluator = evaluator_for(new)
         event(log, 20, "sched_reconfigured", taken=",".join(sorted(taken)) or "-", ignored=",".join(ignored) or "-")
         return sorted(taken), ignored
+
+    def trust_key(self, key: bytes) -> None:
+        """Accept tenant tickets signed with ``key`` (a manager's public key) from now on."""
+        try:
+            if self.tickets.trust(key):
+                event(log, 20, "sched_ticket_key", key=key.hex()[:16])
+        except ValueError as e:
+            event(log, 30, "sched_ticket_key_refused", error=str(e))
 
     def host_of(self, routing_id: bytes) -> str | None:
         """The host a session announced, if any."""
@@ -668,6 +701,7 @@ class SchedulerService:
         try:
             _check_piece_length(msg.piece_length)
             binding = self._binding(session)
+            self._check_ticket(binding)
             actions = self._apply_or_refuse(
                 AnnounceTask(
                     peer_id=msg.peer_id,
@@ -686,9 +720,31 @@ class SchedulerService:
             self.stats.refused[_code_name(e.code)] += 1
             raise
         self._execute(actions)
+        event(log, 20, "task_announced", peer=msg.peer_id, task=msg.task_id, tenant=binding.tenant or "-", host=binding.host_id)
         return SchedTaskAnnounced(peer_id=msg.peer_id, task_id=msg.task_id)
 
+    def _check_ticket(self, binding: _Binding) -> None:
+        if binding.ticket_expires is not None and binding.ticket_expires < time.time() - CLOCK_SKEW:
+            self.stats.tickets_refused["expired"] += 1
+            raise _Refused(
+                SchedErrorCode.BAD_TICKET,
+                f"the tenant ticket of host {binding.host_id!r} expired: announce the host again with a fresh one",
+            )
+
+    def _verify_ticket(self, msg: SchedAnnounceHost) -> tuple[str, float | None]:
+        """The tenant the announce's ticket proves, and when it expires; ("", None) without a ticket."""
+        if not msg.ticket:
+            return "", None
+        try:
+            ticket = self.tickets.verify(msg.ticket, now=time.time(), host_id=msg.host_id)
+        except TicketError as e:
+            self.stats.tickets_refused[e.kind] += 1
+            event(log, 30, "ticket_refused", host=msg.host_id, kind=e.kind, reason=e.reason)
+            raise self._refused(SchedErrorCode.BAD_TICKET, f"the tenant ticket is refused ({e.kind}): {e.reason}") from None
+        return ticket.tenant, float(ticket.expires_at)
+
     def _announce(self, session: PeerSession, msg: SchedAnnounceHost) -> SchedHostAnnounced:
+        tenant, expires = self._verify_ticket(msg)
         rid = session.routing_id
         mine = self._sessions.get(rid)
         if mine is not None and (mine.host_id != msg.host_id or mine.boot != msg.boot):
@@ -717,6 +773,7 @@ class SchedulerService:
             location=msg.location,
             upload_capacity=msg.upload_capacity,
             upload_slots=msg.upload_slots,
+            tenant=tenant,
         )
         try:
             actions = self._apply(host_event)
@@ -735,7 +792,18 @@ class SchedulerService:
             self._sessions[rid] = held
             held.sending.cancel()  # a push stuck on the old session is sent again on this one
             held.wakeup.set()
-        event(log, 20, "host_announced", host=msg.host_id, type=msg.type, session=session.session, resumed=resumed)
+        binding = self._hosts[msg.host_id]
+        binding.tenant, binding.ticket_expires = tenant, expires
+        event(
+            log,
+            20,
+            "host_announced",
+            host=msg.host_id,
+            type=msg.type,
+            session=session.session,
+            resumed=resumed,
+            tenant=tenant or "-",
+        )
         self._execute(actions)
         host = self.core.hosts[msg.host_id]
         return SchedHostAnnounced(
@@ -744,6 +812,7 @@ class SchedulerService:
             scheduler=self.config.name,
             resumed=resumed,
             peers=len(host.peers),
+            tenant=tenant,
         )
 
     def _register(self, session: PeerSession, msg: SchedRegisterPeer) -> SchedPeerRegistered:
@@ -751,6 +820,7 @@ class SchedulerService:
             if msg.piece_length is not None:
                 _check_piece_length(msg.piece_length)  # the message itself first, then the session's state
             binding = self._binding(session)
+            self._check_ticket(binding)
             existing = self.core.peers.get(msg.peer_id)
             if existing is not None and existing.host.id != binding.host_id:
                 raise _Refused(SchedErrorCode.NOT_YOUR_PEER, f"peer id {msg.peer_id!r} is registered on another host")
@@ -770,6 +840,7 @@ class SchedulerService:
         except _Refused as e:
             self.stats.refused[_code_name(e.code)] += 1
             raise
+        event(log, 20, "peer_registered", peer=msg.peer_id, task=msg.task_id, tenant=binding.tenant or "-", host=binding.host_id)
         reply, rest, later = _fold_registration(msg.peer_id, msg.task_id, actions)
         self._execute(rest)
         for push in later:
@@ -1124,6 +1195,8 @@ def _code_of(error: SchedulerError) -> int:
         return SchedErrorCode.UNKNOWN_PEER
     if isinstance(error, InvalidTransition):
         return SchedErrorCode.WRONG_STATE
+    if isinstance(error, TenantMismatch):
+        return SchedErrorCode.WRONG_TENANT
     return SchedErrorCode.REFUSED
 
 
@@ -1189,6 +1262,10 @@ def _manager_agent(service: SchedulerService) -> Any:
     address = tcp_address(service.endpoints, config.advertise_ip)
     assert address is not None  # ServiceConfig requires a tcp endpoint with a manager
 
+    def on_ticket(_ticket: bytes, key: bytes) -> None:
+        if key:
+            service.trust_key(key)
+
     def registration() -> MgrRegister:
         return MgrRegister(
             kind="scheduler",
@@ -1207,7 +1284,11 @@ def _manager_agent(service: SchedulerService) -> Any:
             event(log, 30, "sched_settings_refused", error=str(e))
 
     return ManagerAgent(
-        config.manager, name=f"{config.name}-{address[0]}:{address[1]}", on_config=on_config, registration=registration
+        config.manager,
+        name=f"{config.name}-{address[0]}:{address[1]}",
+        on_config=on_config,
+        registration=registration,
+        on_ticket=on_ticket,
     )
 
 
