@@ -37,6 +37,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -215,7 +216,7 @@ class S3Backend(SourceBackend):
                 content_length=int(head["ContentLength"]),
                 supports_ranges=True,
                 etag=head.get("ETag") or None,
-                last_modified=format_datetime(modified, usegmt=True) if modified is not None else None,
+                last_modified=format_datetime(modified.astimezone(UTC), usegmt=True) if modified is not None else None,
                 content_type=head.get("ContentType") or None,
             )
 
