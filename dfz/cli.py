@@ -826,6 +826,20 @@ def _daemon_options(f: Any) -> Any:
             "(needs --manager) [default: $DFZ_TENANT_TOKEN; none: no tenant]. Prefer the variable or the config file's "
             "tenant_token: a flag shows in the process list.",
         ),
+        click.option(
+            "--s3-endpoint",
+            metavar="URL",
+            help="S3 endpoint for s3:// URLs, e.g. http://127.0.0.1:8333 (default: AWS, or $AWS_ENDPOINT_URL_S3).",
+        ),
+        click.option("--s3-region", help="S3 region (default: the profile's, $AWS_REGION, else us-east-1)."),
+        click.option(
+            "--s3-addressing-style", type=click.Choice(["auto", "path", "virtual"]), help="S3 bucket addressing (default auto)."
+        ),
+        click.option(
+            "--s3-profile",
+            help="AWS profile whose credentials and settings to use (default: $AWS_PROFILE). Credentials otherwise come "
+            "from the config file (s3_access_key_id, s3_secret_access_key) or $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY.",
+        ),
         click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug."),
     ]
     for option in reversed(options):

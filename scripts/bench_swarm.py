@@ -488,7 +488,7 @@ def swarm_floor(args: argparse.Namespace) -> float:
         floor = max(floor, size / args.seed_upload_rate)
         if uploads is not None:
             floor = max(floor, args.peers * size / (args.seed_upload_rate + sum(uploads)))
-    return floor
+    return float(floor)
 
 
 def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
 from ..config import read_toml
+from .source.s3 import S3Options
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:8002"
 DEFAULT_LISTEN = "tcp://127.0.0.1:0"
@@ -84,6 +85,22 @@ class DaemonConfig:
     """Write piece data with ``O_DIRECT`` where the filesystem allows it (see :mod:`dfz.peer.storage`)."""
     piece_cache_bytes: int = 64 * 1024 * 1024
     """Memory for pieces kept to serve children (the ones that just landed, and the ones read)."""
+    s3_endpoint: str = ""
+    """``s3://`` origins: the S3 endpoint URL (``http://127.0.0.1:8333``, ``https://minio.example.com``); empty:
+    AWS itself, or ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``."""
+    s3_region: str = ""
+    """The S3 region; empty: the profile's or ``$AWS_REGION``, else ``us-east-1``."""
+    s3_addressing_style: str = "auto"
+    """``auto``, ``path`` (``ENDPOINT/BUCKET/KEY``) or ``virtual`` (``BUCKET.ENDPOINT/KEY``)."""
+    s3_profile: str = ""
+    """A profile of the AWS shared config and credentials files; empty: ``$AWS_PROFILE`` or ``default``."""
+    s3_access_key_id: str = ""
+    """Explicit S3 credentials (with :attr:`s3_secret_access_key`); empty: the environment
+    (``AWS_ACCESS_KEY_ID``, ...), then the profile's files, then instance roles; none found: unsigned requests."""
+    s3_secret_access_key: str = field(default="", repr=False)
+    """The secret of :attr:`s3_access_key_id` (never printed; keep the config file private)."""
+    s3_session_token: str = field(default="", repr=False)
+    """A session token for temporary credentials (with :attr:`s3_access_key_id`)."""
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -123,8 +140,24 @@ class DaemonConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
+        try:
+            self.s3_options()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
             raise ConfigError(f"host_id: 1 to 100 visible ASCII characters without spaces, got {self.host_id!r}")
+
+    def s3_options(self) -> S3Options:
+        """The settings of the ``s3://`` source backend (:class:`~dfz.peer.source.s3.S3Options`)."""
+        return S3Options(
+            endpoint=self.s3_endpoint,
+            region=self.s3_region,
+            addressing_style=self.s3_addressing_style,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=self.s3_secret_access_key,
+            session_token=self.s3_session_token,
+            profile=self.s3_profile,
+        )
 
     @property
     def scheduler_endpoints(self) -> tuple[str, ...]:
@@ -183,7 +216,16 @@ class DaemonConfig:
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
                 elif key in ("seed", "direct_io"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
-                elif key in ("scheduler", "advertise_ip", "host_id", "idc", "location", "manager", "cluster", "tenant_token"):
+                elif key in (
+                    "scheduler",
+                    "advertise_ip",
+                    "host_id",
+                    "idc",
+                    "location",
+                    "manager",
+                    "cluster",
+                    "tenant_token",
+                ) or key.startswith("s3_"):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))

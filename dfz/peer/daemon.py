@@ -128,6 +128,7 @@ from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceError, SourceRegistry, default_registry
+from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
 from .upload import PieceServer, PieceServerConfig
@@ -790,6 +791,16 @@ class _SchedLink:
         return f"<scheduler {self.endpoint} {'up' if self.up else 'down'}>"
 
 
+def source_registry(config: DaemonConfig) -> SourceRegistry:
+    """The source backends for ``config``: the built-in ones, the ``s3://`` one with the ``s3_*`` settings."""
+    options = config.s3_options()
+    if options == S3Options():
+        return default_registry()
+    registry = SourceRegistry.builtin()
+    registry.register(S3Backend(options))
+    return registry
+
+
 class Daemon:
     """The peer daemon. ``await nursery.start(Daemon(config).run)`` returns it once its piece server
     listens and its scheduler clients run (no scheduler may be reachable yet: downloads wait for one
@@ -810,7 +821,7 @@ class Daemon:
         ctx: zmq.Context[Any] | None = None,
     ) -> None:
         self.config = config
-        self.sources = sources or default_registry()
+        self.sources = sources or source_registry(config)
         self.downloader_config = downloader_config or DownloaderConfig()
         self.piece_server_config = replace(
             piece_server_config or PieceServerConfig(),

@@ -78,6 +78,8 @@ Chunk: TypeAlias = bytes | bytearray
 BUILTIN_BACKENDS: dict[str, str] = {
     "http": "dfz.peer.source.http:HTTPBackend",
     "https": "dfz.peer.source.http:HTTPBackend",
+    "s3": "dfz.peer.source.s3:S3Backend",
+    "file": "dfz.peer.source.file:FileBackend",
 }
 
 
