@@ -128,6 +128,8 @@ Clock = Callable[[], float]
 
 TOP_UPS_PER_EVENT = 4
 """Running peers short of parents that take a new serving peer as a parent in one event, at most."""
+TOP_UP_ANCESTORS = 64
+"""A new serving peer with more peers above it than this tops nobody up (the look for a cycle is bounded)."""
 TOP_UP_CHECKS = 16
 """Running peers short of parents looked at per new serving peer, at most (the cost of an event stays bounded)."""
 
@@ -917,7 +919,9 @@ class SchedulerCore:
             ):
                 continue
             if ancestors is None:
-                ancestors = self._ancestors(parent)
+                ancestors = self._ancestors(parent, TOP_UP_ANCESTORS)
+                if ancestors is None:
+                    return  # too many to look at: no top-up with this peer (a cycle must never be risked)
             if child in ancestors:
                 continue  # the child is above the new peer: taking it as a parent would make a cycle
             self._link(parent, child)
@@ -929,14 +933,17 @@ class SchedulerCore:
                 hungry[child] = hungry.pop(child)  # to the back: the others get the next one first
 
     @staticmethod
-    def _ancestors(peer: Peer) -> set[Peer]:
-        seen: set[Peer] = set()
-        stack = list(peer.parents)
+    def _ancestors(peer: Peer, budget: int) -> set[Peer] | None:
+        """The peers above ``peer`` in the DAG, or None when there are more than ``budget``."""
+        seen: set[Peer] = set(peer.parents)
+        stack = list(seen)
         while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.add(node)
-                stack.extend(node.parents)
+            for above in stack.pop().parents:
+                if above not in seen:
+                    seen.add(above)
+                    stack.append(above)
+            if len(seen) > budget:
+                return None
         return seen
 
     def _give_up(self, peer: Peer) -> None:

@@ -294,11 +294,14 @@ def spare_seeds(candidates: Sequence[Peer], fanout: float) -> Sequence[Peer]:
     among the other candidates, at least 1; a seed or a field of candidates with unknown capacities is
     never left out (there is nothing to compare)."""
     reference = 0
+    seeds = False
     for peer in candidates:
         host = peer.host
-        if host.type is not HostType.SEED and host.upload_capacity > reference:
-            reference = host.upload_capacity
-    if reference <= 0:
+        if host.type is not HostType.SEED:
+            reference = max(reference, host.upload_capacity)
+        elif host.upload_capacity > 0:
+            seeds = True
+    if reference <= 0 or not seeds:
         return candidates
     out = []
     for peer in candidates:
