@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from e2e_helpers import Origin, Route, serve_origin
 
 from dfz.cli import main as cli_main
+from dfz.peer import daemon as daemon_module
 from dfz.peer.config import ConfigError, DaemonConfig
 from dfz.peer.daemon import Daemon
 from dfz.peer.local import DownloadRequest, DownloadState, Progress
@@ -281,11 +282,18 @@ def test_config_with_several_schedulers(tmp_path: Path) -> None:
         DaemonConfig.load(f)
 
 
-async def test_restarted_daemon_serves_its_finished_tasks(origin: Origin, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", [("/small", None, None), ("/big", 64 * 1024, 100)], ids=["whole", "in-parts"])
+async def test_restarted_daemon_serves_its_finished_tasks(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: tuple[str, int | None, int | None]
+) -> None:
     """A daemon restarted with the same data directory announces its finished tasks, and a new peer gets
-    them from it while the seed that fetched them from the origin is gone."""
-    url = f"{origin.url}/small"
-    data = FILES["/small"]
+    them from it while the seed that fetched them from the origin is gone. The second case announces 385
+    pieces in parts of 100 (as a task of more than 512 pieces is, in parts of 512)."""
+    path, piece_length, per_part = case
+    if per_part is not None:
+        monkeypatch.setattr(daemon_module, "MAX_DIGESTS_PER_MESSAGE", per_part)
+    url = f"{origin.url}{path}"
+    data = FILES[path]
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             sched = await nursery.start(SchedulerService(ServiceConfig(listen=("tcp://127.0.0.1:0",))).run)
@@ -304,7 +312,7 @@ async def test_restarted_daemon_serves_its_finished_tasks(origin: Origin, tmp_pa
 
             _, seed_scope = await start("seed", seed=True)
             first, first_scope = await start("first")
-            done = await fetch(first, DownloadRequest(url=url, output=str(tmp_path / "one")))
+            done = await fetch(first, DownloadRequest(url=url, output=str(tmp_path / "one"), piece_length=piece_length))
             assert done.state is DownloadState.SUCCEEDED and done.bytes_from_peers == len(data)
             host_id = first.host_id
             seed_scope.cancel()
@@ -315,11 +323,11 @@ async def test_restarted_daemon_serves_its_finished_tasks(origin: Origin, tmp_pa
             assert again.host_id == host_id
             await until(lambda: bool(sched.core.tasks))  # the restarted daemon announced it
             other, _ = await start("other")
-            got = await fetch(other, DownloadRequest(url=url, output=str(tmp_path / "two")))
+            got = await fetch(other, DownloadRequest(url=url, output=str(tmp_path / "two"), piece_length=piece_length))
             assert got.state is DownloadState.SUCCEEDED and got.bytes_from_peers == len(data), got
             nursery.cancel_scope.cancel()
     assert (tmp_path / "two").read_bytes() == data
-    assert origin.served["/small"] == len(data)
+    assert origin.served[path] == len(data)
 
 
 async def test_bad_pieces_from_a_parent_are_reported_and_the_parent_avoided(origin: Origin, tmp_path: Path) -> None:

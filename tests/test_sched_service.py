@@ -83,6 +83,8 @@ from dfz.sched.messages import (
     MAX_FINISHED_PER_REPORT,
     MAX_PARENTS,
     MAX_PEERS_PER_MESSAGE,
+    SchedAnnounceTask,
+    SchedTaskAnnounced,
 )
 from dfz.tasks import MAX_PIECE_LENGTH, MAX_PIECES, task_id
 from dfz.tickets import TicketSigner
@@ -918,3 +920,59 @@ def test_every_sched_message_fits_the_header_frame_at_its_bounds() -> None:
     invalid(SchedPieces(peer_id="p", finished=[FinishedPiece(piece=MAX_PIECES, digest=hex64, size=1)]))
     invalid(SchedParents(peer_id="p", task_id=hex64, parents=[]))
     invalid(SchedPeerLeft(peer_id="x" * 129))
+
+
+async def test_a_task_of_more_pieces_than_one_message_holds_is_announced_in_parts() -> None:
+    count = 2 * MAX_DIGESTS_PER_MESSAGE + 100
+    length = count * PIECE_LENGTH
+    pairs = [(i, digest(i)) for i in range(count)]
+
+    def part(peer_id: str, lo: int, hi: int, more: bool, **kw: Any) -> SchedAnnounceTask:
+        fields: dict[str, Any] = dict(
+            peer_id=peer_id, task_id=TASK, url=URL, piece_length=PIECE_LENGTH, content_length=length, digest=FILE_DIGEST
+        )
+        fields.update(kw)
+        return SchedAnnounceTask(digests=pairs[lo:hi], more=more, **fields)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service: SchedulerService = await nursery.start(SchedulerService(service_config()).run)
+            endpoint = service.endpoints[0]
+            daemon = await Daemon(endpoint, "host-k").start(nursery)
+            await daemon.announce()
+            m = MAX_DIGESTS_PER_MESSAGE
+
+            async def send(msg: SchedAnnounceTask) -> SchedTaskAnnounced:
+                return (await daemon.client.request(msg)).expect(SchedTaskAnnounced)
+
+            # One part alone is not a whole task: refused, nothing registered.
+            with pytest.raises(RemoteError) as refused:
+                await send(part("k-0", 0, m, more=False))
+            assert "k-0" not in service.core.peers
+            # Parts whose fields differ: the announcement is dropped.
+            assert (await send(part("k-1", 0, m, more=True))).pending
+            with pytest.raises(RemoteError) as refused:
+                await send(part("k-1", m, 2 * m, more=True, content_length=length - 1))
+            assert refused.value.code == ErrorCode.INVALID and "same fields" in refused.value.reason
+            # More digests than pieces: dropped too.
+            assert (await send(part("k-2", 0, m, more=True))).pending
+            assert (await send(part("k-2", 0, m, more=True))).pending  # 1,024 of 1,124: not too many yet
+            with pytest.raises(RemoteError) as refused:
+                await send(part("k-2", 0, m, more=True))
+            assert refused.value.code == ErrorCode.INVALID and "more digests" in refused.value.reason
+            assert (await send(part("k-2", 0, m, more=True))).pending  # a fresh start after the refusal
+            assert "k-2" not in service.core.peers
+            # One announcement in parts at a time per session: another one drops both.
+            with pytest.raises(RemoteError) as refused:
+                await send(part("k-3", 0, m, more=True))
+            assert refused.value.code == ErrorCode.INVALID and "k-2's is dropped" in refused.value.reason
+            # In three parts: pending, pending, then the peer is registered as succeeded, a source.
+            assert (await send(part("k-3", 0, m, more=True))).pending
+            assert (await send(part("k-3", m, 2 * m, more=True))).pending
+            done = await send(part("k-3", 2 * m, count, more=False))
+            assert not done.pending and done.peer_id == "k-3"
+            peer = service.core.peers["k-3"]
+            assert peer.state is PeerState.SUCCEEDED and peer.finished_count == count
+            assert len(service.core.tasks[TASK].digests) == count
+            service.core.check_invariants()
+            nursery.cancel_scope.cancel()

@@ -1464,11 +1464,15 @@ class Daemon:
             tid = info.task_id
             if info.state is not StoredState.SUCCEEDED or tid in self._downloads or info.tenant != self.tenant:
                 continue  # (a task stored for another tenant than this daemon's now stays out of every swarm)
-            if info.piece_count is None or info.piece_count > MAX_DIGESTS_PER_MESSAGE:
-                continue  # too many digests for one announcement: the task is served once requested again
+            if info.piece_count is None:
+                continue
             link = self._link_for(tid)
             if link is None:
                 return  # no scheduler up: the next announce tries again
+            welcome = link.client.welcome
+            in_parts = welcome is not None and welcome.types.get(SchedAnnounceTask.wire_name(), 1) >= 2
+            if info.piece_count > MAX_DIGESTS_PER_MESSAGE and not in_parts:
+                continue  # a scheduler older than 1.10 takes 512 digests at most: served once requested again
             if link in self._served.get(tid, {}):
                 continue
             stored = await trio.to_thread.run_sync(self.storage.get, tid)
@@ -1477,18 +1481,21 @@ class Daemon:
             digests = [(i, d) for i, d in enumerate(stored.piece_digests()) if d is not None]
             assert stored.content_length is not None
             peer_id = f"{self.host_id}.{tid[:12]}.{secrets.token_hex(4)}"
-            msg = SchedAnnounceTask(
-                peer_id=peer_id,
-                task_id=tid,
-                url=stored.url,
-                piece_length=stored.piece_length,
-                content_length=stored.content_length,
-                digest=stored.content_digest,
-                digests=digests,
-            )
+            parts = [digests[i : i + MAX_DIGESTS_PER_MESSAGE] for i in range(0, len(digests), MAX_DIGESTS_PER_MESSAGE)]
             self._peer_links[peer_id] = link
             try:
-                (await link.client.request(msg, timeout=self.config.register_timeout)).expect(SchedTaskAnnounced)
+                for n, part in enumerate(parts or [[]]):
+                    msg = SchedAnnounceTask(
+                        peer_id=peer_id,
+                        task_id=tid,
+                        url=stored.url,
+                        piece_length=stored.piece_length,
+                        content_length=stored.content_length,
+                        digest=stored.content_digest,
+                        digests=part,
+                        more=n < len(parts) - 1,
+                    )
+                    (await link.client.request(msg, timeout=self.config.register_timeout)).expect(SchedTaskAnnounced)
             except (ConnectionLost, RequestTimeout):
                 self._peer_links.pop(peer_id, None)
                 continue  # that scheduler went down: its announce (or the fail-over) wakes this again

@@ -197,10 +197,12 @@ class SchedPeerRegistered(Message, tag="sched.peer_registered"):
 class SchedAnnounceTask(Message, tag="sched.announce_task"):
     """A daemon offers a task it holds whole already (stored before a restart): the peer is registered as
     ``succeeded`` and serves the swarm. Answered by :class:`SchedTaskAnnounced`. Every piece digest is
-    given (a task of more than 512 pieces cannot be announced this way); they and the lengths must agree
-    with what the scheduler knows of the task (``REFUSED`` otherwise: the daemon's copy is stale)."""
+    given; they and the lengths must agree with what the scheduler knows of the task (``REFUSED``
+    otherwise: the daemon's copy is stale). A task of more than 512 pieces is announced in parts
+    (revision 2): every part but the last says ``more``, all carry the same fields but ``digests``."""
 
     KIND: ClassVar[Kind] = Kind.REQUEST
+    VERSION: ClassVar[int] = 2
     peer_id: Id
     task_id: Hex64
     url: Url
@@ -210,17 +212,22 @@ class SchedAnnounceTask(Message, tag="sched.announce_task"):
     digest: Hex64
     """The whole-file BLAKE3 digest."""
     digests: DigestList
-    """Every piece's digest, in piece order."""
+    """Every piece's digest, in piece order (over all the parts of an announcement)."""
     tag: Name = ""
     application: Name = ""
+    more: bool = False
+    """More parts of this announcement follow (same ``peer_id`` and fields, the next digests)."""
 
 
 class SchedTaskAnnounced(Message, tag="sched.task_announced"):
-    """Reply to :class:`SchedAnnounceTask`: the peer is registered, ``succeeded``."""
+    """Reply to :class:`SchedAnnounceTask`: the peer is registered, ``succeeded``; or, with ``pending``, a
+    part was taken and the announcement waits for the next."""
 
     KIND: ClassVar[Kind] = Kind.REPLY
+    VERSION: ClassVar[int] = 2
     peer_id: Id
     task_id: Hex64
+    pending: bool = False
 
 
 # --- client pushes: reports ------------------------------------------------------------------------------

@@ -414,6 +414,8 @@ class _Binding:
     overflow: bool = False
     sending: trio.CancelScope = field(default_factory=trio.CancelScope)
     """Around the push in progress: cancelled when the host is unbound or its outbox overflows."""
+    announcing: _Announcing | None = None
+    """A task announcement in parts this session has begun."""
 
 
 @dataclass(frozen=True)
@@ -461,6 +463,19 @@ class _Deletion:
         outcome.ok, outcome.held, outcome.error = ok, held, error[:256]
         if not self.waiting:
             self.done.set()
+
+
+_PART_TIMEOUT = 30.0
+"""Seconds a task announcement in parts waits for its next part before it is dropped."""
+
+
+@dataclass
+class _Announcing:
+    """A task announcement in parts (``sched.announce_task`` with ``more``), as far as it came."""
+
+    fields: tuple[object, ...]
+    digests: list[tuple[int, str]] = field(default_factory=list)
+    expires: float = 0.0
 
 
 class _Refused(RemoteError):
@@ -702,6 +717,9 @@ class SchedulerService:
             _check_piece_length(msg.piece_length)
             binding = self._binding(session)
             self._check_ticket(binding)
+            digests = self._announcement_digests(binding, msg)
+            if digests is None:
+                return SchedTaskAnnounced(peer_id=msg.peer_id, task_id=msg.task_id, pending=True)
             actions = self._apply_or_refuse(
                 AnnounceTask(
                     peer_id=msg.peer_id,
@@ -713,7 +731,7 @@ class SchedulerService:
                     piece_length=msg.piece_length,
                     content_length=msg.content_length,
                     digest=msg.digest,
-                    digests=tuple((piece, digest) for piece, digest in msg.digests),
+                    digests=digests,
                 )
             )
         except _Refused as e:
@@ -722,6 +740,39 @@ class SchedulerService:
         self._execute(actions)
         event(log, 20, "task_announced", peer=msg.peer_id, task=msg.task_id, tenant=binding.tenant or "-", host=binding.host_id)
         return SchedTaskAnnounced(peer_id=msg.peer_id, task_id=msg.task_id)
+
+    def _announcement_digests(self, binding: _Binding, msg: SchedAnnounceTask) -> tuple[tuple[int, str], ...] | None:
+        """The digests of a whole announcement, or None when ``msg`` is a part and more are to come. A
+        session has one announcement in parts at a time; its parts carry the same fields; it is dropped
+        when a part comes late (``_PART_TIMEOUT``) or the session ends."""
+        key = (msg.peer_id, msg.task_id, msg.url, msg.piece_length, msg.content_length, msg.digest, msg.tag, msg.application)
+        now = time.monotonic()
+        partial = binding.announcing
+        if partial is not None and partial.expires < now:
+            partial = binding.announcing = None
+        if partial is None and not msg.more:
+            return tuple((piece, digest) for piece, digest in msg.digests)
+        if partial is None:
+            partial = binding.announcing = _Announcing(key)
+        elif partial.fields != key:
+            binding.announcing = None
+            raise _Refused(
+                ErrorCode.INVALID,
+                f"sched.announce_task for {msg.peer_id}: the parts of an announcement carry the same fields "
+                f"(and one announcement in parts at a time per session); {partial.fields[0]}'s is dropped",
+            )
+        count = -(-msg.content_length // msg.piece_length)
+        if len(partial.digests) + len(msg.digests) > count:
+            binding.announcing = None
+            raise _Refused(
+                ErrorCode.INVALID, f"sched.announce_task for {msg.peer_id}: more digests than the task's {count} pieces"
+            )
+        partial.digests.extend((piece, digest) for piece, digest in msg.digests)
+        partial.expires = now + _PART_TIMEOUT
+        if msg.more:
+            return None
+        binding.announcing = None
+        return tuple(partial.digests)
 
     def _check_ticket(self, binding: _Binding) -> None:
         if binding.ticket_expires is not None and binding.ticket_expires < time.time() - CLOCK_SKEW:
