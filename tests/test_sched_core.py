@@ -30,6 +30,7 @@ from dfz.sched import (
     HostType,
     InvalidEvent,
     InvalidTransition,
+    MultiFeatureEvaluator,
     ParentCandidate,
     Peer,
     PeerFailed,
@@ -1140,3 +1141,26 @@ def test_a_flash_crowd_tops_up_the_peers_that_registered_first() -> None:
     # A peer that is no longer running is off the list.
     h.apply(PeerLeft("pa"))
     assert not any(p.id == "pa" for p in h.core.tasks["t"].hungry)
+
+
+def test_a_slow_child_does_not_use_up_a_busy_seeds_share() -> None:
+    # A seed's share is its capacity over the best capacity among the other candidates (200 / 100: two
+    # children). The slow host registered first and took a place at the seed; it forwards little, so it
+    # does not count: two fast hosts get the seed, the next one does not.
+    h = Harness(evaluator=MultiFeatureEvaluator(SchedulerConfig()))
+    h.apply(AnnounceHost("s", "s", "10.0.0.1", 4000, HostType.SEED, upload_slots=8, upload_capacity=200))
+    h.apply(AnnounceHost("slow", "slow", "10.0.0.2", 4000, upload_slots=8, upload_capacity=10))
+    for name in ("mid", "fast", "late"):
+        h.apply(AnnounceHost(name, name, f"10.0.0.{len(h.core.hosts) + 1}", 4000, upload_slots=8, upload_capacity=100))
+    h.register("ps", "s")
+    h.metadata("ps", 4 * PIECE)
+    h.piece("ps", 0)
+    h.register("p-slow", "slow")
+    assert h.parents("p-slow") == ["ps"]
+    h.register("p-mid", "mid")  # against p-slow's capacity alone the share is 20
+    assert "ps" in h.parents("p-mid")
+    h.register("p-fast", "fast")  # against 100 it is 2: p-mid and p-slow are there, but p-slow is weak
+    assert "ps" in h.parents("p-fast")
+    h.register("p-late", "late")  # p-mid and p-fast: the share is taken
+    assert "ps" not in h.parents("p-late")
+    assert sorted(c.id for c in h.peer("ps").children) == ["p-fast", "p-mid", "p-slow"]
