@@ -55,7 +55,7 @@ limited too, and the crowd runs twice per round, with the scheduler's evaluator 
 ``evaluator = "random"``, instead of against curl. Its defaults (10 peers, 256 MiB, origin 400 MB/s,
 uploads 50 MB/s, the seed's 100 MB/s) make the swarm's uploads the bottleneck, where the choice of
 parents matters: behind a slower origin every strategy waits for the origin. The JSON adds
-``random_makespan_s`` and ``evaluator_wins`` (the median makespans compared).
+``random_makespan_s``, ``evaluator_wins`` (the median makespans compared) and ``evaluator_rounds_won``.
 
 Exit status: 0 when every download succeeded with the right digest (goals met or not), 1 otherwise (see
 the JSON's ``errors``), 130 on Ctrl-C.
@@ -534,12 +534,20 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
     for p in direct:
         print(f"direct CPU s: the {args.peers} curl {p.clients_cpu_s:.2f} (nginx not counted, in either crowd)")
     evaluator_wins = None
+    rounds_won: int | None = None
     if args.heterogeneous:
         evaluator_wins = makespan is not None and (random_makespan is None or makespan < random_makespan)
+        by_round: dict[int, dict[str, float | None]] = {}
+        for rnd, p in phases:
+            by_round.setdefault(rnd, {})[p.kind] = p.stats()["makespan_s"]
+        rounds_won = sum(
+            1 for r in by_round.values() if (a := r.get("dfz")) is not None and ((b := r.get("random")) is None or a < b)
+        )
         print(
             f"heterogeneous: {slow_daemons(args)} of {args.peers} daemons upload at {max(1, args.upload_rate // 10)} B/s,"
             f" the others at {args.upload_rate} B/s; makespan with the evaluator {makespan} s, with random"
-            f" parents {random_makespan} s: the evaluator {'wins' if evaluator_wins else 'does NOT win'}"
+            f" parents {random_makespan} s (medians): the evaluator {'wins' if evaluator_wins else 'does NOT win'},"
+            f" {rounds_won} of {len(by_round)} rounds"
         )
     delivered_gb = args.peers * size / 1e9
     print(
@@ -564,6 +572,7 @@ def report(args: argparse.Namespace, phases: list[tuple[int, Phase]]) -> int:
         "random_makespan_s": random_makespan,
         "random_p50_s": median([p.stats()["p50_s"] for p in rand]),
         "evaluator_wins": evaluator_wins,
+        "evaluator_rounds_won": rounds_won,
         "makespan_over_floor": None if makespan is None else round(makespan / floor, 3),
         "all_digests_ok": all_ok,
         "peak_rss_mib_max": rss_max,  # over the N daemons and the seed
