@@ -89,6 +89,11 @@ def keygen(name: str, directory: Path, force: bool) -> None:
     help="A manager's public key (dfz mgr prints it as ticket-key) whose tenant tickets to accept, besides the one "
     "--manager gives (repeatable; adds to the config's ticket_keys).",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; prints `metrics URL`).",
+)
 @click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
 def sched(  # noqa: PLR0917 - click passes every option as an argument
     config_file: Path | None,
@@ -97,6 +102,7 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
     cluster: str | None,
     hostname: str | None,
     ticket_keys: tuple[str, ...],
+    metrics_listen: str | None,
     verbose: int,
 ) -> None:
     """Run the scheduler until SIGTERM or SIGINT.
@@ -111,6 +117,7 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
 
     from .broker import default_context
     from .config import ConfigError
+    from .metrics import ListenError as MetricsListenError
     from .sched.service import ListenError, ServiceConfig, serve
 
     def listening(endpoints: list[str]) -> None:
@@ -123,12 +130,12 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
         config = ServiceConfig.load(config_file) if config_file is not None else ServiceConfig()
         if listen:
             config = dataclasses.replace(config, listen=listen)
-        given: dict[str, Any] = {"manager": manager, "cluster": cluster, "hostname": hostname}
+        given: dict[str, Any] = {"manager": manager, "cluster": cluster, "hostname": hostname, "metrics_listen": metrics_listen}
         if ticket_keys:
             given["ticket_keys"] = (*config.ticket_keys, *ticket_keys)
         config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
-        trio.run(functools.partial(serve, config, on_listening=listening))
-    except (ConfigError, ListenError) as e:
+        trio.run(functools.partial(serve, config, on_listening=listening, on_metrics=lambda url: click.echo(f"metrics {url}")))
+    except (ConfigError, ListenError, MetricsListenError) as e:
         raise click.ClickException(str(e)) from None
     default_context().term()
 
@@ -163,9 +170,20 @@ def sched(  # noqa: PLR0917 - click passes every option as an argument
     help="Fabric endpoint for schedulers, seed peers and daemons (mgr.*), e.g. tcp://0.0.0.0:8003 "
     "[default: the --listen host, port 8003; a free port when --listen's port is 0].",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; prints `metrics URL`).",
+)
 @click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug.")
 def mgr(  # noqa: PLR0917 - click passes every option as an argument
-    config_file: Path | None, database: str | None, data_dir: Path | None, listen: str | None, fabric: str | None, verbose: int
+    config_file: Path | None,
+    database: str | None,
+    data_dir: Path | None,
+    listen: str | None,
+    fabric: str | None,
+    metrics_listen: str | None,
+    verbose: int,
 ) -> None:
     """Run the manager until SIGTERM or SIGINT (then exit 0): the REST API under /api/v1 (OpenAPI at
     /api/v1/openapi.json) over its database, migrated to the latest schema at start.
@@ -183,6 +201,7 @@ def mgr(  # noqa: PLR0917 - click passes every option as an argument
     import trio
 
     from .config import ConfigError
+    from .metrics import ListenError as MetricsListenError
     from .mgr.db import display_url
     from .mgr.service import ListenError, Manager, ManagerConfig, serve, with_overrides
 
@@ -197,15 +216,19 @@ def mgr(  # noqa: PLR0917 - click passes every option as an argument
             click.echo(f"fabric {endpoint}")
         for url in manager.urls:
             click.echo(f"listening {url}")
+        if manager.metrics_url:
+            click.echo(f"metrics {manager.metrics_url}")
         sys.stdout.flush()
 
     if verbose:
         setup(verbose)
     try:
         config = ManagerConfig.load(config_file) if config_file is not None else ManagerConfig()
-        config = with_overrides(config, database=database, data_dir=data_dir, listen=listen, fabric=fabric)
+        config = with_overrides(
+            config, database=database, data_dir=data_dir, listen=listen, fabric=fabric, metrics_listen=metrics_listen
+        )
         trio.run(functools.partial(serve, config, on_ready=ready))
-    except (ConfigError, ListenError) as e:
+    except (ConfigError, ListenError, MetricsListenError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -809,6 +832,11 @@ def _daemon_options(f: Any) -> Any:
         ),
         click.option("--advertise-ip", help="Address other peers reach the piece server at (default: from --listen)."),
         click.option("--upload-slots", type=click.IntRange(1, 65535), help="Children served at once (default 32)."),
+        click.option(
+            "--metrics-listen",
+            metavar="HOST:PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; prints `metrics URL`).",
+        ),
         click.option("--upload-rate", type=click.IntRange(0), help="Upload limit in bytes/s over all children (0: none)."),
         click.option("--download-rate", type=click.IntRange(0), help="Download limit in bytes/s from parents (0: none)."),
         click.option(
@@ -875,7 +903,11 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
             click.echo(f"manager {daemon.config.manager}")
         for endpoint in api:
             click.echo(f"api {endpoint}")
+        if daemon.metrics_url:
+            click.echo(f"metrics {daemon.metrics_url}")
         sys.stdout.flush()
+
+    from .metrics import ListenError as MetricsListenError
 
     try:
         if config_file is not None:
@@ -883,7 +915,7 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
         else:
             config = DaemonConfig.from_mapping(overrides, source="command line")
         trio.run(functools.partial(serve, config, on_ready=ready))
-    except (ConfigError, ListenError, StorageError, TenantRefused) as e:
+    except (ConfigError, ListenError, StorageError, TenantRefused, MetricsListenError) as e:
         raise click.ClickException(str(e)) from None
     default_context().term()
 

@@ -219,6 +219,11 @@ class JobRunner:
 
     # --- the loop -----------------------------------------------------------------------------------------
 
+    @property
+    def running(self) -> int:
+        """Jobs running now."""
+        return len(self._running)
+
     async def run(self, *, task_status: trio.TaskStatus[JobRunner] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             resumed = await trio.to_thread.run_sync(self._running_ids)

@@ -25,10 +25,11 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import zmq
@@ -37,6 +38,9 @@ from sqlmodel import func, select
 
 from ..config import ConfigError, read_toml
 from ..log import event, get_logger
+from ..metrics import ListenError as MetricsListenError
+from ..metrics import Metrics, counter, fabric_metrics, gauge
+from ..metrics import serve as serve_metrics
 from ..tickets import TicketSigner
 from . import audit
 from .db import Database, display_url, parse_url
@@ -45,6 +49,9 @@ from .jobs import JobRunner, JobSettings
 from .models import Role, User
 from .sealing import KEY_FILE, Sealer, load_key
 from .security import hash_password, new_password
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = get_logger("mgr")
 
@@ -70,6 +77,8 @@ class ManagerConfig:
     """Where the embedded SQLite database lives; default ``$DFZ_DATA_DIR/mgr`` (``~/.local/share/dfz/mgr``)."""
     listen: str = DEFAULT_LISTEN
     """HTTP address, ``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 picks a free one."""
+    metrics_listen: str = ""
+    """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
     session_ttl: float = 12 * 3600.0
     """Seconds a sign-in session lasts."""
     cookie_secure: bool = False
@@ -107,6 +116,13 @@ class ManagerConfig:
     def __post_init__(self) -> None:
         if self.database:
             parse_url(self.database)
+        if self.metrics_listen:
+            from ..metrics import parse_listen
+
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as bad:
+                raise ConfigError(str(bad)) from None
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8080, 0.0.0.0:8080, [::1]:8080)")
@@ -202,7 +218,7 @@ class ManagerConfig:
         for key, value in data.items():
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
-            if key in ("database", "listen", "fabric"):
+            if key in ("database", "listen", "fabric", "metrics_listen"):
                 if not isinstance(value, str):
                     raise ConfigError(f"{source}: {key} must be a string")
                 values[key] = value
@@ -277,6 +293,24 @@ class Manager:
         """Runs the jobs (preheat) once the database is open."""
         """Where the fabric endpoint listens (``mgr.*``), once it serves."""
         self._shutdown = trio.Event()
+        self.metrics: Metrics | None = None
+        """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
+        self.metrics_url = ""
+
+    def _collect_metrics(self) -> Iterable[Metric]:
+        fabric = self.fabric
+        if fabric is not None:
+            yield from fabric_metrics(fabric.server.stats, len(fabric.server.peers))
+            st = fabric.stats
+            yield counter("mgr_registrations", "Registrations of schedulers, seed peers and daemons.", st.registrations)
+            yield counter("mgr_keepalives", "Keepalives received.", st.keepalives)
+            yield counter("mgr_lookups", "Scheduler lookups answered.", st.lookups)
+            yield counter("mgr_refused", "Fabric requests refused.", st.refused)
+            yield counter("mgr_went_inactive", "Instances marked inactive for missed keepalives.", st.inactive)
+            yield counter("mgr_tickets_issued", "Tenant tickets issued.", st.tickets)
+            yield counter("mgr_tokens_refused", "Daemon tokens refused.", st.tokens_refused)
+        if self.jobs is not None:
+            yield gauge("mgr_jobs_running", "Jobs running now.", self.jobs.running)
 
     def stop(self) -> None:
         """Stop serving gracefully: :meth:`run` returns once requests in progress finished."""
@@ -327,6 +361,11 @@ class Manager:
                 fabric.attach(db)
                 self.jobs = await nursery.start(JobRunner(db, fabric, self.config.job_settings()).run)
                 app = create_app(db, ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure))
+                if self.config.metrics_listen:
+                    metrics = self.metrics = Metrics("mgr")
+                    metrics.collector(self._collect_metrics)
+                    app = _timed(app, metrics)
+                    self.metrics_url = await nursery.start(serve_metrics, metrics, self.config.metrics_listen)
 
                 async def http(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                     await worker_serve(
@@ -361,6 +400,31 @@ class Manager:
                 db.close()
 
 
+def _timed(app: Any, metrics: Metrics) -> Any:
+    """``app`` with each HTTP request's time observed, by method and status class."""
+    seconds = metrics.histogram("http_request_seconds", "REST and open API requests: time to the response's end.",
+                                ["method", "status"])  # fmt: skip
+
+    async def timed(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [0]
+
+        async def sending(message: Any) -> None:
+            if message.get("type") == "http.response.start":
+                status[0] = int(message.get("status", 0))
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            seconds.labels(scope.get("method", "?"), f"{status[0] // 100}xx").observe(time.perf_counter() - started)
+
+    return timed
+
+
 async def serve(
     config: ManagerConfig,
     *,
@@ -383,7 +447,7 @@ async def serve(
                     break
                 manager.stop()
     except BaseExceptionGroup as group:
-        causes = group.subgroup((ConfigError, ListenError))
+        causes = group.subgroup((ConfigError, ListenError, MetricsListenError))
         if started or causes is None:
             raise
         cause: BaseException = causes

@@ -65,6 +65,8 @@ class DaemonConfig:
     location: str = ""
     upload_slots: int = 32
     """Children served at once over all tasks."""
+    metrics_listen: str = ""
+    """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
     upload_rate_limit: int = 0
     """Bytes/s served to children over all tasks; 0 = unlimited."""
     download_rate_limit: int = 0
@@ -105,6 +107,13 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if not str(self.data_dir):
             raise ConfigError("data_dir: must be a directory name")
+        if self.metrics_listen:
+            from ..metrics import parse_listen
+
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as bad:
+                raise ConfigError(str(bad)) from None
         if self.scheduler:
             _endpoint("scheduler", self.scheduler)
         if self.manager:
@@ -225,6 +234,7 @@ class DaemonConfig:
                     "manager",
                     "cluster",
                     "tenant_token",
+                    "metrics_listen",
                 ) or key.startswith("s3_"):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):

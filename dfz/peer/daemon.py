@@ -66,9 +66,9 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 import zmq
@@ -76,6 +76,8 @@ import zmq
 from ..broker import ClientConfig, ConnectionLost, Message, RemoteError, RequestTimeout
 from ..broker.client import Client
 from ..log import event, get_logger
+from ..metrics import Metrics, counter, fabric_metrics, gauge
+from ..metrics import serve as serve_metrics
 from ..mgr.agent import ManagerAgent, host_labels, local_hostname
 from ..mgr.messages import MgrListSchedulers, MgrPreheat, MgrRegister, MgrSchedulers, MgrTaskReport
 from ..sched.messages import (
@@ -132,6 +134,10 @@ from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
 from .upload import PieceServer, PieceServerConfig
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+    from prometheus_client.metrics_core import Metric
 
 log = get_logger("peer.daemon")
 
@@ -301,6 +307,9 @@ class _Download:
         self.bytes_done += size
         self.bytes_from_peers += peers
         self.bytes_from_origin += origin
+        totals = self.daemon.totals
+        totals.bytes_from_peers += peers
+        totals.bytes_from_origin += origin
         if self.outcome.state is DownloadState.PENDING:
             self.outcome.state = DownloadState.RUNNING
         self._changed()
@@ -354,6 +363,7 @@ class _Download:
             if self.outcome.state is not DownloadState.SUCCEEDED and self.peer_id and not self._ended_at_scheduler:
                 daemon._report(SchedPeerLeft(peer_id=self.peer_id))  # its children get other parents
             self.outcome.done = True
+            daemon.totals.downloads[(self.outcome.state.value, self.outcome.error_kind or "")] += 1
             daemon._download_ended(self)
             self.finished.set()
             self._changed()
@@ -472,6 +482,7 @@ class _Download:
             self._ended_at_scheduler = True
             raise _failed(reply.reason or "the scheduler failed the download", "scheduler_failed")
         if reply.assignment == "back_to_source":
+            self.daemon.totals.back_to_source += 1
             await self._back_to_source(peer_id)
             return
         if reply.assignment == "parents":
@@ -585,6 +596,8 @@ class _Download:
 
         def on_piece(done: PieceDone) -> None:
             daemon.piece_server.announce(self.task_id, done.piece)
+            if daemon.piece_seconds is not None:
+                daemon.piece_seconds.observe(done.cost)
             daemon._report_piece(
                 peer_id,
                 FinishedPiece(
@@ -791,6 +804,17 @@ class _SchedLink:
         return f"<scheduler {self.endpoint} {'up' if self.up else 'down'}>"
 
 
+@dataclass
+class DaemonTotals:
+    """What the daemon did since it started, for its metrics."""
+
+    bytes_from_peers: int = 0
+    bytes_from_origin: int = 0
+    downloads: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Downloads ended, by (state, error kind)."""
+    back_to_source: int = 0
+
+
 def source_registry(config: DaemonConfig) -> SourceRegistry:
     """The source backends for ``config``: the built-in ones, the ``s3://`` one with the ``s3_*`` settings."""
     options = config.s3_options()
@@ -859,6 +883,17 @@ class Daemon:
         self._links_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._downloads: dict[str, _Download] = {}
+        self.totals = DaemonTotals()
+        self.metrics: Metrics | None = None
+        """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
+        self.metrics_url = ""
+        self.piece_seconds: Histogram | None = None
+        if config.metrics_listen:
+            self.metrics = Metrics("daemon")
+            self.metrics.collector(self._collect_metrics)
+            self.piece_seconds = self.metrics.histogram(
+                "piece_fetch_seconds", "Time from asking a parent for a piece to having it verified and stored."
+            )
         self._peers: dict[str, _Download] = {}
         self._peer_links: dict[str, _SchedLink] = {}
         """Peer id -> the scheduler it is registered with (until it leaves, fails, or that scheduler
@@ -927,6 +962,8 @@ class Daemon:
                     await self._open_link(nursery, endpoint)
                 if cfg.manager:
                     self.manager = await nursery.start(self._manager_agent().run)
+                if self.metrics is not None:
+                    self.metrics_url = await nursery.start(serve_metrics, self.metrics, cfg.metrics_listen)
                 nursery.start_soon(self._tenant_guard)
                 nursery.start_soon(self._cache_announcer)
                 nursery.start_soon(self._load_reporter)
@@ -944,6 +981,23 @@ class Daemon:
         finally:
             self._nursery = None
             self._storage.close()
+
+    def _collect_metrics(self) -> Iterable[Metric]:
+        totals, server = self.totals, self.piece_server.stats
+        yield from fabric_metrics(self.piece_server.server.stats, len(self.piece_server.server.peers))
+        yield counter("download_bytes", "Bytes downloaded, by source.",
+                      {("peer",): totals.bytes_from_peers, ("origin",): totals.bytes_from_origin}, ["source"])  # fmt: skip
+        yield counter("upload_bytes", "Bytes served to children.", server.bytes_served)
+        yield counter("upload_pieces", "Pieces served to children.", server.pieces_served)
+        yield gauge("upload_requests_in_flight", "Piece requests being served now.", server.serving)
+        yield gauge("upload_children", "Children holding an upload slot now.", self.piece_server.children)
+        errors = {(code,): n for code, n in server.errors.items()} or {("none",): 0}
+        yield counter("upload_errors", "Piece requests refused, by error code.", errors, ["code"])
+        yield counter("upload_refused_no_slot", "Subscriptions refused for want of a free upload slot.", server.refused_no_slot)
+        yield gauge("downloads_active", "Downloads running now.", len(self._downloads))
+        ended = {key: n for key, n in totals.downloads.items()} or {("succeeded", ""): 0}
+        yield counter("downloads_ended", "Downloads ended, by state and error kind.", ended, ["state", "kind"])
+        yield counter("back_to_source", "Downloads the scheduler sent to the origin.", totals.back_to_source)
 
     async def _open_link(self, nursery: trio.Nursery, endpoint: str) -> None:
         """Start the session with one scheduler: its client, announcer and reporter."""

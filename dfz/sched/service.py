@@ -59,7 +59,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar, assert_never
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
 import trio
 import zmq
@@ -81,6 +81,9 @@ from ..broker import load_public_key as _load_public_key
 from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
 from ..config import read_toml
 from ..log import event, get_logger
+from ..metrics import ListenError as MetricsListenError
+from ..metrics import Metrics, counter, fabric_metrics, gauge, parse_listen
+from ..metrics import serve as serve_metrics
 from ..tasks import InvalidPieceLength, PieceLayout, validate_piece_length
 from ..tickets import CLOCK_SKEW, TicketError, TicketVerifier, parse_public_key
 from .actions import (
@@ -147,6 +150,11 @@ from .messages import (
     SchedTaskMetadata,
 )
 from .model import HostType
+from .state import PeerState
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+    from prometheus_client.metrics_core import Metric
 
 log = get_logger("sched.service")
 
@@ -233,11 +241,18 @@ class ServiceConfig:
     ticket_keys: tuple[str, ...] = ()
     """Public keys (64 hex digits, as ``dfz mgr`` prints ``ticket-key``) of managers whose tenant tickets this
     scheduler accepts, besides the key its own manager session gives. None at all: a host with a ticket is refused."""
+    metrics_listen: str = ""
+    """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 256:
             raise ConfigError("name: must be 1 to 256 characters")
+        if self.metrics_listen:
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if not self.listen:
             raise ConfigError("listen: needs at least one endpoint")
         for endpoint in self.listen:
@@ -525,6 +540,16 @@ class SchedulerService:
         self.server.on_push(SchedHostLoad, self._on_host_load)
         self.server.on_push(SchedTaskDeleted, self._on_task_deleted)
         self.stats = ServiceStats()
+        self.metrics: Metrics | None = None
+        """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
+        self.metrics_url = ""
+        self._decision_seconds: Histogram | None = None
+        if self.config.metrics_listen:
+            self.metrics = Metrics("sched")
+            self.metrics.collector(self._collect_metrics)
+            self._decision_seconds = self.metrics.histogram(
+                "sched_event_seconds", "Time the scheduler core took to apply an event, by event type.", ["event"]
+            )
         self.tickets = TicketVerifier(parse_public_key(k) for k in self.config.ticket_keys)
         """The manager keys tenant tickets are checked with (:meth:`trust_key` adds the manager session's)."""
         self._hosts: dict[str, _Binding] = {}
@@ -658,6 +683,8 @@ class SchedulerService:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.server.run)
+                if self.metrics is not None:
+                    self.metrics_url = await nursery.start(serve_metrics, self.metrics, self.config.metrics_listen)
                 nursery.start_soon(self._tick_loop)
                 event(log, 20, "sched_started", name=self.config.name, endpoints=",".join(self.endpoints))
                 task_status.started(self)
@@ -669,12 +696,44 @@ class SchedulerService:
     # --- applying events (synchronous: see the rules above) -------------------------------------------------
 
     def _apply(self, ev: Event) -> list[Action]:
-        actions = self.core.apply(ev)
+        if self._decision_seconds is None:
+            actions = self.core.apply(ev)
+        else:
+            started = time.perf_counter()
+            try:
+                actions = self.core.apply(ev)
+            finally:
+                self._decision_seconds.labels(type(ev).__name__).observe(time.perf_counter() - started)
         self.stats.events += 1
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._tick_at < math.inf:
             self._tick_wakeup.set()  # the tick task sleeps past the new deadline: wake it
         return actions
+
+    def _collect_metrics(self) -> Iterable[Metric]:
+        core, stats = self.core, self.stats
+        yield from fabric_metrics(self.server.stats, len(self.server.peers))
+        yield gauge("sched_hosts", "Hosts the scheduler knows.", len(core.hosts))
+        yield gauge("sched_tasks", "Tasks the scheduler knows.", len(core.tasks))
+        states: dict[tuple[str, ...], float] = {(state.value,): 0 for state in PeerState if state is not PeerState.LEFT}
+        for task in core.tasks.values():
+            for state, n in task.counts.items():
+                if (state.value,) in states:
+                    states[(state.value,)] += n
+        yield gauge("sched_peers", "Peers the scheduler knows, by state.", states, ["state"])
+        yield counter("sched_events", "Events applied to the scheduler core.", stats.events)
+        yield counter("sched_pushes", "Pushes delivered to daemons.", stats.pushes)
+        refused = {(code,): n for code, n in stats.refused.items()} or {("none",): 0}
+        yield counter("sched_refused", "Requests and reports refused, by error code.", refused, ["code"])
+        yield counter("sched_hosts_lost", "Hosts removed because a push to them failed.", stats.hosts_lost)
+        tickets = {(kind,): n for kind, n in stats.tickets_refused.items()} or {("none",): 0}
+        yield counter("sched_tickets_refused", "Tenant tickets refused, by kind.", tickets, ["kind"])
+        origin = sum(task.bytes_from_origin for task in core.tasks.values())
+        peers = sum(task.bytes_from_peers for task in core.tasks.values())
+        yield gauge("sched_task_bytes", "Bytes the tasks known now got, by source (as peers reported).",
+                    {("origin",): origin, ("peer",): peers}, ["source"])  # fmt: skip
+        back = sum(task.counts.get(PeerState.BACK_TO_SOURCE, 0) for task in core.tasks.values())
+        yield gauge("sched_back_to_source_peers", "Peers fetching from the origin now.", back)
 
     def _apply_or_refuse(self, ev: Event, piece: int | None = None) -> list[Action]:
         try:
@@ -1270,7 +1329,12 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
 # --- running it as a program -----------------------------------------------------------------------------
 
 
-async def serve(config: ServiceConfig, *, on_listening: Callable[[list[str]], None] | None = None) -> None:
+async def serve(
+    config: ServiceConfig,
+    *,
+    on_listening: Callable[[list[str]], None] | None = None,
+    on_metrics: Callable[[str], None] | None = None,
+) -> None:
     """Run a :class:`SchedulerService` until SIGTERM or SIGINT, then stop it cleanly and return.
 
     ``on_listening`` gets the bound endpoints once the service serves. A failure to bind raises
@@ -1292,11 +1356,16 @@ async def serve(config: ServiceConfig, *, on_listening: Callable[[list[str]], No
                     await nursery.start(jobs.run)
                 if on_listening is not None:
                     on_listening(service.endpoints)
+                if on_metrics is not None and service.metrics_url:
+                    on_metrics(service.metrics_url)
                 async for signum in signals:
                     event(log, 20, "sched_stopping", signal=signal.Signals(signum).name)
                     break
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        metrics_bind = group.subgroup(MetricsListenError)
+        if not started and metrics_bind is not None:
+            raise ListenError(str(_first(metrics_bind))) from None
         bind = group.subgroup(zmq.ZMQError)
         if started or bind is None:
             raise
