@@ -261,7 +261,7 @@ async def test_cancel_pending_running_and_ended_jobs(nursery: trio.Nursery, tmp_
 
     # Running: its task was pushed to the seed; cancelled, the runner stops and records what finished.
     running = (await api.post("/jobs", json={"type": "preheat", "args": file, "scheduler_cluster_ids": [cluster["id"]]})).json()
-    await until(lambda: _true(bool(seed.pushes)), 10, "the preheat pushed to the seed")
+    await until(lambda: _true(bool(seed.pushes)), 30, "the preheat pushed to the seed")
     push = seed.pushes.pop()
     assert await seed.report(push, "running")
     assert (await api.delete(f"/jobs/{running['id']}")).status_code == 409  # running: cancel it first
@@ -272,7 +272,7 @@ async def test_cancel_pending_running_and_ended_jobs(nursery: trio.Nursery, tmp_
         result = (await job_of(api, running["id"]))["result"]
         return bool(result.get("tasks")) and result["tasks"][0]["state"] == "cancelled"
 
-    await until(recorded, 5, "the cancelled job's result recorded")
+    await until(recorded, 30, "the cancelled job's result recorded")
     job = await job_of(api, running["id"])
     assert job["state"] == "cancelled" and job["result"]["state"] == "FAILURE"
     assert not await seed.report(push, "running")  # the manager no longer wants it: the peer may stop
@@ -281,7 +281,7 @@ async def test_cancel_pending_running_and_ended_jobs(nursery: trio.Nursery, tmp_
 
     # Ended: succeeded, then 409.
     done = (await api.post("/jobs", json={"type": "preheat", "args": file, "scheduler_cluster_ids": [cluster["id"]]})).json()
-    await until(lambda: _true(bool(seed.pushes)), 10, "the second preheat pushed")
+    await until(lambda: _true(bool(seed.pushes)), 30, "the second preheat pushed")
     assert not await seed.report(seed.pushes.pop(), "succeeded")
     assert (await ended(api, done["id"]))["state"] == "succeeded"
     answer = await api.post(f"/jobs/{done['id']}/cancel")
