@@ -128,6 +128,7 @@ from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceError, SourceRegistry, default_registry
+from .source.oci import OCIBackend, OCIOptions
 from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
@@ -792,12 +793,15 @@ class _SchedLink:
 
 
 def source_registry(config: DaemonConfig) -> SourceRegistry:
-    """The source backends for ``config``: the built-in ones, the ``s3://`` one with the ``s3_*`` settings."""
-    options = config.s3_options()
-    if options == S3Options():
+    """The source backends for ``config``: the built-in ones, with the ``s3_*`` and ``oci_*`` settings."""
+    s3, oci = config.s3_options(), config.oci_options()
+    if s3 == S3Options() and oci == OCIOptions():
         return default_registry()
     registry = SourceRegistry.builtin()
-    registry.register(S3Backend(options))
+    if s3 != S3Options():
+        registry.register(S3Backend(s3))
+    if oci != OCIOptions():
+        registry.register(OCIBackend(oci))
     return registry
 
 
