@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
 from ..config import read_toml
+from .source.hf import HFOptions
 from .source.oci import OCIOptions
 from .source.s3 import S3Options
 
@@ -112,6 +113,10 @@ class DaemonConfig:
     ``~/.docker/config.json`` when it exists."""
     oci_plain_http: tuple[str, ...] = ()
     """Registries (``host[:port]``) spoken to over plain HTTP; loopback ones always are."""
+    hf_endpoint: str = ""
+    """``hf://`` origins: the Hub's URL; empty: ``$HF_ENDPOINT``, else ``https://huggingface.co``."""
+    hf_token: str = field(default="", repr=False)
+    """The Hub token (sent as ``Authorization: Bearer``; never printed); empty: ``$HF_TOKEN``."""
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -154,6 +159,7 @@ class DaemonConfig:
         try:
             self.s3_options()
             self.oci_options()
+            self.hf_options()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
@@ -162,6 +168,10 @@ class DaemonConfig:
     def oci_options(self) -> OCIOptions:
         """The settings of the ``oci://`` source backend (:class:`~dfz.peer.source.oci.OCIOptions`)."""
         return OCIOptions(self.oci_username, self.oci_password, self.oci_auth_file, self.oci_plain_http)
+
+    def hf_options(self) -> HFOptions:
+        """The settings of the ``hf://`` source backend (:class:`~dfz.peer.source.hf.HFOptions`)."""
+        return HFOptions(self.hf_endpoint, self.hf_token)
 
     def s3_options(self) -> S3Options:
         """The settings of the ``s3://`` source backend (:class:`~dfz.peer.source.s3.S3Options`)."""
@@ -244,7 +254,7 @@ class DaemonConfig:
                     "manager",
                     "cluster",
                     "tenant_token",
-                ) or key.startswith(("s3_", "oci_")):
+                ) or key.startswith(("s3_", "oci_", "hf_")):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))

@@ -128,6 +128,7 @@ from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceError, SourceRegistry, default_registry
+from .source.hf import HFBackend, HFOptions
 from .source.oci import OCIBackend, OCIOptions
 from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
@@ -793,15 +794,17 @@ class _SchedLink:
 
 
 def source_registry(config: DaemonConfig) -> SourceRegistry:
-    """The source backends for ``config``: the built-in ones, with the ``s3_*`` and ``oci_*`` settings."""
-    s3, oci = config.s3_options(), config.oci_options()
-    if s3 == S3Options() and oci == OCIOptions():
+    """The source backends for ``config``: the built-in ones, with the ``s3_*``, ``oci_*`` and ``hf_*`` settings."""
+    s3, oci, hf = config.s3_options(), config.oci_options(), config.hf_options()
+    if s3 == S3Options() and oci == OCIOptions() and hf == HFOptions():
         return default_registry()
     registry = SourceRegistry.builtin()
     if s3 != S3Options():
         registry.register(S3Backend(s3))
     if oci != OCIOptions():
         registry.register(OCIBackend(oci))
+    if hf != HFOptions():
+        registry.register(HFBackend(hf))
     return registry
 
 

@@ -81,6 +81,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "s3": "dfz.peer.source.s3:S3Backend",
     "file": "dfz.peer.source.file:FileBackend",
     "oci": "dfz.peer.source.oci:OCIBackend",
+    "hf": "dfz.peer.source.hf:HFBackend",
 }
 
 
