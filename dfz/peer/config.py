@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
 from ..config import read_toml
+from .source.hdfs import HDFSOptions
 from .source.hf import HFOptions
 from .source.oci import OCIOptions
 from .source.s3 import S3Options
@@ -117,6 +118,12 @@ class DaemonConfig:
     """``hf://`` origins: the Hub's URL; empty: ``$HF_ENDPOINT``, else ``https://huggingface.co``."""
     hf_token: str = field(default="", repr=False)
     """The Hub token (sent as ``Authorization: Bearer``; never printed); empty: ``$HF_TOKEN``."""
+    hdfs_user: str = ""
+    """``hdfs://`` origins (WebHDFS): the user sent as ``user.name=``; empty: ``$HADOOP_USER_NAME``, else none."""
+    hdfs_delegation_token: str = field(default="", repr=False)
+    """A delegation token sent as ``delegation=`` (secure clusters; never printed)."""
+    hdfs_https: bool = False
+    """Speak WebHDFS over HTTPS (``swebhdfs``) rather than HTTP."""
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -160,6 +167,7 @@ class DaemonConfig:
             self.s3_options()
             self.oci_options()
             self.hf_options()
+            self.hdfs_options()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
@@ -172,6 +180,10 @@ class DaemonConfig:
     def hf_options(self) -> HFOptions:
         """The settings of the ``hf://`` source backend (:class:`~dfz.peer.source.hf.HFOptions`)."""
         return HFOptions(self.hf_endpoint, self.hf_token)
+
+    def hdfs_options(self) -> HDFSOptions:
+        """The settings of the ``hdfs://`` source backend (:class:`~dfz.peer.source.hdfs.HDFSOptions`)."""
+        return HDFSOptions(self.hdfs_user, self.hdfs_delegation_token, self.hdfs_https)
 
     def s3_options(self) -> S3Options:
         """The settings of the ``s3://`` source backend (:class:`~dfz.peer.source.s3.S3Options`)."""
@@ -243,7 +255,7 @@ class DaemonConfig:
                     items = value if isinstance(value, list | tuple) else [value]
                     name = "schedulers" if key == "scheduler" else key
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
-                elif key in ("seed", "direct_io"):
+                elif key in ("seed", "direct_io", "hdfs_https"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
                 elif key in (
                     "scheduler",
@@ -254,7 +266,7 @@ class DaemonConfig:
                     "manager",
                     "cluster",
                     "tenant_token",
-                ) or key.startswith(("s3_", "oci_", "hf_")):
+                ) or key.startswith(("s3_", "oci_", "hf_", "hdfs_")):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))

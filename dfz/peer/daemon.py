@@ -127,7 +127,8 @@ from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantE
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
-from .source import SourceError, SourceRegistry, default_registry
+from .source import SourceBackend, SourceError, SourceRegistry, default_registry
+from .source.hdfs import HDFSBackend, HDFSOptions
 from .source.hf import HFBackend, HFOptions
 from .source.oci import OCIBackend, OCIOptions
 from .source.s3 import S3Backend, S3Options
@@ -794,17 +795,22 @@ class _SchedLink:
 
 
 def source_registry(config: DaemonConfig) -> SourceRegistry:
-    """The source backends for ``config``: the built-in ones, with the ``s3_*``, ``oci_*`` and ``hf_*`` settings."""
-    s3, oci, hf = config.s3_options(), config.oci_options(), config.hf_options()
-    if s3 == S3Options() and oci == OCIOptions() and hf == HFOptions():
+    """The source backends for ``config``: the built-in ones, with the ``s3_*``, ``oci_*``, ``hf_*`` and
+    ``hdfs_*`` settings."""
+    configured: list[SourceBackend] = []
+    if (s3 := config.s3_options()) != S3Options():
+        configured.append(S3Backend(s3))
+    if (oci := config.oci_options()) != OCIOptions():
+        configured.append(OCIBackend(oci))
+    if (hf := config.hf_options()) != HFOptions():
+        configured.append(HFBackend(hf))
+    if (hdfs := config.hdfs_options()) != HDFSOptions():
+        configured.append(HDFSBackend(hdfs))
+    if not configured:
         return default_registry()
     registry = SourceRegistry.builtin()
-    if s3 != S3Options():
-        registry.register(S3Backend(s3))
-    if oci != OCIOptions():
-        registry.register(OCIBackend(oci))
-    if hf != HFOptions():
-        registry.register(HFBackend(hf))
+    for backend in configured:
+        registry.register(backend)
     return registry
 
 

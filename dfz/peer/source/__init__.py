@@ -82,6 +82,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "file": "dfz.peer.source.file:FileBackend",
     "oci": "dfz.peer.source.oci:OCIBackend",
     "hf": "dfz.peer.source.hf:HFBackend",
+    "hdfs": "dfz.peer.source.hdfs:HDFSBackend",
 }
 
 
