@@ -14,11 +14,17 @@ They serve the real files of a directory, honour Range, and require the token / 
   to ``http://localhost:PORT/datanode/webhdfs/v1/PATH?op=OPEN&offset=&length=``, as a namenode sends a
   client to a datanode); errors are ``RemoteException`` JSON. ``--hdfs-user`` / ``--hdfs-delegation``:
   the namenode wants ``user.name=U`` / ``delegation=D`` (401 otherwise).
+* A registry with token auth (``ROOT/registry/DIGEST``): ``/v2/NAME/blobs/DIGEST`` wants
+  ``Authorization: Bearer`` with a token for ``repository:NAME:pull`` from ``/token`` (which wants the
+  ``--registry-login`` ``user:password`` as Basic auth), else 401 with a ``WWW-Authenticate: Bearer``
+  challenge; with it, a 307 to ``http://localhost:PORT/storage/DIGEST`` (another host name, refusing
+  Authorization, honouring Range), as registries send blobs to their storage.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import subprocess
@@ -53,6 +59,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.namenode(path[len("/webhdfs/v1") :], query)
         if path.startswith("/datanode/webhdfs/v1/"):
             return self.datanode(path[len("/datanode/webhdfs/v1") :], query)
+        if path == "/token" or path.startswith(("/v2/", "/storage/")):
+            return self.registry(path, query)
         if path.startswith("/cdn/"):
             if self.headers.get("Authorization"):
                 return self.send_json(400, {"error": "a signed URL takes no Authorization header"})
@@ -103,6 +111,35 @@ class Handler(BaseHTTPRequestHandler):
             next_query = urlencode({**query, "cursor": cursor + PAGE})
             headers["Link"] = f'<http://127.0.0.1:{self.server.server_port}{urlsplit(self.path).path}?{next_query}>; rel="next"'
         self.send_json(200, page, headers)
+
+    # --- a registry with token auth ---
+
+    def registry(self, path: str, query: dict[str, str]) -> None:
+        port = self.server.server_port
+        if path == "/token":
+            want = "Basic " + base64.b64encode(self.server.registry_login.encode()).decode()
+            if self.headers.get("Authorization") != want:
+                return self.send_json(401, {"errors": [{"code": "UNAUTHORIZED"}]})
+            scope = query.get("scope", "")
+            if query.get("service") != "stub-registry" or not scope.endswith(":pull"):
+                return self.send_json(400, {"error": "bad scope or service"})
+            return self.send_json(200, {"token": f"tok.{scope.replace(':', '.')}", "expires_in": 300})
+        if path.startswith("/storage/"):
+            if self.headers.get("Authorization"):
+                return self.send_json(400, {"error": "a signed URL takes no Authorization header"})
+            return self.send_file(self.server.root / "registry" / path[len("/storage/") :])
+        bits = path[len("/v2/") :].rsplit("/blobs/", 1)
+        scope = f"repository:{bits[0]}:pull" if len(bits) == 2 else ""
+        if self.headers.get("Authorization") != f"Bearer tok.{scope.replace(':', '.')}" or not scope:
+            challenge = f'Bearer realm="http://127.0.0.1:{port}/token",service="stub-registry"'
+            if scope:
+                challenge += f',scope="{scope}"'
+            return self.send_json(401, {"errors": [{"code": "UNAUTHORIZED"}]}, {"WWW-Authenticate": challenge})
+        blob = self.server.root / "registry" / bits[1]
+        if not blob.is_file():
+            return self.send_json(404, {"errors": [{"code": "BLOB_UNKNOWN"}]})
+        location = f"http://localhost:{port}/storage/{bits[1]}"
+        return self.send_empty(307, {"Location": location, "Docker-Content-Digest": bits[1]})
 
     # --- WebHDFS ---
 
@@ -198,8 +235,9 @@ def status(p: Path, suffix: str) -> dict[str, object]:
 class Origin(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, hub_token: str, hdfs_user: str, hdfs_delegation: str) -> None:
+    def __init__(self, root: Path, hub_token: str, hdfs_user: str, hdfs_delegation: str, registry_login: str) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
+        self.registry_login = registry_login
         self.root = root
         self.hub_token = hub_token
         self.hdfs_user = hdfs_user
@@ -229,8 +267,9 @@ def main() -> None:
     parser.add_argument("--hub-token", default="")
     parser.add_argument("--hdfs-user", default="")
     parser.add_argument("--hdfs-delegation", default="")
+    parser.add_argument("--registry-login", default="user:password")
     args = parser.parse_args()
-    server = Origin(args.root, args.hub_token, args.hdfs_user, args.hdfs_delegation)
+    server = Origin(args.root, args.hub_token, args.hdfs_user, args.hdfs_delegation, args.registry_login)
     print(f"http://127.0.0.1:{server.server_port}", flush=True)
     server.serve_forever()
 

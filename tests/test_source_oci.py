@@ -187,3 +187,35 @@ def test_dfz_get_fetches_a_layer_blob_through_a_cluster(registry: Any, procs: Pr
     (tmp / "out.bin").unlink()
     missing = get(f"oci://{host(registry)}/x/img@{MISSING}")
     assert missing.returncode == 3 and b"no blob" in missing.stderr, missing.stderr
+
+
+async def test_bearer_tokens_and_a_redirect_to_storage(tmp_path: Path) -> None:
+    """A registry with token auth (tests/stub_origin.py, a real process): the challenge's realm gives a
+    repository:NAME:pull token for the user's Basic login; the blob redirects to storage on another host
+    name that refuses an Authorization header (so it must be dropped on the way)."""
+    from stub_origin import running
+
+    blob = random.Random(17).randbytes(200_000)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / digest).write_bytes(blob)
+    with running(tmp_path, "--registry-login", "alice:s3cret") as base:
+        url = base.replace("http://", "oci://") + f"/team/app@{digest}"
+        b = backend(username="alice", password="s3cret")
+        try:
+            info = await b.stat(url)
+            assert info.content_length == len(blob) and info.etag == digest
+            assert await b.read_range(url, 10_000, 5000, expect=info) == blob[10_000:15_000]
+            with pytest.raises(SourceNotFound, match="no blob"):
+                await b.stat(url.replace(digest, MISSING))
+        finally:
+            b.close()
+        wrong = backend(username="alice", password="guess")
+        try:
+            with pytest.raises(SourceAuthError, match="token service refused user 'alice'") as e:
+                await wrong.stat(url)
+            assert "guess" not in str(e.value)
+        finally:
+            wrong.close()
+    log = (tmp_path / "origin.log").read_text()
+    assert "GET /token?scope=repository%3Ateam%2Fapp%3Apull" in log and "/storage/" in log
