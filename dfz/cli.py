@@ -314,7 +314,12 @@ def _fail(code: GetExit, what: str, hint: str | None = None) -> GetExit:
     metavar="FILE",
     help="Where to write the file; relative to the current directory. `-` (stdout) is not supported.",
 )
-@click.option("--digest", metavar="ALGO:HEX", help="Expected digest of the whole file, sha256:<64 hex> or blake3:<64 hex>.")
+@click.option(
+    "--digest",
+    metavar="ALGO:HEX",
+    help="Expected digest of the whole file, sha256:<64 hex> or blake3:<64 hex> [default for an oci:// blob URL "
+    "(oci://REGISTRY/NAME@sha256:HEX): its digest].",
+)
 @click.option(
     "-H", "--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="Request header for the origin (repeatable)."
 )
@@ -395,6 +400,8 @@ def get(  # noqa: PLR0917 - click passes every option as an argument
         )
     if not os.path.isdir(os.path.dirname(path)):
         raise click.BadParameter(f"directory {os.path.dirname(path)} does not exist: create it first", param_hint="-O")
+    if digest is None:
+        digest = _oci_blob_digest(url)
     if digest is not None:
         try:
             digest = str(Digest.parse(digest))
@@ -946,6 +953,15 @@ def _daemon_flags(flags: dict[str, Any]) -> dict[str, Any]:
     """Command-line names to config keys."""
     names = {"upload_rate": "upload_rate_limit", "download_rate": "download_rate_limit"}
     return {names.get(k, k): v for k, v in flags.items()}
+
+
+def _oci_blob_digest(url: str) -> str | None:
+    """The sha256 digest an ``oci://REGISTRY/NAME@sha256:HEX`` blob URL names (the content's own digest, so
+    the download is checked against it), else None."""
+    import re
+
+    match = re.fullmatch(r"oci://[^/?#]+/[^?#@]+@(sha256:[0-9a-f]{64})", url)
+    return match[1] if match else None
 
 
 # --- dfz up ----------------------------------------------------------------------------------------------

@@ -269,7 +269,7 @@ async def test_bad_requests_are_refused_with_api_codes_before_the_service_sees_t
         (
             DownloadRequest("ftp://origin.test/ok", "/tmp/out"),
             ApiErrorCode.UNSUPPORTED_SCHEME,
-            "supported schemes: file, http, https, s3",
+            "supported schemes: file, hdfs, hf, http, https, oci, s3",
         ),
         (DownloadRequest("origin.test/ok", "/tmp/out"), ApiErrorCode.UNSUPPORTED_SCHEME, "no scheme"),
         (DownloadRequest("http:///ok", "/tmp/out"), ApiErrorCode.BAD_URL, "no host"),
@@ -481,7 +481,7 @@ async def test_dfz_get_without_a_daemon_and_with_bad_input(short_tmp: str) -> No
             (["http://origin.test/ok", "--digest", "md5:123"], "sha256:<64 hex digits>"),
             (["http://origin.test/ok", "-H", "Bad Header: x"], "not valid"),
             (["http://origin.test/ok", "-H", "no colon"], "Name: value"),
-            (["ftp://origin.test/ok"], "supported schemes: file, http, https, s3"),
+            (["ftp://origin.test/ok"], "supported schemes: file, hdfs, hf, http, https, oci, s3"),
             (["http://origin.test/ok", "--piece-length", "3M"], "power of two"),
         ]
         for args, words in bad:

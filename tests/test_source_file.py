@@ -108,5 +108,7 @@ def test_the_registry_serves_file_and_s3_and_lists_them_for_an_unknown_scheme() 
     registry = SourceRegistry.builtin()
     assert {"file", "s3", "http", "https"} <= set(registry.schemes)
     assert isinstance(registry.backend_for("FILE:///x"), FileBackend)
-    with pytest.raises(UnsupportedScheme, match="scheme 'ftp' is not supported; supported schemes: file, http, https, s3"):
+    with pytest.raises(
+        UnsupportedScheme, match="scheme 'ftp' is not supported; supported schemes: file, hdfs, hf, http, https, oci, s3"
+    ):
         registry.backend_for("ftp://host/x")

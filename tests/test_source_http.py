@@ -597,7 +597,9 @@ def test_tls_options_are_checked(tmp_path: os.PathLike[str]) -> None:
 def test_backend_for_finds_http_and_lists_schemes_otherwise() -> None:
     assert isinstance(backend_for("http://example.com/a"), HTTPBackend)
     assert backend_for("HTTPS://example.com/a") is backend_for("http://example.com/b")
-    with pytest.raises(UnsupportedScheme, match=r"'ftp' is not supported; supported schemes: file, http, https, s3"):
+    with pytest.raises(
+        UnsupportedScheme, match=r"'ftp' is not supported; supported schemes: file, hdfs, hf, http, https, oci, s3"
+    ):
         backend_for("ftp://example.com/a")
     with pytest.raises(UnsupportedScheme, match="has no scheme"):
         backend_for("example.com/a")

@@ -219,4 +219,6 @@ def test_dfz_get_fetches_s3_and_file_urls_through_a_cluster(s3: S3Server, procs:
     missing = get(f"s3://{BUCKET}/missing.bin", tmp / "out.bin")
     assert missing.returncode == 3 and b"no such object" in missing.stderr, missing.stderr
     unknown = get("ftp://host/x", tmp / "out.bin")
-    assert unknown.returncode == 2 and b"supported schemes: file, http, https, s3" in unknown.stderr, unknown.stderr
+    assert unknown.returncode == 2 and b"supported schemes: file, hdfs, hf, http, https, oci, s3" in unknown.stderr, (
+        unknown.stderr
+    )

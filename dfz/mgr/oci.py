@@ -16,23 +16,17 @@ The ``Authorization`` header that worked for the manifest is the one handed on f
 
 from __future__ import annotations
 
-import base64
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-INDEX_TYPES = {MANIFEST_TYPES[0], MANIFEST_TYPES[1]}
-MAX_MANIFEST = 4 * 1024 * 1024
-MAX_LAYERS = 1000
-DEFAULT_PLATFORM = "linux/amd64"
+from dfz.ocispec import DEFAULT_PLATFORM, MANIFEST_TYPES, MAX_MANIFEST, basic_authorization, is_index, layers, media_type
+from dfz.ocispec import choose_platform as _choose_platform
+from dfz.ocispec import parse_challenge as _challenge
+
+__all__ = ["DEFAULT_PLATFORM", "ImageError", "ImageRef", "ResolvedImage", "choose_platform", "resolve_image"]
 
 
 class ImageError(Exception):
@@ -70,16 +64,6 @@ def parse_manifest_url(url: str) -> ImageRef:
     if parts.scheme not in ("http", "https") or not parts.netloc or match is None:
         raise ImageError(f"{url!r} is not an image manifest URL such as https://HOST/v2/NAME/manifests/TAG")
     return ImageRef(urlunsplit((parts.scheme, parts.netloc, "", "", "")), match[1], match[2])
-
-
-def _challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
-    return scheme.lower(), params
-
-
-def _basic(username: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 class _Fetcher:
@@ -120,11 +104,11 @@ class _Fetcher:
         if scheme == "basic":
             if not self.username:
                 raise ImageError("the registry wants basic authentication: give username and password")
-            return _basic(self.username, self.password)
+            return basic_authorization(self.username, self.password)
         if scheme != "bearer" or "realm" not in params:
             raise ImageError(f"the registry wants an authentication dfz does not speak: {header[:200]}")
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
-        auth = {"Authorization": _basic(self.username, self.password)} if self.username else {}
+        auth = {"Authorization": basic_authorization(self.username, self.password)} if self.username else {}
         try:
             answer = await self.client.get(params["realm"], params=query, headers=auth)
         except httpx.HTTPError as e:
@@ -141,31 +125,12 @@ class _Fetcher:
         return f"Bearer {token}"
 
 
-def _platform_key(platform: str) -> tuple[str, str, str]:
-    parts = platform.split("/")
-    return parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else ""
-
-
 def choose_platform(index: dict[str, object], platform: str) -> str:
     """The digest of the manifest in ``index`` for ``platform`` (``os/arch[/variant]``)."""
-    want_os, want_arch, want_variant = _platform_key(platform or DEFAULT_PLATFORM)
-    manifests = index.get("manifests")
-    if not isinstance(manifests, list):
-        raise ImageError("the index has no manifests")
-    seen: list[str] = []
-    for entry in manifests:
-        if not isinstance(entry, dict):
-            continue
-        p = entry.get("platform")
-        if not isinstance(p, dict):
-            continue
-        os_, arch, variant = str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant", ""))
-        seen.append("/".join(x for x in (os_, arch, variant) if x))
-        if os_ == want_os and arch == want_arch and (not want_variant or variant == want_variant):
-            digest = entry.get("digest")
-            if isinstance(digest, str):
-                return digest
-    raise ImageError(f"the image has no manifest for {platform or DEFAULT_PLATFORM} (it has: {', '.join(seen) or 'none'})")
+    try:
+        return _choose_platform(index, platform)
+    except ValueError as e:
+        raise ImageError(str(e)) from None
 
 
 async def resolve_image(
@@ -183,25 +148,20 @@ async def resolve_image(
         fetch = _Fetcher(client, headers or {}, username, password)
         answer = await fetch.get(ref.manifest_url())
         manifest = _json(answer)
-        media = _media_type(answer, manifest)
+        media = media_type(manifest, str(answer.headers.get("content-type", "")))
         digest = answer.headers.get("docker-content-digest", "")
-        if media in INDEX_TYPES or "manifests" in manifest:
+        if is_index(media, manifest):
             digest = choose_platform(manifest, platform)
             answer = await fetch.get(ref.manifest_url(digest))
             manifest = _json(answer)
-        layers = manifest.get("layers")
-        if not isinstance(layers, list) or not layers:
-            raise ImageError(f"the manifest of {url} lists no layers")
-        if len(layers) > MAX_LAYERS:
-            raise ImageError(f"the manifest lists {len(layers)} layers, over {MAX_LAYERS}")
+        try:
+            found = layers(manifest, url)
+        except ValueError as e:
+            raise ImageError(str(e)) from None
         resolved = ResolvedImage(ref, digest)
-        for layer in layers:
-            d = layer.get("digest") if isinstance(layer, dict) else None
-            if not isinstance(d, str) or not re.fullmatch(r"[a-z0-9]+:[a-f0-9]{32,128}", d):
-                raise ImageError(f"the manifest has a layer without a valid digest: {layer!r:.200}")
+        for d, size in found:
             resolved.blobs.append(ref.blob_url(d))
-            size = layer.get("size") if isinstance(layer, dict) else None
-            resolved.sizes.append(size if isinstance(size, int) else -1)
+            resolved.sizes.append(size)
         blob_headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
         if fetch.authorization:
             blob_headers["Authorization"] = fetch.authorization
@@ -217,10 +177,3 @@ def _json(answer: httpx.Response) -> dict[str, object]:
     if not isinstance(body, dict):
         raise ImageError(f"the manifest at {answer.request.url} is not a JSON object")
     return body
-
-
-def _media_type(answer: httpx.Response, body: dict[str, object]) -> str:
-    media = body.get("mediaType")
-    if isinstance(media, str) and media:
-        return media
-    return str(answer.headers.get("content-type", "")).split(";")[0].strip()

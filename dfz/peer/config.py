@@ -17,6 +17,9 @@ from typing import Any
 
 from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
 from ..config import read_toml
+from .source.hdfs import HDFSOptions
+from .source.hf import HFOptions
+from .source.oci import OCIOptions
 from .source.s3 import S3Options
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:8002"
@@ -103,6 +106,26 @@ class DaemonConfig:
     """The secret of :attr:`s3_access_key_id` (never printed; keep the config file private)."""
     s3_session_token: str = field(default="", repr=False)
     """A session token for temporary credentials (with :attr:`s3_access_key_id`)."""
+    oci_username: str = ""
+    """``oci://`` origins: the registry user (with :attr:`oci_password`), for every registry; empty: the docker
+    auth file :attr:`oci_auth_file`, per registry, else anonymous."""
+    oci_password: str = field(default="", repr=False)
+    """The password (or access token) of :attr:`oci_username` (never printed; keep the config file private)."""
+    oci_auth_file: str = ""
+    """A docker ``config.json`` with registry logins (``auths``); empty: ``$DOCKER_CONFIG/config.json``, else
+    ``~/.docker/config.json`` when it exists."""
+    oci_plain_http: tuple[str, ...] = ()
+    """Registries (``host[:port]``) spoken to over plain HTTP; loopback ones always are."""
+    hf_endpoint: str = ""
+    """``hf://`` origins: the Hub's URL; empty: ``$HF_ENDPOINT``, else ``https://huggingface.co``."""
+    hf_token: str = field(default="", repr=False)
+    """The Hub token (sent as ``Authorization: Bearer``; never printed); empty: ``$HF_TOKEN``."""
+    hdfs_user: str = ""
+    """``hdfs://`` origins (WebHDFS): the user sent as ``user.name=``; empty: ``$HADOOP_USER_NAME``, else none."""
+    hdfs_delegation_token: str = field(default="", repr=False)
+    """A delegation token sent as ``delegation=`` (secure clusters; never printed)."""
+    hdfs_https: bool = False
+    """Speak WebHDFS over HTTPS (``swebhdfs``) rather than HTTP."""
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -151,10 +174,25 @@ class DaemonConfig:
                 raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
         try:
             self.s3_options()
+            self.oci_options()
+            self.hf_options()
+            self.hdfs_options()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
             raise ConfigError(f"host_id: 1 to 100 visible ASCII characters without spaces, got {self.host_id!r}")
+
+    def oci_options(self) -> OCIOptions:
+        """The settings of the ``oci://`` source backend (:class:`~dfz.peer.source.oci.OCIOptions`)."""
+        return OCIOptions(self.oci_username, self.oci_password, self.oci_auth_file, self.oci_plain_http)
+
+    def hf_options(self) -> HFOptions:
+        """The settings of the ``hf://`` source backend (:class:`~dfz.peer.source.hf.HFOptions`)."""
+        return HFOptions(self.hf_endpoint, self.hf_token)
+
+    def hdfs_options(self) -> HDFSOptions:
+        """The settings of the ``hdfs://`` source backend (:class:`~dfz.peer.source.hdfs.HDFSOptions`)."""
+        return HDFSOptions(self.hdfs_user, self.hdfs_delegation_token, self.hdfs_https)
 
     def s3_options(self) -> S3Options:
         """The settings of the ``s3://`` source backend (:class:`~dfz.peer.source.s3.S3Options`)."""
@@ -219,11 +257,14 @@ class DaemonConfig:
                     raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(sorted(kinds))})")
                 if key == "data_dir":
                     values[key] = Path(_typed(key, value, str | Path, "a directory name")).expanduser()
+                elif key == "oci_plain_http":
+                    items = value if isinstance(value, list | tuple) else [value]
+                    values[key] = tuple(_typed(key, v, str, "a host[:port] or a list of them") for v in items)
                 elif key in ("listen", "api", "schedulers") or (key == "scheduler" and isinstance(value, list | tuple)):
                     items = value if isinstance(value, list | tuple) else [value]
                     name = "schedulers" if key == "scheduler" else key
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
-                elif key in ("seed", "direct_io"):
+                elif key in ("seed", "direct_io", "hdfs_https"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
                 elif key in (
                     "scheduler",
@@ -235,7 +276,7 @@ class DaemonConfig:
                     "cluster",
                     "tenant_token",
                     "metrics_listen",
-                ) or key.startswith("s3_"):
+                ) or key.startswith(("s3_", "oci_", "hf_", "hdfs_")):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))

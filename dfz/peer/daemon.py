@@ -129,7 +129,10 @@ from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantE
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
-from .source import SourceError, SourceRegistry, default_registry
+from .source import SourceBackend, SourceError, SourceRegistry, default_registry
+from .source.hdfs import HDFSBackend, HDFSOptions
+from .source.hf import HFBackend, HFOptions
+from .source.oci import OCIBackend, OCIOptions
 from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
@@ -816,12 +819,22 @@ class DaemonTotals:
 
 
 def source_registry(config: DaemonConfig) -> SourceRegistry:
-    """The source backends for ``config``: the built-in ones, the ``s3://`` one with the ``s3_*`` settings."""
-    options = config.s3_options()
-    if options == S3Options():
+    """The source backends for ``config``: the built-in ones, with the ``s3_*``, ``oci_*``, ``hf_*`` and
+    ``hdfs_*`` settings."""
+    configured: list[SourceBackend] = []
+    if (s3 := config.s3_options()) != S3Options():
+        configured.append(S3Backend(s3))
+    if (oci := config.oci_options()) != OCIOptions():
+        configured.append(OCIBackend(oci))
+    if (hf := config.hf_options()) != HFOptions():
+        configured.append(HFBackend(hf))
+    if (hdfs := config.hdfs_options()) != HDFSOptions():
+        configured.append(HDFSBackend(hdfs))
+    if not configured:
         return default_registry()
     registry = SourceRegistry.builtin()
-    registry.register(S3Backend(options))
+    for backend in configured:
+        registry.register(backend)
     return registry
 
 

@@ -80,6 +80,9 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "https": "dfz.peer.source.http:HTTPBackend",
     "s3": "dfz.peer.source.s3:S3Backend",
     "file": "dfz.peer.source.file:FileBackend",
+    "oci": "dfz.peer.source.oci:OCIBackend",
+    "hf": "dfz.peer.source.hf:HFBackend",
+    "hdfs": "dfz.peer.source.hdfs:HDFSBackend",
 }
 
 

@@ -87,7 +87,7 @@ from dfz.peer.source import (
     display_url,
 )
 
-__all__ = ["HTTPBackend"]
+__all__ = ["HTTPAnswer", "HTTPBackend"]
 
 _log = get_logger("peer.source.http")
 T = TypeVar("T")
@@ -138,6 +138,23 @@ class _Transient(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _TransientAnswer(_Transient):
+    def __init__(self, reason: str, answer: HTTPAnswer) -> None:
+        super().__init__(reason)
+        self.answer = answer
+
+
+@dataclass(frozen=True)
+class HTTPAnswer:
+    """The final answer to :meth:`HTTPBackend.request`: status, headers (lower-case names; repeated ones
+    joined by ", "), body and the URL that answered (after redirects)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    url: str
 
 
 class _StopBody(Exception):
@@ -677,6 +694,91 @@ class HTTPBackend(SourceBackend):
             yield body
         finally:
             await body.aclose()
+
+    async def request(
+        self, url: str, headers: Headers | None = None, *, method: str = "GET", max_body: int = 4 * MIB
+    ) -> HTTPAnswer:
+        """One small request (an API call, a token, a manifest) whose final answer is returned whatever its
+        status (after redirects, which drop ``Authorization`` on the way to another host), with at most
+        ``max_body`` bytes of body (a longer one raises :class:`SourceProtocolError`). Network failures and
+        5xx, 408, 429 answers are retried like every other request; their last one is returned as it is."""
+        if method not in ("GET", "HEAD"):
+            raise ValueError(f"unsupported method {method!r}")
+        lines = _header_lines(headers)
+
+        def once(curl: pycurl.Curl) -> HTTPAnswer:
+            body = bytearray()
+
+            def on_body(data: memoryview) -> None:
+                if len(body) + len(data) > max_body:
+                    raise SourceProtocolError(url, f"{method} {display_url(url)}: the answer is over {max_body} bytes")
+                body.extend(data)
+
+            exchange = self._exchange(curl, url, lines, lambda _r: True, on_body)
+            if method == "HEAD":
+                curl.setopt(pycurl.NOBODY, 1)
+            r = exchange.run()
+            answer = HTTPAnswer(r.status, dict(r.headers), bytes(body), r.url)
+            if (r.status >= 500 and r.status not in (501, 505)) or r.status in (408, 429):
+                raise _TransientAnswer(f"HTTP {r.status} {r.phrase()}".rstrip(), answer)
+            return answer
+
+        last: list[HTTPAnswer] = []
+
+        async def attempt() -> HTTPAnswer:
+            try:
+                return await self._in_thread(once)
+            except _TransientAnswer as e:
+                last[:] = [e.answer]
+                raise
+
+        try:
+            return await self._retrying(url, method, attempt)
+        except SourceUnavailable:
+            if last:
+                return last[0]
+            raise
+
+    async def read_body_into(
+        self, url_at: Callable[[int], str], buffer: bytearray | memoryview, headers: Headers | None = None
+    ) -> None:
+        """Fill ``buffer`` with the whole body of a GET of ``url_at(0)`` — for APIs that take the range in
+        the query string (WebHDFS's ``op=OPEN&offset=&length=``) and answer 200. A retry asks for
+        ``url_at(received)`` (the rest); an answer of another length than asked for is refused."""
+        lines = _header_lines(headers)
+        with memoryview(buffer) as outer, outer.cast("B") as view:
+            if view.readonly:
+                raise ValueError("read_body_into needs a writable buffer")
+            length = view.nbytes
+            filled = 0
+
+            def once(curl: pycurl.Curl) -> None:
+                nonlocal filled
+                url = url_at(filled)
+                want = length - filled
+
+                def on_response(r: _Response) -> bool:
+                    if r.status != 200:
+                        return False
+                    got = r.content_length(url)
+                    if got is not None and got != want:
+                        raise SourceProtocolError(
+                            url, f"GET {display_url(url)}: asked for {want} bytes, the origin announced {got}"
+                        )
+                    return True
+
+                exchange = self._exchange(curl, url, lines, on_response, into=view, filled=filled)
+                try:
+                    response = exchange.run()
+                finally:
+                    filled = exchange.filled
+                if not exchange.accepted:
+                    raise _status_error(url, response)
+                if filled != length:
+                    raise _Transient(f"the answer ended after {filled} of {length} bytes")
+
+            if length:
+                await self._retrying(url_at(0), f"{length} bytes", lambda: self._in_thread(once))
 
     async def list(self, url: str, headers: Headers | None = None) -> builtins.list[SourceEntry]:
         raise NotImplementedError(
