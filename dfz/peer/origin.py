@@ -8,8 +8,9 @@ The peer the scheduler sends to the origin (normally a seed) calls :func:`fetch_
    belongs to an older version of the file and is thrown away) and tells the caller, who makes it
    servable to children *before* it reports the metadata, so that no child asks for an unknown task;
 3. fetches the missing pieces: with a known length and working ranges, ``origin_concurrency`` range
-   requests in flight, each into its own piece buffer; otherwise one stream, cut into pieces in order
-   (the length of a stream without Content-Length is known when it ends);
+   requests in flight, each into its own page-aligned piece buffer (:func:`~dfz.peer.storage.piece_buffer`,
+   which the storage writes with ``O_DIRECT`` without a copy); otherwise one stream, cut into pieces in
+   order (the length of a stream without Content-Length is known when it ends);
 4. writes each piece with :meth:`StoredTask.write_piece` (in a worker thread; it computes the piece's
    BLAKE3, which is what the scheduler forwards to children) and hands ``(index, digest, size, cost)`` to
    the caller, who announces it to children and reports it.
@@ -46,7 +47,7 @@ from .source import (
     SourceUnavailable,
     UnsupportedScheme,
 )
-from .storage import LayoutConflict, Storage, StoredTask
+from .storage import LayoutConflict, Storage, StoredTask, piece_buffer
 
 
 class OriginError(Exception):
@@ -151,8 +152,9 @@ def _open(storage: Storage, task_id: str, url: str, piece_length: int, content_l
         return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length, tenant=tenant)
 
 
-async def _buffer(size: int) -> bytearray:
-    return bytearray(size) if size < LARGE_BUFFER else await trio.to_thread.run_sync(bytearray, size)
+async def _buffer(size: int) -> memoryview:
+    """A page-aligned piece buffer (so that the storage writes it with ``O_DIRECT`` without a copy)."""
+    return piece_buffer(size) if size < LARGE_BUFFER else await trio.to_thread.run_sync(piece_buffer, size)
 
 
 async def _fetch_ranges(
