@@ -13,7 +13,9 @@ The peer the scheduler sends to the origin (normally a seed) calls :func:`fetch_
    order (the length of a stream without Content-Length is known when it ends);
 4. writes each piece with :meth:`StoredTask.write_piece` (in a worker thread; it computes the piece's
    BLAKE3, which is what the scheduler forwards to children) and hands ``(index, digest, size, cost)`` to
-   the caller, who announces it to children and reports it.
+   the caller, who announces it to children and reports it. With ranges, a piece is stored by a task of
+   its own while its reader goes on with the next range (at most ``origin_concurrency`` pieces being
+   stored), so the requests in flight do not wait for hashing and the disk.
 
 Failures reach the caller as :class:`OriginError`, whose ``kind`` is one of the ``error_kind`` values of
 :class:`dfz.peer.local.Progress` and whose ``origin_error`` says whether the origin itself failed (the
@@ -175,20 +177,32 @@ async def _fetch_ranges(
         send.send_nowait(index)
     send.close()
 
-    async def worker() -> None:
+    # Pieces read and not yet stored, at most: a reader hands its piece to a task of its own to be hashed and
+    # written and starts its next range at once, so that ``concurrency`` ranges stay in flight while the
+    # storage works (an O_DIRECT write waits for the disk). Memory: up to 2 * concurrency piece buffers.
+    storing = trio.Semaphore(concurrency)
+
+    async def store(index: int, buffer: memoryview, began: float) -> None:
+        try:
+            write = functools.partial(task.write_piece, index, buffer, retain=True)  # a new buffer per piece
+            digest = await trio.to_thread.run_sync(write)
+        finally:
+            storing.release()
+        on_piece(OriginPiece(index, digest, len(buffer), time.monotonic() - began))
+
+    async def worker(nursery: trio.Nursery) -> None:
         async for index in receive:
             start, end = layout.span(index)
             began = time.monotonic()
             buffer = await _buffer(end - start)
             await backend.read_range_into(url, start, buffer, headers, expect=info)
-            write = functools.partial(task.write_piece, index, buffer, retain=True)  # a new buffer per piece
-            digest = await trio.to_thread.run_sync(write)
-            on_piece(OriginPiece(index, digest, end - start, time.monotonic() - began))
+            await storing.acquire()
+            nursery.start_soon(store, index, buffer, began)
 
     try:
         async with trio.open_nursery() as nursery:
             for _ in range(min(concurrency, len(missing))):
-                nursery.start_soon(worker)
+                nursery.start_soon(worker, nursery)
     except BaseExceptionGroup as group:
         # A worker's SourceError (or StorageError) reaches the caller as itself, not wrapped in the
         # nursery's group; a group with a cancellation in it stays as it is.
