@@ -5,6 +5,7 @@ Pieces are 64 KiB (the smallest allowed) so that every test stays in the millise
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -38,6 +39,7 @@ from dfz.peer.storage import (
     TaskExists,
     TaskIncomplete,
     TaskState,
+    piece_buffer,
 )
 from dfz.tasks import Digest, DigestMismatch, InvalidPieceLength, KiB, PieceLayout, piece_digest, task_id
 
@@ -915,3 +917,48 @@ def test_damaged_pieces_leave_the_cache(tmp_path: Path, content: bytes) -> None:
 def test_the_piece_cache_budget_must_not_be_negative(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="piece_cache_bytes"):
         Storage(tmp_path / "store", piece_cache_bytes=-1)
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def test_a_piece_buffer_is_written_direct_without_a_copy(tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Storage(tmp_path / "store") as storage:
+        task = new_task(storage)
+        if task._dfd is None:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        dfd = task._dfd
+        written_from: list[int] = []
+        real_pwrite = os.pwrite
+
+        def pwrite(fd: int, data: memoryview, offset: int) -> int:
+            if fd == dfd:
+                written_from.append(_address(data))
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        buffers = []
+        for i, part in enumerate(pieces_of(content)):
+            buffer = piece_buffer(len(part))
+            assert len(buffer) == len(part) and not buffer.readonly and _address(buffer) % 4096 == 0
+            assert bytes(buffer) == bytes(len(part))
+            buffer[:] = part
+            buffers.append(buffer)
+            task.write_piece(i, buffer, retain=True)
+        # Whole pages straight from the caller's buffers; the last piece (1234 bytes) is written buffered.
+        assert written_from == [_address(b) for b in buffers[:7]]
+        # Any other buffer is copied into an aligned one first.
+        unaligned = memoryview(bytearray(PL + 1))[1:]
+        unaligned[:] = content[:PL]
+        storage.delete(TID)
+        task = new_task(storage)
+        assert task._dfd is not None
+        dfd = task._dfd
+        written_from.clear()
+        task.write_piece(0, unaligned)
+        assert len(written_from) == 1 and written_from[0] != _address(unaligned) and written_from[0] % 4096 == 0
+        monkeypatch.undo()
+        write_all(task, content)
+        assert task.finish().content_digest == blake3.blake3(content).hexdigest()
+    assert (tmp_path / "store" / "tasks" / TID / "data").read_bytes() == content

@@ -8,11 +8,14 @@ The peer the scheduler sends to the origin (normally a seed) calls :func:`fetch_
    belongs to an older version of the file and is thrown away) and tells the caller, who makes it
    servable to children *before* it reports the metadata, so that no child asks for an unknown task;
 3. fetches the missing pieces: with a known length and working ranges, ``origin_concurrency`` range
-   requests in flight, each into its own piece buffer; otherwise one stream, cut into pieces in order
-   (the length of a stream without Content-Length is known when it ends);
+   requests in flight, each into its own page-aligned piece buffer (:func:`~dfz.peer.storage.piece_buffer`,
+   which the storage writes with ``O_DIRECT`` without a copy); otherwise one stream, cut into pieces in
+   order (the length of a stream without Content-Length is known when it ends);
 4. writes each piece with :meth:`StoredTask.write_piece` (in a worker thread; it computes the piece's
    BLAKE3, which is what the scheduler forwards to children) and hands ``(index, digest, size, cost)`` to
-   the caller, who announces it to children and reports it.
+   the caller, who announces it to children and reports it. With ranges, a piece is stored by a task of
+   its own while its reader goes on with the next range (at most ``origin_concurrency`` pieces being
+   stored), so the requests in flight do not wait for hashing and the disk.
 
 Failures reach the caller as :class:`OriginError`, whose ``kind`` is one of the ``error_kind`` values of
 :class:`dfz.peer.local.Progress` and whose ``origin_error`` says whether the origin itself failed (the
@@ -46,7 +49,7 @@ from .source import (
     SourceUnavailable,
     UnsupportedScheme,
 )
-from .storage import LayoutConflict, Storage, StoredTask
+from .storage import LayoutConflict, Storage, StoredTask, piece_buffer
 
 
 class OriginError(Exception):
@@ -151,8 +154,9 @@ def _open(storage: Storage, task_id: str, url: str, piece_length: int, content_l
         return storage.get_or_create(task_id, url=url, piece_length=piece_length, content_length=content_length, tenant=tenant)
 
 
-async def _buffer(size: int) -> bytearray:
-    return bytearray(size) if size < LARGE_BUFFER else await trio.to_thread.run_sync(bytearray, size)
+async def _buffer(size: int) -> memoryview:
+    """A page-aligned piece buffer (so that the storage writes it with ``O_DIRECT`` without a copy)."""
+    return piece_buffer(size) if size < LARGE_BUFFER else await trio.to_thread.run_sync(piece_buffer, size)
 
 
 async def _fetch_ranges(
@@ -173,20 +177,32 @@ async def _fetch_ranges(
         send.send_nowait(index)
     send.close()
 
-    async def worker() -> None:
+    # Pieces read and not yet stored, at most: a reader hands its piece to a task of its own to be hashed and
+    # written and starts its next range at once, so that ``concurrency`` ranges stay in flight while the
+    # storage works (an O_DIRECT write waits for the disk). Memory: up to 2 * concurrency piece buffers.
+    storing = trio.Semaphore(concurrency)
+
+    async def store(index: int, buffer: memoryview, began: float) -> None:
+        try:
+            write = functools.partial(task.write_piece, index, buffer, retain=True)  # a new buffer per piece
+            digest = await trio.to_thread.run_sync(write)
+        finally:
+            storing.release()
+        on_piece(OriginPiece(index, digest, len(buffer), time.monotonic() - began))
+
+    async def worker(nursery: trio.Nursery) -> None:
         async for index in receive:
             start, end = layout.span(index)
             began = time.monotonic()
             buffer = await _buffer(end - start)
             await backend.read_range_into(url, start, buffer, headers, expect=info)
-            write = functools.partial(task.write_piece, index, buffer, retain=True)  # a new buffer per piece
-            digest = await trio.to_thread.run_sync(write)
-            on_piece(OriginPiece(index, digest, end - start, time.monotonic() - began))
+            await storing.acquire()
+            nursery.start_soon(store, index, buffer, began)
 
     try:
         async with trio.open_nursery() as nursery:
             for _ in range(min(concurrency, len(missing))):
-                nursery.start_soon(worker)
+                nursery.start_soon(worker, nursery)
     except BaseExceptionGroup as group:
         # A worker's SourceError (or StorageError) reaches the caller as itself, not wrapped in the
         # nursery's group; a group with a cancellation in it stays as it is.
