@@ -127,7 +127,7 @@ from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantE
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
-from .source import SourceError, SourceRegistry, default_registry
+from .source import SourceEntry, SourceError, SourceRegistry, default_registry
 from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
@@ -1809,6 +1809,10 @@ class Daemon:
                 )
             )
         return out
+
+    async def list_source(self, url: str, headers: tuple[tuple[str, str], ...]) -> list[SourceEntry]:
+        """See :meth:`dfz.peer.local.DownloadService.list_source`: this daemon's backend for the scheme lists."""
+        return await self.sources.backend_for(url).list(url, dict(headers) if headers else None)
 
     async def delete_task(self, task_id: str) -> bool:
         try:
