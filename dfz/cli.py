@@ -539,19 +539,25 @@ class _Selection:
 
 def _target(root: str, path: str) -> str:
     """Where the file at ``path`` (below the listed URL) goes below ``root``, its directories made; ValueError
-    when it would land outside ``root`` (an unsafe path, or a directory there that is a link elsewhere)."""
+    when it could land outside ``root`` (an unsafe path, or a symbolic link on the way)."""
+    import contextlib
     import os
+    import stat
 
     from .peer.source.listing import check_relative_path
 
-    check_relative_path(path)
-    target = os.path.join(root, *path.split("/"))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    real_root, real_parent = os.path.realpath(root), os.path.realpath(parent)
-    if real_parent != real_root and not real_parent.startswith(real_root + os.sep):
-        raise ValueError(f"{path!r} would be written outside {root} (a directory there links elsewhere)")
-    return target
+    parts = check_relative_path(path).split("/")
+    directory = root
+    for part in parts[:-1]:  # made one level at a time, never through a symbolic link
+        directory = os.path.join(directory, part)
+        with contextlib.suppress(FileExistsError):  # made now, or before, or by another file's task
+            os.mkdir(directory)
+        mode = os.lstat(directory).st_mode
+        if stat.S_ISLNK(mode):
+            raise ValueError(f"{directory} is a symbolic link: refusing to write {path!r} through it")
+        if not stat.S_ISDIR(mode):
+            raise ValueError(f"{directory} is not a directory")
+    return os.path.join(directory, parts[-1])
 
 
 async def _get_recursive(

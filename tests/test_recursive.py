@@ -298,13 +298,17 @@ def test_get_r_refuses_too_many_files_and_hostile_listings_before_downloading(wo
 
 
 def test_get_r_reports_files_that_fail_and_exits_non_zero(world: World) -> None:
-    """A file that cannot be written (a directory is in its way) fails alone: the others are saved, the
-    summary names it and the exit code is non-zero."""
+    """Files that cannot be written (a directory in the way, a symbolic link on the way) fail alone: the
+    others are saved, the summary names them and the exit code is non-zero."""
     out = world.tmp / "out-partial"
     (out / "a.txt").mkdir(parents=True)
+    elsewhere = world.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere)  # a link in DIR is not followed out of it
     done = get_r(world, world.nginx + "/tree/", out, "--no-progress")
-    assert done.returncode != 0 and "1 of 5 files failed" in done.stderr and "a.txt" in done.stderr, done.stderr
-    assert {p: h for p, h in tree_of(out).items()} == expected([p for p in TREE if p != "a.txt"])
+    assert done.returncode != 0 and "4 of 5 files failed" in done.stderr and "a.txt" in done.stderr, done.stderr
+    assert "symbolic link" in done.stderr
+    assert tree_of(out) == expected(["sp ace.txt"]) and list(elsewhere.iterdir()) == []
 
 
 async def test_a_big_listing_comes_in_pages_through_the_daemon(world: World) -> None:
