@@ -203,6 +203,10 @@ def test_relative_paths_stay_below_the_listed_url() -> None:
     assert relative_path("s3://b", "s3://b/x/y") == "x/y"
     assert relative_path("file://localhost/srv/d/", "file:///srv/d/x") == "x"
     assert relative_path("https://h:8/d/", "https://H:8/d/e/f") == "e/f"
+    # hf:// writes a revision after the path (none for main)
+    assert relative_path("hf://o/r@v1", "hf://o/r/dir/w.bin@v1") == "dir/w.bin"
+    assert relative_path("hf://o/r@main", "hf://o/r/w.bin") == "w.bin"
+    assert relative_path("hf://o/r", "hf://o/r/sub/w.bin") == "sub/w.bin"
     for base, entry in [
         ("s3://b/pre", "s3://b/prefix-sibling.txt"),  # a key prefix is not a directory
         ("s3://b/pre/", "s3://other/pre/x"),
@@ -211,6 +215,8 @@ def test_relative_paths_stay_below_the_listed_url() -> None:
         ("https://h/d/", "https://h/d/a%00b"),
         ("https://h/d/", "https://h/d/"),
         ("https://h/d/", "https://h/d//x"),
+        ("hf://o/r@v1", "hf://o/other/x@v1"),
+        ("hf://o/r@v1", "hf://o/r/../x@v1"),
     ]:
         with pytest.raises(UnsafePath):
             relative_path(base, entry)

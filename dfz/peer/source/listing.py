@@ -59,7 +59,23 @@ def _host(scheme: str, netloc: str) -> str:
 
 def relative_path(base_url: str, entry_url: str) -> str:
     """The path of ``entry_url`` below ``base_url`` (percent-decoded, ``/``-separated), checked with
-    :func:`check_relative_path`; :class:`UnsafePath` when the entry is not below the base."""
+    :func:`check_relative_path`; :class:`UnsafePath` when the entry is not below the base.
+
+    A revision written after the path (``hf://OWNER/REPO@REV``, whose entries are
+    ``hf://OWNER/REPO/PATH@REV``, or none for the default revision) is left out of both when the plain rule
+    does not place the entry: the last component of the base's path holds ``@`` and the rest follows it."""
+    try:
+        return _below(base_url, entry_url)
+    except UnsafePath:
+        base, entry = urlsplit(base_url), urlsplit(entry_url)  # parsed fine by _below
+        head, at, revision = base.path.rpartition("@")
+        if not at or not head or "/" in revision:
+            raise
+        entry_path = entry.path.removesuffix(at + revision)
+        return _below(base._replace(path=head).geturl(), entry._replace(path=entry_path).geturl())
+
+
+def _below(base_url: str, entry_url: str) -> str:
     try:
         base, entry = urlsplit(base_url), urlsplit(entry_url)
     except ValueError as e:
