@@ -223,6 +223,9 @@ Exit codes:
   6    no dfz daemon at --endpoint (or it went away mid-download)
   7    the daemon cannot reach its scheduler
   130  interrupted (Ctrl-C): the download was cancelled
+  With -r: 2 also for more files than --max-files (nothing downloaded), 3 when
+  the listing fails or is unsafe, 1 when nothing matches; failed files: the code
+  they share, else 1.
 """
 
 
@@ -290,7 +293,7 @@ def _fail(code: GetExit, what: str, hint: str | None = None) -> GetExit:
     "--output",
     required=True,
     metavar="FILE",
-    help="Where to write the file; relative to the current directory. `-` (stdout) is not supported.",
+    help="Where to write the file (with -r: the directory to fill), relative to the current directory; `-` is not supported.",
 )
 @click.option("--digest", metavar="ALGO:HEX", help="Expected digest of the whole file, sha256:<64 hex> or blake3:<64 hex>.")
 @click.option(
