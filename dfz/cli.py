@@ -574,10 +574,12 @@ async def _get_recursive(
     from .peer.api_client import ApiRequestError, DaemonLost, DaemonUnreachable, ListedObject, open_api_client
     from .peer.api_messages import MAX_LISTED, ApiErrorCode
     from .peer.local import DownloadState
+    from .peer.source import display_url
 
     root = template.output
     assert root is not None
     url = template.url
+    shown = display_url(url)  # without a query string (signatures) or credentials
     started = trio.current_time()
     failures: list[tuple[str, GetExit, str]] = []
     try:
@@ -586,27 +588,26 @@ async def _get_recursive(
                 listing = await api.list_source(url, template.headers, max_entries=MAX_LISTED)
             except ApiRequestError as e:
                 if e.code in (ApiErrorCode.LISTING_FAILED, ApiErrorCode.BAD_LISTING):
-                    return _fail(GetExit.ORIGIN, f"cannot list {url}: {e.reason}")
+                    return _fail(GetExit.ORIGIN, f"cannot list {shown}: {e.reason}")
                 if e.code == ApiErrorCode.NOT_LISTABLE:
                     return _fail(GetExit.USAGE, e.reason, "this scheme has no directory listing: download its files one by one")
                 if ApiErrorCode.BAD_URL <= e.code <= ApiErrorCode.BAD_TIMEOUT or e.code == 422:
                     return _fail(GetExit.USAGE, f"the daemon refused the listing: {e.reason}")
                 return _fail(GetExit.FAILED, f"the daemon refused the listing ({e.code}): {e.reason}")
             if listing.truncated:
-                return _fail(
-                    GetExit.USAGE, f"{url} holds more than {MAX_LISTED} objects: nothing was downloaded", "list a narrower prefix"
-                )
+                what = f"{shown} holds more than {MAX_LISTED} objects: nothing was downloaded"
+                return _fail(GetExit.USAGE, what, "list a narrower prefix")
             chosen = [e for e in listing.entries if selection.wants(e.path)]
             if len(chosen) > selection.max_files:
                 return _fail(
                     GetExit.USAGE,
-                    f"{len(chosen)} files selected under {url} (of {len(listing.entries)} listed), more than --max-files"
+                    f"{len(chosen)} files selected under {shown} (of {len(listing.entries)} listed), more than --max-files"
                     f" {selection.max_files}: nothing was downloaded",
                     "narrow the selection with --include/--exclude, or raise --max-files",
                 )
             if not chosen:
                 what = "no files" if not listing.entries else f"none of its {len(listing.entries)} files match the globs"
-                return _fail(GetExit.FAILED, f"nothing to download: {url} has {what}", "check the URL and --include/--exclude")
+                return _fail(GetExit.FAILED, f"nothing to download: {shown} has {what}", "check the URL and --include/--exclude")
             os.makedirs(root, exist_ok=True)
             sizes = [e.size for e in chosen]
             total_bytes = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None

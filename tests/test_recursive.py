@@ -24,7 +24,7 @@ from s3_server import ACCESS_KEY, REGION, SECRET_KEY, start_s3_server
 
 from dfz.cluster import wait_for_cluster
 from dfz.peer.api_client import open_api_client
-from dfz.peer.source import RetryPolicy, SourceProtocolError, SourceRequestError
+from dfz.peer.source import MalformedURL, RetryPolicy, SourceProtocolError, SourceRequestError
 from dfz.peer.source.file import file_url
 from dfz.peer.source.http import HTTPBackend
 from dfz.peer.source.listing import UnsafePath, check_relative_path, relative_path
@@ -255,6 +255,9 @@ async def test_hostile_or_endless_listings_are_refused(crafted: str) -> None:
             await backend.list(crafted + "/loop/")
         with pytest.raises(SourceRequestError, match="not a directory listing"):
             await backend.list(crafted + "/plain/")
+        with pytest.raises(MalformedURL, match="no query string") as caught:
+            await backend.list(crafted + "/benign/?signature=SECRET")
+        assert "SECRET" not in str(caught.value)
     finally:
         backend.close()
 

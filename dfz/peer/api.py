@@ -76,7 +76,7 @@ from .endpoints import builtin_schemes as builtin_schemes
 from .endpoints import default_data_dir as default_data_dir
 from .endpoints import default_endpoint as default_endpoint
 from .local import DownloadRequest, DownloadService, DownloadState, Progress, TenantError
-from .source import MalformedURL, SourceError, UnsupportedScheme
+from .source import MalformedURL, SourceError, UnsupportedScheme, display_url
 from .source.listing import UnsafePath, relative_path
 
 log = get_logger("peer.api")
@@ -300,9 +300,10 @@ class ApiServer:
                 paths.add(path)
                 if len(entries) < msg.max_entries:
                     size = entry.content_length
-                    entries.append(ApiSourceEntry(path=path, url=entry.url, size=size if size is None or size >= 0 else None))
+                    known = size is not None and 0 <= size < 2**63
+                    entries.append(ApiSourceEntry(path=path, url=entry.url, size=size if known else None))
         except UnsafePath as e:
-            raise RemoteError(ApiErrorCode.BAD_LISTING, f"refusing the listing of {msg.url[:200]}: {e}"[:4096]) from None
+            raise RemoteError(ApiErrorCode.BAD_LISTING, f"refusing the listing of {display_url(msg.url)}: {e}"[:4096]) from None
         entries.sort(key=lambda e: e.path)
         key = f"{self._boot}-l{next(self._ids)}"
         listing = _Listing(req.peer.session, entries, len(found) > msg.max_entries, now + self.listing_ttl)

@@ -709,6 +709,14 @@ class HTTPBackend(SourceBackend):
     async def list(self, url: str, headers: Headers | None = None) -> builtins.list[SourceEntry]:
         """The files below the directory ``url`` from its index pages, recursively (module docstring),
         sorted by URL."""
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:
+            raise MalformedURL(url, f"cannot list {url[:80]!r}: the URL is malformed ({e})") from None
+        if parts.query or parts.fragment:
+            raise MalformedURL(
+                url, f"cannot list {display_url(url)}: a directory to list takes no query string or fragment (they name one page)"
+            )
         base = directory_url(url)
         lines = _header_lines(headers)
         files: dict[str, int | None] = {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
+from dfz.peer.source import display_url
+
 __all__ = ["MAX_COMPONENT", "MAX_RELATIVE_PATH", "UnsafePath", "check_relative_path", "directory_url", "relative_path"]
 
 MAX_RELATIVE_PATH = 4096
@@ -82,14 +84,14 @@ def _below(base_url: str, entry_url: str) -> str:
         raise UnsafePath(f"a listed URL is malformed ({e})") from None
     scheme = base.scheme.lower()
     if entry.scheme.lower() != scheme or _host(scheme, entry.netloc) != _host(scheme, base.netloc):
-        raise UnsafePath(f"listed entry {entry_url[:200]!r} is on another scheme or host than {base_url[:200]!r}")
+        raise UnsafePath(f"listed entry {display_url(entry_url)} is on another scheme or host than {display_url(base_url)}")
     try:
         prefix = unquote(base.path, errors="strict")
         path = unquote(entry.path, errors="strict")
     except UnicodeDecodeError:
-        raise UnsafePath(f"listed entry {entry_url[:200]!r}: its percent-encoding is not UTF-8") from None
+        raise UnsafePath(f"listed entry {display_url(entry_url)}: its percent-encoding is not UTF-8") from None
     if not prefix.endswith("/"):
         prefix += "/"
     if not path.startswith(prefix):
-        raise UnsafePath(f"listed entry {entry_url[:200]!r} is not below {base_url[:200]!r}")
+        raise UnsafePath(f"listed entry {display_url(entry_url)} is not below {display_url(base_url)}")
     return check_relative_path(path[len(prefix) :])
