@@ -49,8 +49,9 @@ How a transfer runs:
 
 Listing (``list``, for recursive downloads) reads directory pages as web servers make them: nginx's
 ``autoindex on;`` (or Apache's, or Python's ``http.server``). The URL is taken as a directory (a ``/`` is
-added). A page answered as ``application/json`` is nginx's ``autoindex_format json`` (an array of
-``{"name", "type", "size"}``: names must be single path components, and files come with their sizes);
+added; a query string or fragment is refused: it would name one page, not carry to the others). A page
+answered as ``application/json`` is nginx's ``autoindex_format json`` (an array of ``{"name", "type",
+"size"}``: names must be single path components, and files come with their sizes);
 ``text/html`` is parsed with the standard library's :class:`html.parser.HTMLParser` for ``<a href>`` links
 (no sizes). Links to the page itself or to its parent directories, and links with a query (sorting links),
 are skipped; a link ending in ``/`` is a subdirectory, listed in turn (breadth first). A link or a name that
