@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,6 +246,9 @@ Exit codes:
   6    no dfz daemon at --endpoint (or it went away mid-download)
   7    the daemon cannot reach its scheduler
   130  interrupted (Ctrl-C): the download was cancelled
+  With -r: 2 also for more files than --max-files (nothing downloaded), 3 when
+  the listing fails or is unsafe, 1 when nothing matches; failed files: the code
+  they share, else 1.
 """
 
 
@@ -312,7 +316,7 @@ def _fail(code: GetExit, what: str, hint: str | None = None) -> GetExit:
     "--output",
     required=True,
     metavar="FILE",
-    help="Where to write the file; relative to the current directory. `-` (stdout) is not supported.",
+    help="Where to write the file (with -r: the directory to fill), relative to the current directory; `-` is not supported.",
 )
 @click.option(
     "--digest",
@@ -360,6 +364,38 @@ def _fail(code: GetExit, what: str, hint: str | None = None) -> GetExit:
     metavar="SECONDS",
     help="How long to wait for the daemon to answer.",
 )
+@click.option(
+    "-r",
+    "--recursive",
+    is_flag=True,
+    help="URL is a directory or prefix (an S3 prefix, a web server's directory index, a file:// directory...): "
+    "the daemon lists it and every file is downloaded into the directory -O, keeping the layout.",
+)
+@click.option(
+    "--include",
+    "includes",
+    multiple=True,
+    metavar="GLOB",
+    help="With -r: only files whose path below URL matches GLOB (fnmatch: * also matches /; repeatable).",
+)
+@click.option(
+    "--exclude", "excludes", multiple=True, metavar="GLOB", help="With -r: skip files whose path matches GLOB (repeatable)."
+)
+@click.option(
+    "--max-files",
+    type=click.IntRange(min=1, max=100_000),
+    default=1000,
+    show_default=True,
+    help="With -r: refuse, before downloading anything, when more files than this are selected.",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1, max=64),
+    default=4,
+    show_default=True,
+    help="With -r: files downloaded at once.",
+)
 def get(  # noqa: PLR0917 - click passes every option as an argument
     url: str,
     output: str,
@@ -375,12 +411,24 @@ def get(  # noqa: PLR0917 - click passes every option as an argument
     no_progress: bool,
     endpoint: str | None,
     connect_timeout: float,
+    recursive: bool,
+    includes: tuple[str, ...],
+    excludes: tuple[str, ...],
+    max_files: int,
+    jobs: int,
 ) -> None:
     """Download URL to FILE through the local dfz daemon: from peers that have it, else from the origin.
 
     The daemon (`dfz daemon`, or `dfz up`) does the work and keeps the file in its cache; FILE appears only
     once every piece and the whole file are verified. A progress bar on stderr shows bytes, rate, ETA and
     how much came from peers, from the origin or from the daemon's cache.
+
+    With -r, URL is a directory or prefix and -O a directory (made if missing): the daemon lists URL with
+    its source settings, the files matching --include/--exclude are counted (more than --max-files: nothing
+    is downloaded), then each is downloaded as above to its path below the directory; --timeout applies to
+    each file. Paths that would leave the directory (absolute, `..`) refuse the whole listing. Files
+    already there are downloaded again (a repeat is a hit in the daemon's cache), since a listing gives no
+    digest to verify them with.
     """
     import os
 
@@ -394,7 +442,16 @@ def get(  # noqa: PLR0917 - click passes every option as an argument
     if output == "-":
         raise click.BadParameter("writing to stdout is not supported (yet): give a file path", param_hint="-O")
     path = os.path.abspath(os.path.expanduser(output))
-    if os.path.isdir(path):
+    if not recursive and (includes or excludes):
+        raise click.UsageError("--include and --exclude select files of a recursive download: add -r")
+    if recursive:
+        if digest is not None:
+            raise click.UsageError("--digest names one file's content: it does not go with -r")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise click.BadParameter(f"{path} is not a directory: with -r, -O names the directory to fill", param_hint="-O")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise click.BadParameter(f"directory {os.path.dirname(path)} does not exist: create it first", param_hint="-O")
+    elif os.path.isdir(path):
         raise click.BadParameter(
             f"{path} is a directory: give the file's path, e.g. -O {os.path.join(output, 'FILE')}", param_hint="-O"
         )
@@ -432,7 +489,11 @@ def get(  # noqa: PLR0917 - click passes every option as an argument
         raise click.UsageError(e.message) from None
     code = GetExit.INTERRUPTED
     try:
-        code = trio.run(_get, request, endpoint or default_endpoint(), connect_timeout, not no_progress)
+        if recursive:
+            selection = _Selection(includes, excludes, max_files, jobs)
+            code = trio.run(_get_recursive, request, selection, endpoint or default_endpoint(), connect_timeout, not no_progress)
+        else:
+            code = trio.run(_get, request, endpoint or default_endpoint(), connect_timeout, not no_progress)
     except* KeyboardInterrupt:
         # Leaving the session (bye) makes the daemon stop following the download.
         _fail(GetExit.INTERRUPTED, "interrupted: the download was cancelled", "")
@@ -492,6 +553,208 @@ async def _get(request: DownloadRequest, endpoint: str, connect_timeout: float, 
         return _fail(GetExit.FAILED, f"the download was cancelled: {last.error or 'by the daemon'}", "run the command again")
     code = _exit_for(last.error_kind)
     return _fail(code, f"download failed ({last.error_kind or 'unknown'}): {last.error or 'no reason given'}")
+
+
+@dataclass(frozen=True)
+class _Selection:
+    includes: tuple[str, ...]
+    excludes: tuple[str, ...]
+    max_files: int
+    jobs: int
+
+    def wants(self, path: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        if self.includes and not any(fnmatchcase(path, glob) for glob in self.includes):
+            return False
+        return not any(fnmatchcase(path, glob) for glob in self.excludes)
+
+
+def _target(root: str, path: str) -> str:
+    """Where the file at ``path`` (below the listed URL) goes below ``root``, its directories made; ValueError
+    when it could land outside ``root`` (an unsafe path, or a symbolic link on the way)."""
+    import contextlib
+    import os
+    import stat
+
+    from .peer.source.listing import check_relative_path
+
+    parts = check_relative_path(path).split("/")
+    directory = root
+    for part in parts[:-1]:  # made one level at a time, never through a symbolic link
+        directory = os.path.join(directory, part)
+        with contextlib.suppress(FileExistsError):  # made now, or before, or by another file's task
+            os.mkdir(directory)
+        mode = os.lstat(directory).st_mode
+        if stat.S_ISLNK(mode):
+            raise ValueError(f"{directory} is a symbolic link: refusing to write {path!r} through it")
+        if not stat.S_ISDIR(mode):
+            raise ValueError(f"{directory} is not a directory")
+    return os.path.join(directory, parts[-1])
+
+
+async def _get_recursive(
+    template: DownloadRequest, selection: _Selection, endpoint: str, connect_timeout: float, show_progress: bool
+) -> GetExit:
+    import dataclasses
+    import os
+
+    import trio
+
+    from .peer.api_client import ApiRequestError, DaemonLost, DaemonUnreachable, ListedObject, open_api_client
+    from .peer.api_messages import MAX_LISTED, ApiErrorCode
+    from .peer.local import DownloadState
+    from .peer.source import display_url
+
+    root = template.output
+    assert root is not None
+    url = template.url
+    shown = display_url(url)  # without a query string (signatures) or credentials
+    started = trio.current_time()
+    failures: list[tuple[str, GetExit, str]] = []
+    try:
+        async with open_api_client(endpoint, connect_timeout=connect_timeout, name=f"dfz-get-{os.getpid()}") as api:
+            try:
+                listing = await api.list_source(url, template.headers, max_entries=MAX_LISTED)
+            except ApiRequestError as e:
+                if e.code in (ApiErrorCode.LISTING_FAILED, ApiErrorCode.BAD_LISTING):
+                    return _fail(GetExit.ORIGIN, f"cannot list {shown}: {e.reason}")
+                if e.code == ApiErrorCode.NOT_LISTABLE:
+                    return _fail(GetExit.USAGE, e.reason, "this scheme has no directory listing: download its files one by one")
+                if ApiErrorCode.BAD_URL <= e.code <= ApiErrorCode.BAD_TIMEOUT or e.code == 422:
+                    return _fail(GetExit.USAGE, f"the daemon refused the listing: {e.reason}")
+                return _fail(GetExit.FAILED, f"the daemon refused the listing ({e.code}): {e.reason}")
+            if listing.truncated:
+                what = f"{shown} holds more than {MAX_LISTED} objects: nothing was downloaded"
+                return _fail(GetExit.USAGE, what, "list a narrower prefix")
+            chosen = [e for e in listing.entries if selection.wants(e.path)]
+            if len(chosen) > selection.max_files:
+                return _fail(
+                    GetExit.USAGE,
+                    f"{len(chosen)} files selected under {shown} (of {len(listing.entries)} listed), more than --max-files"
+                    f" {selection.max_files}: nothing was downloaded",
+                    "narrow the selection with --include/--exclude, or raise --max-files",
+                )
+            if not chosen:
+                what = "no files" if not listing.entries else f"none of its {len(listing.entries)} files match the globs"
+                return _fail(GetExit.FAILED, f"nothing to download: {shown} has {what}", "check the URL and --include/--exclude")
+            os.makedirs(root, exist_ok=True)
+            sizes = [e.size for e in chosen]
+            total_bytes = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+            done_bytes: dict[str, int] = {}
+            finished = [0]
+            bar = _overall_display(len(chosen), total_bytes, show_progress)
+            limiter = trio.CapacityLimiter(selection.jobs)
+
+            async def fetch(entry: ListedObject) -> None:
+                async with limiter:
+                    try:
+                        target = await trio.to_thread.run_sync(_target, root, entry.path)
+                    except (ValueError, OSError) as e:
+                        failures.append((entry.path, GetExit.FAILED, f"cannot write it: {e}"))
+                        return
+                    request = dataclasses.replace(template, url=entry.url, output=target)
+                    last: Progress | None = None
+                    try:
+                        async with api.download(request) as download:
+                            async for progress in download:
+                                last = progress
+                                done_bytes[entry.path] = progress.bytes_done
+                                bar.update(finished[0], sum(done_bytes.values()))
+                    except ApiRequestError as e:
+                        failures.append((entry.path, GetExit.FAILED, f"refused ({e.code}): {e.reason}"))
+                        return
+                    if last is None or last.state is not DownloadState.SUCCEEDED:
+                        kind = last.error_kind if last is not None else ""
+                        error = last.error if last is not None else "no final state"
+                        code = GetExit.FAILED if last is None or last.state is DownloadState.CANCELLED else _exit_for(kind)
+                        failures.append((entry.path, code, f"{kind or 'failed'}: {error}"))
+                        return
+                    finished[0] += 1
+                    bar.update(finished[0], sum(done_bytes.values()))
+
+            with bar:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for entry in chosen:
+                            nursery.start_soon(fetch, entry)
+                except BaseExceptionGroup as group:
+                    lost = group.subgroup(DaemonUnreachable)
+                    if lost is None:
+                        raise
+                    first: BaseException = lost
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    raise first from None
+    except DaemonLost as e:
+        return _fail(GetExit.DAEMON, str(e), "check the daemon, then run the command again")
+    except DaemonUnreachable as e:
+        return _fail(
+            GetExit.DAEMON,
+            str(e),
+            "start one with `dfz daemon --data-dir DIR --scheduler ENDPOINT` (or `dfz up`), or point --endpoint / "
+            "DFZ_ENDPOINT at a running daemon's API (it prints where it listens)",
+        )
+    elapsed = max(trio.current_time() - started, 1e-6)
+    ok = len(chosen) - len(failures)
+    if not failures:
+        if show_progress:
+            from rich.filesize import decimal
+
+            click.echo(f"saved {ok} files ({decimal(sum(done_bytes.values()))}) under {root} in {elapsed:.1f} s", err=True)
+        return GetExit.OK
+    failures.sort()
+    lines = [f"  {path}: {why}" for path, _, why in failures[:20]]
+    if len(failures) > 20:
+        lines.append(f"  ... and {len(failures) - 20} more")
+    codes = {code for _, code, _ in failures}
+    code = codes.pop() if len(codes) == 1 else GetExit.FAILED
+    return _fail(code, f"{len(failures)} of {len(chosen)} files failed ({ok} saved under {root}):\n" + "\n".join(lines))
+
+
+class _Overall:
+    """The one progress line of ``dfz get -r`` (rich, on stderr): files done of total, bytes, rate."""
+
+    def __init__(self, files: int, total_bytes: int | None, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+        from rich.progress import Progress as Bar
+
+        self.files = files
+        self.bar = Bar(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task(f"files 0/{files}", total=total_bytes)
+
+    def __enter__(self) -> _Overall:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def update(self, done: int, nbytes: int) -> None:
+        self.bar.update(self.task, completed=nbytes, description=f"files {done}/{self.files}")
+
+
+class _NoOverall:
+    def __enter__(self) -> _NoOverall:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, done: int, nbytes: int) -> None:
+        pass
+
+
+def _overall_display(files: int, total_bytes: int | None, enabled: bool) -> _Overall | _NoOverall:
+    return _Overall(files, total_bytes, enabled) if enabled else _NoOverall()
 
 
 def _summary(p: Progress) -> str:

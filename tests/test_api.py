@@ -35,11 +35,13 @@ from dfz.peer.api_messages import (
     ApiDownloadStarted,
     ApiErrorCode,
     ApiList,
+    ApiListSource,
     ApiProgress,
     ApiTasks,
     check_request,
 )
 from dfz.peer.local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
+from dfz.peer.source import SourceAuthError, SourceEntry
 from dfz.tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
 
 SIZE = 4000
@@ -127,6 +129,21 @@ class ScriptedService:
     async def delete_task(self, task_id: str) -> bool:
         await trio.lowlevel.checkpoint()
         return self.tasks.pop(task_id, None) is not None
+
+    async def list_source(self, url: str, headers: tuple[tuple[str, str], ...]) -> list[SourceEntry]:
+        """``/many/`` 2500 files; ``/escape/`` one entry outside it; ``/twice/`` one path twice; ``/flat``
+        cannot be listed; ``/denied/`` is refused by the origin."""
+        await trio.lowlevel.checkpoint()
+        path = urlsplit(url).path
+        if path == "/many/":
+            return [SourceEntry(url=f"{url}d{i % 7}/file-{i:05}.bin", content_length=i) for i in range(2500)]
+        if path == "/escape/":
+            return [SourceEntry(url=f"{url}ok.txt"), SourceEntry(url=f"{url}%2e%2e/etc/passwd")]
+        if path == "/twice/":
+            return [SourceEntry(url=f"{url}a%20b"), SourceEntry(url=f"{url}a b")]
+        if path == "/flat":
+            raise NotImplementedError("this scheme has no directory listing")
+        raise SourceAuthError(url, "the origin refused access (HTTP 403)")
 
 
 @asynccontextmanager
@@ -505,3 +522,39 @@ async def test_dfz_get_interrupted_exits_130_and_the_daemon_stops_following(shor
                 process.send_signal(signal.SIGINT)
             assert process.returncode == 130
             await stopped_following(service, server, "/slow")
+
+
+async def test_list_source_checks_every_entry_and_answers_in_pages(short_tmp: str) -> None:
+    """api.list_source: the listing comes in pages under 64 KiB, in path order, cut at max_entries (truncated);
+    an entry outside the URL (an encoded ../), a path listed twice, an unlistable scheme and an origin's
+    refusal are errors with their codes; a cursor of another session or an unknown one is refused."""
+    service = ScriptedService()
+    async with serving(service, short_tmp) as server, open_api_client(server.endpoints[0]) as api:
+        listing = await api.list_source("http://origin.test/many/", max_entries=100_000)
+        assert len(listing.entries) == 2500 and not listing.truncated
+        assert [e.path for e in listing.entries] == sorted(f"d{i % 7}/file-{i:05}.bin" for i in range(2500))
+        first = listing.entries[0]
+        assert first.url == "http://origin.test/many/d0/file-00000.bin" and first.size == 0
+        cut = await api.list_source("http://origin.test/many/", max_entries=10)
+        assert len(cut.entries) == 10 and cut.truncated
+        for path, code in [
+            ("/escape/", ApiErrorCode.BAD_LISTING),
+            ("/twice/", ApiErrorCode.BAD_LISTING),
+            ("/flat", ApiErrorCode.NOT_LISTABLE),
+            ("/denied/", ApiErrorCode.LISTING_FAILED),
+        ]:
+            with pytest.raises(ApiRequestError) as caught:
+                await api.list_source(f"http://origin.test{path}")
+            assert caught.value.code == code, (path, caught.value)
+        with pytest.raises(ApiRequestError) as caught:
+            await api.list_source("ftp://origin.test/x/")
+        assert caught.value.code == ApiErrorCode.UNSUPPORTED_SCHEME
+        first_page = await api._request(ApiListSource(url="http://origin.test/many/", max_entries=100_000))
+        assert first_page.cursor and 0 < len(first_page.entries) < 2500 and first_page.total == 2500
+        async with open_api_client(server.endpoints[0]) as other:
+            with pytest.raises(ApiRequestError) as caught:
+                await other._request(ApiListSource(url="http://origin.test/many/", cursor=first_page.cursor))
+            assert caught.value.code == ApiErrorCode.UNKNOWN_LISTING
+        with pytest.raises(ApiRequestError) as caught:
+            await api._request(ApiListSource(url="http://origin.test/many/", cursor="nothing:0"))
+        assert caught.value.code == ApiErrorCode.UNKNOWN_LISTING

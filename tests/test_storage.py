@@ -593,6 +593,17 @@ def test_export_replaces_an_existing_file(storage: Storage, content: bytes, tmp_
     assert out.read_bytes() == content
 
 
+def test_a_repeat_export_by_link_leaves_no_temporary_file(storage: Storage, content: bytes, tmp_path: Path) -> None:
+    """The second export links the same file again: rename(2) of two links to one file does nothing, so the
+    temporary name must be removed explicitly."""
+    task = finished(storage, content)
+    out = tmp_path / "twice" / "out"
+    out.parent.mkdir()
+    assert task.export(out) is ExportMethod.LINK
+    assert task.export(out) is ExportMethod.LINK
+    assert out.read_bytes() == content and leftovers(out.parent) == []
+
+
 @pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
 def test_export_verifies_the_users_digest(storage: Storage, content: bytes, tmp_path: Path, algorithm: str) -> None:
     task = finished(storage, content)

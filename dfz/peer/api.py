@@ -16,6 +16,10 @@ Theory of operation:
   to tell), or the request's timeout plus a grace second (a last push ``failed`` / ``timeout``, for a
   service that did not enforce the timeout itself). Stopping closes the service's iterator, which is how
   the contract cancels this caller's interest; the daemon may keep the task in its cache.
+* ``api.list_source`` lists a directory or prefix at the origin through the service (the daemon's source
+  backends and settings), checks every entry (:func:`dfz.peer.source.listing.relative_path`: below the
+  URL, a safe relative path, no duplicates) and keeps the listing for the session that asked, for
+  ``listing_ttl`` seconds, to answer it page by page (48 KiB of entries a page).
 * Who may connect: the ipc socket is made ``0600`` in a directory the server creates ``0700``, so only
   the daemon's user reaches it (a download writes wherever the request says, as the daemon's user). A tcp
   endpoint reaches everyone who can reach the port: bind it to 127.0.0.1 or use CurveZMQ.
@@ -42,6 +46,8 @@ from ..log import event, get_logger
 from .api_messages import (
     API_CATALOGUE,
     FINAL_STATES,
+    MAX_ENTRIES_PER_PAGE,
+    MAX_URL,
     ApiCancel,
     ApiCancelled,
     ApiDelete,
@@ -51,9 +57,14 @@ from .api_messages import (
     ApiErrorCode,
     ApiInputError,
     ApiList,
+    ApiListSource,
+    ApiSourceEntry,
+    ApiSourceListing,
     ApiTask,
     ApiTasks,
+    check_header,
     check_request,
+    check_url,
     progress_to_wire,
     request_from_wire,
     task_to_wire,
@@ -65,11 +76,25 @@ from .endpoints import builtin_schemes as builtin_schemes
 from .endpoints import default_data_dir as default_data_dir
 from .endpoints import default_endpoint as default_endpoint
 from .local import DownloadRequest, DownloadService, DownloadState, Progress, TenantError
+from .source import MalformedURL, SourceError, UnsupportedScheme, display_url
+from .source.listing import UnsafePath, relative_path
 
 log = get_logger("peer.api")
 
 PAGE_BUDGET = 48 * 1024
 """Encoded bytes of tasks an ``api.tasks`` reply holds at most: well inside the 64 KiB header frame."""
+
+
+MAX_LISTINGS = 8
+"""Listings kept at once for ``api.list_source`` pages (the oldest is dropped beyond)."""
+
+
+@dataclass(eq=False)
+class _Listing:
+    session: str
+    entries: list[ApiSourceEntry]
+    truncated: bool
+    expires: float
 
 
 class EndpointInUse(Exception):
@@ -117,6 +142,7 @@ class ApiServer:
         progress_interval: float = 0.1,
         timeout_grace: float = 1.0,
         max_downloads_per_session: int = 256,
+        listing_ttl: float = 120.0,
         config: ServerConfig | None = None,
         curve: CurveServer | None = None,
         ctx: zmq.Context[Any] | None = None,
@@ -126,6 +152,8 @@ class ApiServer:
         self.progress_interval = progress_interval
         self.timeout_grace = timeout_grace
         self.max_downloads_per_session = max_downloads_per_session
+        self.listing_ttl = listing_ttl
+        self._listings: dict[str, _Listing] = {}
         self._want_endpoints = list(endpoints)
         self.server = Server(
             API_CATALOGUE, endpoints, name=name, config=config, curve=curve, ctx=ctx, on_peer_event=self._peer_event
@@ -134,6 +162,7 @@ class ApiServer:
         self.server.handle(ApiCancel, self._cancel)
         self.server.handle(ApiList, self._list)
         self.server.handle(ApiDelete, self._delete)
+        self.server.handle(ApiListSource, self._list_source)
         self.downloads: dict[str, _Download] = {}
         self._by_session: dict[str, set[str]] = {}
         self._ids = itertools.count(1)
@@ -229,6 +258,78 @@ class ApiServer:
         deleted = await self.service.delete_task(msg.task_id)
         event(log, 20, "api_delete", task=msg.task_id[:16], deleted=deleted)
         return ApiDeleted(task_id=msg.task_id, deleted=deleted)
+
+    async def _list_source(self, req: Request) -> ApiSourceListing:
+        msg = req.msg
+        assert isinstance(msg, ApiListSource)
+        now = trio.current_time()
+        for key in [k for k, v in self._listings.items() if v.expires < now]:
+            del self._listings[key]
+        if msg.cursor:
+            key, _, offset_text = msg.cursor.rpartition(":")
+            listing = self._listings.get(key)
+            if listing is None or listing.session != req.peer.session or not offset_text.isdigit():
+                raise RemoteError(
+                    ApiErrorCode.UNKNOWN_LISTING,
+                    f"cursor {msg.cursor[:64]!r} names no listing held here (expired?): list again",
+                )
+            return self._listing_page(key, listing, int(offset_text))
+        try:
+            check_url(msg.url, self.schemes)
+            for name, value in msg.headers:
+                check_header(name, value)
+        except ApiInputError as e:
+            raise RemoteError(e.code, e.message) from None
+        try:
+            found = await self.service.list_source(msg.url, tuple((n, v) for n, v in msg.headers))
+        except NotImplementedError as e:
+            raise RemoteError(ApiErrorCode.NOT_LISTABLE, str(e)[:4096] or f"{msg.url[:80]!r} cannot be listed") from None
+        except (MalformedURL, UnsupportedScheme) as e:
+            raise RemoteError(ApiErrorCode.BAD_URL, str(e)[:4096]) from None
+        except SourceError as e:
+            raise RemoteError(ApiErrorCode.LISTING_FAILED, f"{type(e).__name__}: {e}"[:4096]) from None
+        entries: list[ApiSourceEntry] = []
+        paths: set[str] = set()
+        try:
+            for entry in found:
+                path = relative_path(msg.url, entry.url)
+                if path in paths:
+                    raise UnsafePath(f"two listed entries have the path {path[:200]!r}")
+                if len(entry.url) > MAX_URL:
+                    raise UnsafePath(f"a listed URL is over {MAX_URL} characters")
+                paths.add(path)
+                if len(entries) < msg.max_entries:
+                    size = entry.content_length
+                    known = size is not None and 0 <= size < 2**63
+                    entries.append(ApiSourceEntry(path=path, url=entry.url, size=size if known else None))
+        except UnsafePath as e:
+            raise RemoteError(ApiErrorCode.BAD_LISTING, f"refusing the listing of {display_url(msg.url)}: {e}"[:4096]) from None
+        entries.sort(key=lambda e: e.path)
+        key = f"{self._boot}-l{next(self._ids)}"
+        listing = _Listing(req.peer.session, entries, len(found) > msg.max_entries, now + self.listing_ttl)
+        self._listings[key] = listing
+        while len(self._listings) > MAX_LISTINGS:
+            del self._listings[next(iter(self._listings))]
+        event(log, 20, "api_list_source", entries=len(entries), truncated=listing.truncated, client=req.peer.name)
+        return self._listing_page(key, listing, 0)
+
+    def _listing_page(self, key: str, listing: _Listing, offset: int) -> ApiSourceListing:
+        page: list[ApiSourceEntry] = []
+        size = 0
+        end = offset
+        for entry in listing.entries[offset:]:
+            n = len(msgspec.msgpack.encode(entry))
+            if len(page) >= MAX_ENTRIES_PER_PAGE or (page and size + n > PAGE_BUDGET):
+                break
+            page.append(entry)
+            size += n
+            end += 1
+        more = end < len(listing.entries)
+        if not more:
+            self._listings.pop(key, None)
+        return ApiSourceListing(
+            entries=page, total=len(listing.entries), truncated=listing.truncated, cursor=f"{key}:{end}" if more else ""
+        )
 
     # -- following a download -------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ progress says ``failed``, why (``error``) and what class of failure (``error_kin
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -39,7 +40,9 @@ from .api_messages import (
     ApiDownloadStarted,
     ApiErrorCode,
     ApiList,
+    ApiListSource,
     ApiProgress,
+    ApiSourceListing,
     ApiTasks,
     progress_from_wire,
     request_to_wire,
@@ -47,8 +50,18 @@ from .api_messages import (
 )
 from .endpoints import default_endpoint
 from .local import CachedTask, DownloadRequest, Progress
+from .source.listing import UnsafePath, check_relative_path
 
-__all__ = ["ApiClient", "ApiRequestError", "DaemonLost", "DaemonUnreachable", "Download", "open_api_client"]
+__all__ = [
+    "ApiClient",
+    "ApiRequestError",
+    "DaemonLost",
+    "DaemonUnreachable",
+    "Download",
+    "ListedObject",
+    "SourceListing",
+    "open_api_client",
+]
 
 EARLY_PUSHES = 64
 """Progress pushes of download ids not known yet (they overtook their reply) kept, one per id."""
@@ -69,6 +82,22 @@ class ApiRequestError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """An object of a listing: ``path`` below the listed URL (checked safe), its ``url``, its ``size`` if known."""
+
+    path: str
+    url: str
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceListing:
+    entries: list[ListedObject]
+    truncated: bool
+    """The origin holds more objects than were asked for."""
 
 
 class _Watch:
@@ -160,6 +189,33 @@ class ApiClient:
                 return tasks
             after = reply.tasks[-1].task_id
 
+    async def list_source(
+        self,
+        url: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        max_entries: int = 10_000,
+        timeout: float = 300.0,  # noqa: ASYNC109
+    ) -> SourceListing:
+        """The objects below ``url`` (a directory or prefix), listed by the daemon with its source settings,
+        in path order (fetched page by page). ``timeout`` bounds the daemon's listing. Raises
+        :class:`ApiRequestError` (``NOT_LISTABLE``, ``LISTING_FAILED``, ``BAD_LISTING``, a bad URL or
+        header) and :class:`DaemonUnreachable`; every path is checked again here
+        (:func:`~dfz.peer.source.listing.check_relative_path`: ``BAD_LISTING`` when one is unsafe)."""
+        entries: list[ListedObject] = []
+        reply = await self._request(ApiListSource(url=url, headers=list(headers), max_entries=max_entries), timeout=timeout)
+        while True:
+            assert isinstance(reply, ApiSourceListing)
+            for e in reply.entries:
+                try:
+                    check_relative_path(e.path)
+                except UnsafePath as error:
+                    raise ApiRequestError(ApiErrorCode.BAD_LISTING, f"the daemon listed an unsafe path: {error}") from None
+                entries.append(ListedObject(e.path, e.url, e.size))
+            if not reply.cursor:
+                return SourceListing(entries, reply.truncated)
+            reply = await self._request(ApiListSource(url=url, cursor=reply.cursor))
+
     async def delete_task(self, task_id: str) -> bool:
         """Remove a task from the daemon's cache; False if it was not there."""
         reply = await self._request(ApiDelete(task_id=task_id))
@@ -168,9 +224,9 @@ class ApiClient:
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    async def _request(self, msg: Any) -> Any:
+    async def _request(self, msg: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - travels on the wire
         try:
-            reply = await self._client.request(msg, timeout=self.request_timeout)
+            reply = await self._client.request(msg, timeout=timeout or self.request_timeout)
         except RemoteError as e:
             raise ApiRequestError(e.code, e.reason) from None
         except (RequestTimeout, ConnectionLost) as e:

@@ -39,6 +39,9 @@ MAX_HEADERS = 64
 MAX_FILTERED_PARAMS = 256
 MAX_TASKS_PER_PAGE = 1000
 MAX_EXTRA = 32
+MAX_LISTED = 100_000
+"""Objects one ``api.list_source`` may ask for (``max_entries``)."""
+MAX_ENTRIES_PER_PAGE = 1000
 
 Url = Annotated[str, Meta(min_length=1, max_length=MAX_URL)]
 Path = Annotated[str, Meta(min_length=1, max_length=MAX_PATH)]
@@ -75,6 +78,10 @@ class ApiErrorCode(IntEnum):
     BAD_TENANT = 1307  # the request names another tenant than the daemon's (a download is in the daemon's tenant)
     UNKNOWN_DOWNLOAD = 1310  # `api.cancel` names a download this server does not run (any more)
     TOO_MANY_DOWNLOADS = 1311  # the session has as many downloads running as the server allows
+    NOT_LISTABLE = 1320  # `api.list_source`: the URL's scheme has no listing (its backend cannot list)
+    LISTING_FAILED = 1321  # `api.list_source`: the origin failed or refused the listing (the reason says how)
+    BAD_LISTING = 1322  # `api.list_source`: the listing names an object outside the URL, or an unsafe path
+    UNKNOWN_LISTING = 1323  # `api.list_source`: the cursor names a listing the server no longer holds
 
 
 class ApiInputError(ValueError):
@@ -195,6 +202,38 @@ class ApiDeleted(Message, tag="api.deleted"):
     """False: the cache held no such task (deleting is idempotent)."""
 
 
+class ApiListSource(Message, tag="api.list_source"):
+    """List the objects below ``url`` (a directory or prefix) at the origin, with the daemon's source
+    settings, for a recursive download. The first request (``cursor`` empty) lists; the server keeps the
+    listing for the session a while and answers it page by page (:class:`ApiSourceListing`): ask again
+    with the reply's ``cursor`` until it is empty."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    url: Url
+    headers: Headers = []
+    max_entries: Annotated[int, Meta(ge=1, le=MAX_LISTED)] = 10_000
+    cursor: Annotated[str, Meta(max_length=128)] = ""
+
+
+class ApiSourceEntry(msgspec.Struct, kw_only=True):
+    """One object of a listing: its path below the listed URL, its URL and its size when known."""
+
+    path: Path
+    url: Url
+    size: U63 | None = None
+
+
+class ApiSourceListing(Message, tag="api.source_listing"):
+    KIND: ClassVar[Kind] = Kind.REPLY
+    entries: Annotated[list[ApiSourceEntry], Meta(max_length=MAX_ENTRIES_PER_PAGE)] = []
+    total: Annotated[int, Meta(ge=0, le=MAX_LISTED)] = 0
+    """Entries of the whole listing (at most ``max_entries``)."""
+    truncated: bool = False
+    """The origin holds more objects than ``max_entries``: the listing was cut."""
+    cursor: Annotated[str, Meta(max_length=128)] = ""
+    """Non-empty: more entries follow; ask with this cursor."""
+
+
 API_TYPES: tuple[type[Message], ...] = (
     ApiDownload,
     ApiDownloadStarted,
@@ -205,6 +244,8 @@ API_TYPES: tuple[type[Message], ...] = (
     ApiTasks,
     ApiDelete,
     ApiDeleted,
+    ApiListSource,
+    ApiSourceListing,
 )
 
 API_CATALOGUE = Catalogue(API_TYPES, max_payload=0)
@@ -244,11 +285,9 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value
 
 
-def check_request(request: DownloadRequest, schemes: Iterable[str]) -> DownloadRequest:
-    """Check everything about ``request`` that the wire schema cannot, and return it with its digest
-    normalised. ``schemes`` are the URL schemes the daemon can fetch from (its source registry's).
-    Raises :class:`ApiInputError` whose message says what is wrong and what is expected."""
-    url = request.url
+def check_url(url: str, schemes: Iterable[str]) -> None:
+    """Raise :class:`ApiInputError` (``BAD_URL``, ``UNSUPPORTED_SCHEME``) unless ``url`` is one the daemon
+    can fetch: not empty, within bounds, parseable, of a supported scheme, with a host when it needs one."""
     supported = sorted(s.lower() for s in schemes)
     if not url or len(url) > MAX_URL or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in url):
         raise ApiInputError(
@@ -268,6 +307,13 @@ def check_request(request: DownloadRequest, schemes: Iterable[str]) -> DownloadR
         )
     if scheme in _NEEDS_HOST and not host:
         raise ApiInputError(ApiErrorCode.BAD_URL, f"URL {url[:80]!r} has no host (expected {scheme}://HOST/...)")
+
+
+def check_request(request: DownloadRequest, schemes: Iterable[str]) -> DownloadRequest:
+    """Check everything about ``request`` that the wire schema cannot, and return it with its digest
+    normalised. ``schemes`` are the URL schemes the daemon can fetch from (its source registry's).
+    Raises :class:`ApiInputError` whose message says what is wrong and what is expected."""
+    check_url(request.url, schemes)
     output = request.output
     if output is not None and (not os.path.isabs(output) or "\0" in output or len(output) > MAX_PATH):
         raise ApiInputError(

@@ -129,7 +129,7 @@ from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantE
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
-from .source import SourceBackend, SourceError, SourceRegistry, default_registry
+from .source import SourceBackend, SourceEntry, SourceError, SourceRegistry, default_registry
 from .source.hdfs import HDFSBackend, HDFSOptions
 from .source.hf import HFBackend, HFOptions
 from .source.oci import OCIBackend, OCIOptions
@@ -1876,6 +1876,10 @@ class Daemon:
                 )
             )
         return out
+
+    async def list_source(self, url: str, headers: tuple[tuple[str, str], ...]) -> list[SourceEntry]:
+        """See :meth:`dfz.peer.local.DownloadService.list_source`: this daemon's backend for the scheme lists."""
+        return await self.sources.backend_for(url).list(url, dict(headers) if headers else None)
 
     async def delete_task(self, task_id: str) -> bool:
         try:

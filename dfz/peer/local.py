@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
+from .source import SourceEntry
 
 
 class DownloadState(StrEnum):
@@ -121,4 +122,11 @@ class DownloadService(Protocol):
 
     async def delete_task(self, task_id: str) -> bool:
         """Remove a task from the cache (and tell the scheduler); False if it was not there."""
+        ...
+
+    async def list_source(self, url: str, headers: tuple[tuple[str, str], ...]) -> list[SourceEntry]:
+        """The objects below ``url`` (a directory or prefix) as the daemon's source backend for its scheme
+        lists them, with the daemon's source settings (credentials, endpoints). Raises
+        :class:`~dfz.peer.source.SourceError` (the origin failed or refused) or ``NotImplementedError``
+        (the scheme cannot be listed)."""
         ...

@@ -1061,6 +1061,10 @@ class StoredTask:
                     finally:
                         os.close(fd)
             os.replace(tmp, target)
+            # rename(2) does nothing when both names are links to one file (a repeat export of a linked
+            # task to the same place): the target is already right, and the temporary name must go.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             if durable:
                 _fsync_dir(parent)
         except OSError as e:

@@ -46,22 +46,40 @@ How a transfer runs:
   4xx answers are final (404/410 -> :class:`SourceNotFound`, 401/403 -> :class:`SourceAuthError`).
 * Redirects are followed by libcurl (``max_redirects``, http and https only); it does not send a custom
   ``Authorization`` header on to another host. A user's ``Range`` header is not passed: ranges are dfz's.
+
+Listing (``list``, for recursive downloads) reads directory pages as web servers make them: nginx's
+``autoindex on;`` (or Apache's, or Python's ``http.server``). The URL is taken as a directory (a ``/`` is
+added; a query string or fragment is refused: it would name one page, not carry to the others). A page
+answered as ``application/json`` is nginx's ``autoindex_format json`` (an array of ``{"name", "type",
+"size"}``: names must be single path components, and files come with their sizes);
+``text/html`` is parsed with the standard library's :class:`html.parser.HTMLParser` for ``<a href>`` links
+(no sizes). Links to the page itself or to its parent directories, and links with a query (sorting links),
+are skipped; a link ending in ``/`` is a subdirectory, listed in turn (breadth first). A link or a name that
+leads outside the listed URL (another host or scheme, an absolute path elsewhere, ``../`` that climbs out,
+an encoded ``/`` or ``..``) makes the whole listing fail with :class:`SourceProtocolError`: a listing page is
+outside input. Bounds: ``list_max_entries`` files, ``list_max_depth`` levels of subdirectories,
+``list_max_pages`` pages, ``list_max_page_bytes`` per page (:class:`SourceRequestError` beyond them).
+Entries' URLs are built on the URL as given (not on where a redirect led), so downloads go the same way.
 """
 
 from __future__ import annotations
 
 import builtins
 import http
+import json
 import logging
 import os
 import re
 import ssl
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from html.parser import HTMLParser
 from typing import ClassVar, TypeVar
-from urllib.parse import urljoin
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import pycurl  # type: ignore[import-untyped,unused-ignore]
 import trio
@@ -86,8 +104,9 @@ from dfz.peer.source import (
     SourceUnavailable,
     display_url,
 )
+from dfz.peer.source.listing import UnsafePath, check_relative_path, directory_url
 
-__all__ = ["HTTPAnswer", "HTTPBackend"]
+__all__ = ["HTTPAnswer", "HTTPBackend", "parse_listing"]
 
 _log = get_logger("peer.source.http")
 T = TypeVar("T")
@@ -522,6 +541,10 @@ class HTTPBackend(SourceBackend):
         proxy: str | None = None,
         user_agent: str = f"dfz/{__version__}",
         max_idle_handles: int = 8,
+        list_max_entries: int = 100_000,
+        list_max_depth: int = 32,
+        list_max_pages: int = 10_000,
+        list_max_page_bytes: int = 16 * MIB,
     ) -> None:
         if insecure and ca_bundle is not None:
             raise ValueError("ca_bundle and insecure exclude each other: a CA bundle is only used to verify")
@@ -544,6 +567,12 @@ class HTTPBackend(SourceBackend):
             # pycurl's wheel bundles a libcurl whose default CA file is a Red Hat path; use the system's.
             paths = ssl.get_default_verify_paths()
             self._cafile, self._capath = paths.cafile, paths.capath
+        if min(list_max_entries, list_max_depth, list_max_pages, list_max_page_bytes) < 1:
+            raise ValueError("the list_max_* bounds must be positive")
+        self.list_max_entries = list_max_entries
+        self.list_max_depth = list_max_depth
+        self.list_max_pages = list_max_pages
+        self.list_max_page_bytes = list_max_page_bytes
         self._max_idle = max_idle_handles
         self._idle: list[pycurl.Curl] = []
         self._closed = False
@@ -781,9 +810,68 @@ class HTTPBackend(SourceBackend):
                 await self._retrying(url_at(0), f"{length} bytes", lambda: self._in_thread(once))
 
     async def list(self, url: str, headers: Headers | None = None) -> builtins.list[SourceEntry]:
-        raise NotImplementedError(
-            f"listing {display_url(url)} is not supported: HTTP directory listings (nginx autoindex) are not implemented yet"
-        )
+        """The files below the directory ``url`` from its index pages, recursively (module docstring),
+        sorted by URL."""
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:
+            raise MalformedURL(url, f"cannot list {url[:80]!r}: the URL is malformed ({e})") from None
+        if parts.query or parts.fragment:
+            raise MalformedURL(
+                url, f"cannot list {display_url(url)}: a directory to list takes no query string or fragment (they name one page)"
+            )
+        base = directory_url(url)
+        lines = _header_lines(headers)
+        files: dict[str, int | None] = {}
+        queue: deque[tuple[str, int]] = deque([("", 0)])  # (directory below base, percent-encoded; depth)
+        seen = {""}
+        pages = 0
+        while queue:
+            below, depth = queue.popleft()
+            pages += 1
+            if pages > self.list_max_pages:
+                raise SourceRequestError(
+                    url, f"listing {display_url(base)}: over {self.list_max_pages} directory pages; list a narrower directory"
+                )
+            page_url = base + below
+            fetch = partial(self._in_thread, partial(self._fetch_page, url=page_url, lines=lines))
+            page = await self._retrying(page_url, "list", fetch)
+            for name, is_dir, size in parse_listing(page_url, *page):
+                if is_dir:
+                    if below + name in seen:
+                        continue
+                    if depth + 1 > self.list_max_depth:
+                        raise SourceRequestError(
+                            url,
+                            f"listing {display_url(base)}: {display_url(page_url + name)} is over {self.list_max_depth}"
+                            " directories deep",
+                        )
+                    seen.add(below + name)
+                    queue.append((below + name, depth + 1))
+                    continue
+                files[base + below + name] = size
+                if len(files) > self.list_max_entries:
+                    raise SourceRequestError(
+                        url,
+                        f"listing {display_url(base)}: over {self.list_max_entries} files; list a narrower directory",
+                    )
+        return [SourceEntry(url=u, content_length=files[u]) for u in sorted(files)]
+
+    def _fetch_page(self, curl: pycurl.Curl, *, url: str, lines: builtins.list[str]) -> tuple[str, bytes, str]:
+        """(final URL, body, Content-Type) of a GET of ``url``; at most ``list_max_page_bytes`` of body."""
+        body = bytearray()
+        limit = self.list_max_page_bytes
+
+        def on_body(data: memoryview) -> None:
+            if len(body) + len(data) > limit:
+                raise SourceRequestError(url, f"GET {display_url(url)}: a directory page over {limit} bytes")
+            body.extend(data)
+
+        exchange = self._exchange(curl, url, lines, lambda r: 200 <= r.status < 300, on_body)
+        r = exchange.run()
+        if not exchange.accepted:
+            raise _status_error(url, r)
+        return r.url or url, bytes(body), r.headers.get("content-type", "")
 
     def close(self) -> None:
         self._closed = True
@@ -1078,3 +1166,123 @@ class _HTTPStream:
             exchange.into, exchange.filled = memoryview(self._chunk), 0
             self._queued += self._chunk_size
             self._deliver(full)
+
+
+# --- directory listings -----------------------------------------------------------------------------------
+
+
+class _Anchors(HTMLParser):
+    """The ``href`` of every ``<a>`` of a page, in order."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+        self.limit = limit
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag != "a" or len(self.hrefs) >= self.limit:
+            return
+        for name, value in attrs:
+            if name == "href" and value is not None:
+                self.hrefs.append(value.strip())
+                return
+
+
+def _unsafe(url: str, page_url: str, what: str) -> SourceProtocolError:
+    return SourceProtocolError(
+        url, f"the directory listing at {display_url(page_url)} {what}: refusing it (a listing must stay below its URL)"
+    )
+
+
+def parse_listing(page_url: str, final_url: str, body: bytes, content_type: str) -> list[tuple[str, bool, int | None]]:
+    """The entries of one directory page: ``(name, is_dir, size)``, ``name`` percent-encoded and relative
+    to the page's directory (ending in ``/`` for a directory). ``final_url`` is where the page was read
+    (after redirects); links are resolved against it. Raises :class:`SourceProtocolError` for a page that
+    leads outside its directory, :class:`SourceRequestError` for one that is no directory listing."""
+    kind = content_type.split(";", maxsplit=1)[0].strip().lower()
+    charset = "utf-8"
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "charset" and value:
+            charset = value.strip('"').lower()
+    try:
+        text = body.decode(charset, errors="replace")
+    except LookupError:
+        text = body.decode("utf-8", errors="replace")
+    if kind == "application/json" or (not kind and text.lstrip().startswith("[")):
+        return _parse_json_listing(page_url, text)
+    if kind in ("text/html", "application/xhtml+xml"):
+        return _parse_html_listing(page_url, final_url, text)
+    raise SourceRequestError(
+        page_url,
+        f"GET {display_url(page_url)} answered {kind or 'no Content-Type'}, not a directory listing (an HTML index"
+        " such as nginx's autoindex, or its JSON format): is the URL a directory?",
+    )
+
+
+def _parse_json_listing(page_url: str, text: str) -> list[tuple[str, bool, int | None]]:
+    try:
+        items = json.loads(text)
+    except ValueError as e:
+        raise SourceProtocolError(page_url, f"the JSON directory listing at {display_url(page_url)} is not JSON: {e}") from None
+    if not isinstance(items, list):
+        raise SourceProtocolError(page_url, f"the JSON directory listing at {display_url(page_url)} is not an array")
+    out: list[tuple[str, bool, int | None]] = []
+    for item in items:
+        name = item.get("name") if isinstance(item, dict) else None
+        kind = item.get("type", "file") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not isinstance(kind, str):
+            raise SourceProtocolError(
+                page_url, f"the JSON directory listing at {display_url(page_url)} has an entry without a name"
+            )
+        try:
+            if "/" in name:
+                raise UnsafePath(f"name {name[:120]!r} holds a '/'")
+            check_relative_path(name)
+        except UnsafePath as e:
+            raise _unsafe(page_url, page_url, f"has an unsafe entry ({e})") from None
+        if kind == "directory":
+            out.append((quote(name, safe="") + "/", True, None))
+        elif kind == "file":
+            size = item.get("size")
+            ok = isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 2**63
+            out.append((quote(name, safe=""), False, size if ok else None))
+        # "other" (devices, sockets...): not downloadable, left out
+    return out
+
+
+def _parse_html_listing(page_url: str, final_url: str, text: str) -> list[tuple[str, bool, int | None]]:
+    parser = _Anchors(limit=1_000_000)
+    parser.feed(text)
+    parser.close()
+    final = urlsplit(final_url)
+    directory = final.path if final.path.endswith("/") else final.path.rsplit("/", 1)[0] + "/"
+    out: list[tuple[str, bool, int | None]] = []
+    for href in parser.hrefs:
+        if not href or href.startswith(("?", "#")):
+            continue  # sorting links, anchors
+        try:
+            target = urlsplit(urljoin(final._replace(path=directory, query="", fragment="").geturl(), href))
+        except ValueError:
+            raise _unsafe(page_url, page_url, f"has a malformed link {href[:120]!r}") from None
+        if target.scheme.lower() != final.scheme.lower() or target.netloc.lower() != final.netloc.lower():
+            raise _unsafe(page_url, page_url, f"links to another host or scheme ({href[:120]!r})")
+        if target.query:
+            continue  # not a plain file (sorting and navigation links)
+        if target.path.endswith("/") and directory.startswith(target.path):
+            continue  # the page itself or one of its parents ("../", "Parent Directory")
+        if not target.path.startswith(directory):
+            raise _unsafe(page_url, page_url, f"links outside it ({href[:120]!r})")
+        name = target.path[len(directory) :]
+        is_dir = name.endswith("/")
+        try:
+            parts = name.rstrip("/").split("/")
+            decoded = [unquote(part, errors="strict") for part in parts]
+            if any("/" in part for part in decoded):
+                raise UnsafePath(f"link {href[:120]!r} holds an encoded '/'")
+            check_relative_path("/".join(decoded))
+        except (UnsafePath, UnicodeDecodeError) as e:
+            raise _unsafe(page_url, page_url, f"has an unsafe link ({e})") from None
+        # Re-encode from the decoded names, so that the entry's URL and its path agree whatever the page's encoding.
+        out.append(("/".join(quote(part, safe="") for part in decoded) + ("/" if is_dir else ""), is_dir, None))
+    return out
