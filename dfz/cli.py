@@ -1107,6 +1107,17 @@ def _daemon_options(f: Any) -> Any:
             metavar="HOST:PORT",
             help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; prints `metrics URL`).",
         ),
+        click.option(
+            "--http-ca-bundle",
+            type=click.Path(dir_okay=False),
+            help="PEM file of the CAs trusted for https:// origins (and oci://, hf://, hdfs://) [default: the system's].",
+        ),
+        click.option(
+            "--http-insecure",
+            is_flag=True,
+            default=None,
+            help="Do not verify origins' TLS certificates (tests only).",
+        ),
         click.option("--upload-rate", type=click.IntRange(0), help="Upload limit in bytes/s over all children (0: none)."),
         click.option("--download-rate", type=click.IntRange(0), help="Download limit in bytes/s from parents (0: none)."),
         click.option(

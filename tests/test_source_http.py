@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -589,6 +590,37 @@ def test_tls_options_are_checked(tmp_path: os.PathLike[str]) -> None:
         HTTPBackend(ca_bundle=os.path.join(tmp_path, "nope.pem"))
     with pytest.raises(ValueError, match="exclude each other"):
         HTTPBackend(ca_bundle=__file__, insecure=True)
+
+
+async def test_the_daemons_tls_settings_reach_every_http_based_backend(
+    tls_origin: Origin, certificate: tuple[str, str], tmp_path: Path
+) -> None:
+    """``http_ca_bundle`` / ``http_insecure`` (``dfz daemon --http-ca-bundle``): the daemon's source registry
+    verifies origins with that CA, and ``oci://``, ``hf://`` and ``hdfs://`` share the same client."""
+    from dfz.config import ConfigError
+    from dfz.peer.config import DaemonConfig
+    from dfz.peer.daemon import source_registry
+
+    url = tls_origin.url("/file")
+    registry = source_registry(DaemonConfig(data_dir=tmp_path / "d", http_ca_bundle=certificate[0]))
+    backend = registry.backend_for(url)
+    assert isinstance(backend, HTTPBackend)
+    assert (await backend.stat(url)).content_length == SIZE
+    for other in ("oci://127.0.0.1:5000/r@sha256:" + "0" * 64, "hf://o/r/f.bin", "hdfs://nn:9870/f"):
+        assert getattr(registry.backend_for(other), "http", None) is backend, other
+    insecure = source_registry(DaemonConfig(data_dir=tmp_path / "d", http_insecure=True)).backend_for(url)
+    assert (await insecure.stat(url)).content_length == SIZE
+    with pytest.raises(SourceTLSError):
+        await source_registry(DaemonConfig(data_dir=tmp_path / "d")).backend_for(url).stat(url)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        DaemonConfig(data_dir=tmp_path / "d", http_ca_bundle=certificate[0], http_insecure=True)
+    with pytest.raises(ConfigError, match="is not a file"):
+        DaemonConfig(data_dir=tmp_path / "d", http_ca_bundle=str(tmp_path / "nope.pem"))
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'data_dir = "d"\nhttp_ca_bundle = "{certificate[0]}"\nhttp_insecure = false\n')
+    assert DaemonConfig.load(toml).http_ca_bundle == certificate[0]
+    for b in (backend, insecure):
+        b.close()
 
 
 # --- the registry ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ value of the wrong type or range, is a :class:`ConfigError` whose message names 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -70,6 +71,11 @@ class DaemonConfig:
     """Children served at once over all tasks."""
     metrics_listen: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
+    http_ca_bundle: str = ""
+    """A PEM file of the CAs the back-to-source HTTPS client trusts instead of the system's (also for
+    ``oci://``, ``hf://`` and ``hdfs://``, which are HTTP underneath); empty: the system's."""
+    http_insecure: bool = False
+    """Skip TLS verification of origins altogether (for tests; never with ``http_ca_bundle``)."""
     upload_rate_limit: int = 0
     """Bytes/s served to children over all tasks; 0 = unlimited."""
     download_rate_limit: int = 0
@@ -130,6 +136,10 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if not str(self.data_dir):
             raise ConfigError("data_dir: must be a directory name")
+        if self.http_ca_bundle and self.http_insecure:
+            raise ConfigError("http_ca_bundle and http_insecure exclude each other: a CA bundle is used to verify")
+        if self.http_ca_bundle and not os.path.isfile(self.http_ca_bundle):
+            raise ConfigError(f"http_ca_bundle: {self.http_ca_bundle!r} is not a file (give a PEM file of CA certificates)")
         if self.metrics_listen:
             from ..metrics import parse_listen
 
@@ -264,7 +274,7 @@ class DaemonConfig:
                     items = value if isinstance(value, list | tuple) else [value]
                     name = "schedulers" if key == "scheduler" else key
                     values[name] = tuple(_typed(key, v, str, "an endpoint or a list of endpoints") for v in items)
-                elif key in ("seed", "direct_io", "hdfs_https"):
+                elif key in ("seed", "direct_io", "hdfs_https", "http_insecure"):
                     values[key] = _typed(key, value, bool, "true or false", allow_bool=True)
                 elif key in (
                     "scheduler",
@@ -276,6 +286,7 @@ class DaemonConfig:
                     "cluster",
                     "tenant_token",
                     "metrics_listen",
+                    "http_ca_bundle",
                 ) or key.startswith(("s3_", "oci_", "hf_", "hdfs_")):
                     values[key] = _typed(key, value, str, "a string")
                 elif key in ("scheduler_wait", "register_timeout", "report_interval", "heartbeat"):

@@ -132,6 +132,7 @@ from .schedring import SchedulerRing
 from .source import SourceBackend, SourceEntry, SourceError, SourceRegistry, default_registry
 from .source.hdfs import HDFSBackend, HDFSOptions
 from .source.hf import HFBackend, HFOptions
+from .source.http import HTTPBackend
 from .source.oci import OCIBackend, OCIOptions
 from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
@@ -819,17 +820,21 @@ class DaemonTotals:
 
 
 def source_registry(config: DaemonConfig) -> SourceRegistry:
-    """The source backends for ``config``: the built-in ones, with the ``s3_*``, ``oci_*``, ``hf_*`` and
-    ``hdfs_*`` settings."""
+    """The source backends for ``config``: the built-in ones, with the ``http_*`` (TLS: every HTTP-based
+    backend shares that client), ``s3_*``, ``oci_*``, ``hf_*`` and ``hdfs_*`` settings."""
     configured: list[SourceBackend] = []
+    http: HTTPBackend | None = None
+    if config.http_ca_bundle or config.http_insecure:
+        http = HTTPBackend(ca_bundle=config.http_ca_bundle or None, insecure=config.http_insecure)
+        configured.append(http)
     if (s3 := config.s3_options()) != S3Options():
         configured.append(S3Backend(s3))
-    if (oci := config.oci_options()) != OCIOptions():
-        configured.append(OCIBackend(oci))
-    if (hf := config.hf_options()) != HFOptions():
-        configured.append(HFBackend(hf))
-    if (hdfs := config.hdfs_options()) != HDFSOptions():
-        configured.append(HDFSBackend(hdfs))
+    if (oci := config.oci_options()) != OCIOptions() or http is not None:
+        configured.append(OCIBackend(oci, http=http))
+    if (hf := config.hf_options()) != HFOptions() or http is not None:
+        configured.append(HFBackend(hf, http=http))
+    if (hdfs := config.hdfs_options()) != HDFSOptions() or http is not None:
+        configured.append(HDFSBackend(hdfs, http=http))
     if not configured:
         return default_registry()
     registry = SourceRegistry.builtin()
