@@ -5,6 +5,7 @@ stalling) chosen by the request path; and the scheme registry.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -68,7 +69,8 @@ class OriginHandler(BaseHTTPRequestHandler):
 
     ``/empty`` a zero-length object; ``/chunked`` chunked encoding, no length, no ranges; ``/norange``
     ignores Range (200 with the whole object); ``/missing`` 404; ``/forbidden`` 403; ``/unauthorized`` 401;
-    ``/teapot`` 418; ``/flaky/N`` 500 to the first N requests, then ``/file``; ``/reset/N`` the first N
+    ``/teapot`` 418; ``/flaky/N`` 500 to the first N requests, then ``/file``; ``/busy/N?after=S`` 503 with
+    ``Retry-After: S`` to the first N requests, then ``/file``; ``/reset/N`` the first N
     answers send half their body and reset the connection; ``/grow`` the object gets 1000 bytes longer
     after the first request; ``/retag`` its ETag changes after the first request; ``/badrange`` answers
     206 with another range than asked; ``/redirect/N`` a chain of N relative 302s ending at ``/file``;
@@ -110,6 +112,16 @@ class OriginHandler(BaseHTTPRequestHandler):
         elif kind == "flaky":
             if hits <= arg:
                 self.error(500, b"try later")
+            else:
+                self.serve(DATA)
+        elif kind == "busy":  # 503 with Retry-After (the query's `after`) to the first N requests
+            if hits <= arg:
+                after = self.path.split("after=", 1)[1] if "after=" in self.path else "1"
+                self.send_response(503)
+                self.send_header("Retry-After", after)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"busy")
             else:
                 self.serve(DATA)
         elif kind == "reset":
@@ -537,6 +549,27 @@ async def test_messages_hide_credentials_and_signatures(origin: Origin, backend:
         await backend.stat(url)
     assert "hunter2" not in str(e.value) and "s3cr3t" not in str(e.value)
     assert display_url("https://u:p@h:8443/a/b?sig=1") == "https://h:8443/a/b?…"
+
+
+def test_retry_after_is_read_as_seconds_or_a_date() -> None:
+    from email.utils import format_datetime
+
+    from dfz.peer.source.http import _retry_after, _Transient, _wait_before_retry
+
+    assert _retry_after("7") == 7.0 and _retry_after(None) is None and _retry_after("soon") is None
+    later = format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30), usegmt=True)
+    assert 25 <= (_retry_after(later) or 0) <= 31
+    policy = RetryPolicy(attempts=3, backoff=0.01, backoff_max=0.02)
+    assert _wait_before_retry(policy, 1, _Transient("503", 5.0)) == 5.0  # the origin's wait, not the backoff
+    assert (_wait_before_retry(policy, 1, _Transient("500")) or 1) <= 0.02
+    assert _wait_before_retry(policy, 1, _Transient("503", 3600.0)) is None  # too long: give up now
+
+
+async def test_an_origin_that_asks_to_wait_is_waited_for_or_given_up_on(origin: Origin, backend: HTTPBackend) -> None:
+    assert await read_all(backend, origin.url("/busy/1?after=1")) == DATA  # waited a second, then served
+    with pytest.raises(SourceUnavailable, match="retry after 3600 s"):
+        await backend.stat(origin.url("/busy/9?after=3600"))
+    assert origin.state.hits["/busy/9"] == 1  # not asked again: it said an hour
 
 
 # --- TLS -------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ Entries' URLs are built on the URL as given (not on where a redirect led), so do
 from __future__ import annotations
 
 import builtins
+import email.utils
 import http
 import json
 import logging
@@ -72,6 +73,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -152,11 +154,44 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNOR
 
 
 class _Transient(Exception):
-    """A failure worth another attempt (network, 5xx). ``reason`` says what happened."""
+    """A failure worth another attempt (network, 5xx). ``reason`` says what happened; ``retry_after`` the
+    seconds the origin asked to wait (``Retry-After`` of a 429 or 503), if it said."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.retry_after = retry_after
+
+
+RETRY_AFTER_MAX = 60.0
+"""Longest ``Retry-After`` honoured (seconds); an origin asking for more is given up on at once."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _wait_before_retry(policy: RetryPolicy, failures: int, e: _Transient) -> float | None:
+    """Seconds to wait before the next attempt: the policy's backoff, or longer when the origin asked; None
+    when the origin asked for more than :data:`RETRY_AFTER_MAX` (give up now rather than hang)."""
+    delay = policy.delay(failures)
+    if e.retry_after is not None:
+        if e.retry_after > RETRY_AFTER_MAX:
+            return None
+        delay = max(delay, e.retry_after)
+    return delay
 
 
 class _TransientAnswer(_Transient):
@@ -383,7 +418,8 @@ def _status_error(url: str, r: _Response) -> Exception:
     snippet = " ".join(bytes(r.error_body).decode("utf-8", "replace").split())[:200]
     said = f": {snippet!r}" if snippet else ""
     if (r.status >= 500 and r.status not in (501, 505)) or r.status in (408, 429):
-        return _Transient(status + said)
+        after = _retry_after(r.headers.get("retry-after")) if r.status in (429, 503) else None
+        return _Transient(status + said + (f" (retry after {after:.0f} s)" if after is not None else ""), after)
     if r.status in (404, 410):
         return SourceNotFound(url, f"GET {shown}: the origin has no such object ({status}): check the URL")
     if r.status in (401, 403):
@@ -955,9 +991,10 @@ class HTTPBackend(SourceBackend):
                 return await attempt()
             except _Transient as e:
                 failures += 1
-                if failures >= self.retry.attempts:
+                wait = _wait_before_retry(self.retry, failures, e)
+                if failures >= self.retry.attempts or wait is None:
                     raise SourceUnavailable(url, _gave_up(url, what, failures, e.reason)) from e
-                delay = self.retry.delay(failures)
+                delay = wait
                 event(
                     _log,
                     logging.INFO,
@@ -1087,9 +1124,10 @@ class _HTTPStream:
                         " cannot resume, so the download must start again",
                     ) from e
                 failures += 1
-                if failures >= self._backend.retry.attempts:
+                wait = _wait_before_retry(self._backend.retry, failures, e)
+                if failures >= self._backend.retry.attempts or wait is None:
                     raise SourceUnavailable(self._url, _gave_up(self._url, "stream", failures, e.reason)) from e
-                delay = self._backend.retry.delay(failures)
+                delay = wait
                 event(
                     _log,
                     logging.INFO,
