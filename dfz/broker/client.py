@@ -319,10 +319,8 @@ class Client:
         if msg.KIND is not Kind.REQUEST:
             raise ValueError(f"{msg.wire_name()} is not a request")
         # The server learns the budget too; an enclosing trio deadline counts when it is sooner.
-        deadline = min(
-            trio.current_time() + (self.config.timeout if timeout is None else timeout),
-            trio.current_effective_deadline(),
-        )
+        now = trio.current_time()
+        deadline = min(now + (self.config.timeout if timeout is None else timeout), trio.current_effective_deadline())
         # Fast path: a session is up and credit is free. No cancel scope and no schedule point here:
         # _call has both (its send is a cancel point, and it blocks for the reply).
         session = self._session
@@ -332,7 +330,7 @@ class Client:
             except trio.WouldBlock:
                 pass
             else:
-                return await self._call(session, msg, payload, deadline, credit=True)
+                return await self._call(session, msg, payload, deadline, credit=True, now=now)
         with trio.move_on_at(deadline):
             while True:
                 await self.wait_connected()
@@ -346,10 +344,22 @@ class Client:
                 return await self._call(session, msg, payload, deadline, credit=True)
         raise RequestTimeout(f"{msg.wire_name()} to {self.endpoint}: no session or credit in time")
 
-    async def _call(self, session: _Session, msg: Message, payload: Sequence[Buffer], deadline: float, *, credit: bool) -> Reply:
+    async def _call(
+        self,
+        session: _Session,
+        msg: Message,
+        payload: Sequence[Buffer],
+        deadline: float,
+        *,
+        credit: bool,
+        now: float | None = None,
+    ) -> Reply:
+        """Send ``msg`` and wait for its reply. ``now``: the current time if the caller just read it."""
+        if now is None:
+            now = trio.current_time()
         corr = next(self._ids)
         msg.id = corr
-        remaining = deadline - trio.current_time()
+        remaining = deadline - now
         msg.dl = max(1, min(0xFFFF_FFFF, math.ceil(remaining * 1000))) if math.isfinite(remaining) else 0
         pending = _Pending(credit)
         frames = self.catalogue.encode(msg, payload)
@@ -366,7 +376,7 @@ class Client:
                 if not sent:
                     raise RequestTimeout(f"{msg.wire_name()} to {self.endpoint}: no room to send before the deadline") from None
             sent = True
-            session.last_send = trio.current_time()
+            session.last_send = now  # (or a little later when the queue was full: heartbeats don't care)
             self._watch_deadline(corr, deadline)
             await pending.wait()  # waiting for the reply is the yield
         except trio.ClosedResourceError:
