@@ -129,7 +129,7 @@ from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, Piec
 from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
 from .proxy.mirror import RegistryMirror
-from .proxy.server import ProxyServer
+from .proxy.server import ProxyListenError, ProxyServer
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceBackend, SourceEntry, SourceError, SourceRegistry, default_registry
@@ -2092,6 +2092,8 @@ async def serve(config: DaemonConfig, *, on_ready: Callable[[Daemon, list[str]],
         if started:
             raise
         leaf = _leaf(group)
+        if isinstance(leaf, ProxyListenError):
+            raise ListenError(str(leaf)) from None
         if isinstance(leaf, zmq.ZMQError | EndpointInUse):
             raise ListenError(f"cannot listen on {', '.join([*config.listen, *api_endpoints])}: {leaf}") from None
         if isinstance(leaf, Exception):
