@@ -233,9 +233,9 @@ async def test_each_request_times_out_at_its_own_deadline_in_any_order(endpoint:
             await client.request(Echo(n=0))
             order: list[int] = []
 
-            async def give_up(n: int, timeout: float) -> None:
+            async def give_up(n: int, budget: float) -> None:
                 with pytest.raises(RequestTimeout):
-                    await client.request(Echo(n=n, sleep_ms=60_000), timeout=timeout)
+                    await client.request(Echo(n=n, sleep_ms=60_000), timeout=budget)
                 order.append(n)
 
             async def answered(n: int) -> None:
@@ -243,8 +243,8 @@ async def test_each_request_times_out_at_its_own_deadline_in_any_order(endpoint:
                 order.append(n)
 
             async with trio.open_nursery() as callers:
-                for n, timeout in ((1, 2.5), (2, 1.2), (3, 0.3)):  # each sooner than the ones before it
-                    callers.start_soon(give_up, n, timeout)
+                for n, budget in ((1, 2.5), (2, 1.2), (3, 0.3)):  # each sooner than the ones before it
+                    callers.start_soon(give_up, n, budget)
                     await trio.sleep(0.01)
                 callers.start_soon(answered, 4)
             assert order == [4, 3, 2, 1]
