@@ -46,6 +46,9 @@ Theory of operation.
   the announce (``BAD_TICKET``). Registrations and task announcements of a host whose ticket expired are
   refused (``BAD_TICKET``: announce again with a fresh one); the core keeps tenants apart (``WRONG_TENANT``).
   The keys come from the configuration (``ticket_keys``) and from the manager session.
+* ``sched.inspect`` (``inspect.py``) reads the core and applies nothing: its snapshot is built at the start
+  of its handler task, between two events, from one consistent state, bounded in work and in size; any
+  session may ask (``_viewer_tenant`` limits a tenant's sessions to their tenant), unless ``inspect`` is off.
 * The tick task applies ``Tick`` at ``core.next_deadline()`` (woken early when an event brings the
   deadline closer) and refreshes the bound hosts.
 """
@@ -119,6 +122,7 @@ from .events import (
     TaskMetadataKnown,
     Tick,
 )
+from .inspect import SnapshotCounters, build_snapshot
 from .messages import (
     MAX_DIGESTS_PER_MESSAGE,
     MAX_PARENTS,
@@ -133,6 +137,7 @@ from .messages import (
     SchedFail,
     SchedHostAnnounced,
     SchedHostLoad,
+    SchedInspect,
     SchedParent,
     SchedParents,
     SchedPeerFailed,
@@ -144,6 +149,7 @@ from .messages import (
     SchedRegisterPeer,
     SchedReschedule,
     SchedSeed,
+    SchedSnapshot,
     SchedTaskAnnounced,
     SchedTaskDeleted,
     SchedTaskInfo,
@@ -243,6 +249,9 @@ class ServiceConfig:
     scheduler accepts, besides the key its own manager session gives. None at all: a host with a ticket is refused."""
     metrics_listen: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
+    inspect: bool = True
+    """Answer ``sched.inspect`` (``dfz top``, the manager's console); off: every inspection is refused
+    (``NOT_ALLOWED``). Who may see what is in protocol.md (§14.3, ``sched.inspect``)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -319,6 +328,10 @@ class ServiceConfig:
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))
                 elif key in ("liveness", "max_in_flight", "outbox_limit"):
                     values[key] = _typed(key, value, int, "an integer")
+                elif key == "inspect":
+                    if not isinstance(value, bool):
+                        raise ConfigError(f"inspect: must be true or false, got {value!r}")
+                    values[key] = value
                 elif key == "curve_secret_key":
                     values[key] = _path(base, _typed(key, value, str, "a file name"))
                 elif key == "curve_allowed_keys":
@@ -539,6 +552,7 @@ class SchedulerService:
             self.server.on_push(report, self._on_report)
         self.server.on_push(SchedHostLoad, self._on_host_load)
         self.server.on_push(SchedTaskDeleted, self._on_task_deleted)
+        self.server.handle(SchedInspect, self._on_inspect)
         self.stats = ServiceStats()
         self.metrics: Metrics | None = None
         """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
@@ -770,6 +784,42 @@ class SchedulerService:
     async def _on_announce_task(self, req: Request) -> SchedTaskAnnounced:
         assert isinstance(req.msg, SchedAnnounceTask)
         return self._announce_task(req.peer, req.msg)  # no await before: applied in arrival order
+
+    async def _on_inspect(self, req: Request) -> SchedSnapshot:
+        assert isinstance(req.msg, SchedInspect)
+        return self._inspect(req.peer, req.msg)  # no await: built between two events, from one state
+
+    def _inspect(self, session: PeerSession, msg: SchedInspect) -> SchedSnapshot:
+        if not self.config.inspect:
+            raise self._refused(SchedErrorCode.NOT_ALLOWED, "this scheduler does not answer sched.inspect (inspect = false)")
+        tenant = self._viewer_tenant(session)
+        stats = self.stats
+        return build_snapshot(
+            self.core.hosts.values(),
+            self.core.tasks.values(),
+            msg,
+            scheduler=self.config.name,
+            now=trio.current_time(),
+            tenant=tenant,
+            counters=SnapshotCounters(stats.events, stats.pushes, sum(stats.refused.values())),
+            find_task=self.core.tasks.get,
+        )
+
+    def _viewer_tenant(self, session: PeerSession) -> str:
+        """The tenant an inspecting session is limited to: its own host's, else that of a host held by the
+        same CURVE key (a tenant's daemon cannot see more by opening a session that announces nothing);
+        "" (everything) for a session of no tenant. A key holding hosts of two tenants is refused."""
+        binding = self._sessions.get(session.routing_id)
+        if binding is not None and binding.tenant:
+            return binding.tenant
+        if session.user_id is None:
+            return ""
+        tenants = {b.tenant for b in self._hosts.values() if b.user_id == session.user_id and b.tenant}
+        if len(tenants) > 1:
+            raise self._refused(
+                SchedErrorCode.NOT_ALLOWED, "this client's key holds hosts of several tenants: inspect from one of their sessions"
+            )
+        return tenants.pop() if tenants else ""
 
     def _announce_task(self, session: PeerSession, msg: SchedAnnounceTask) -> SchedTaskAnnounced:
         try:
