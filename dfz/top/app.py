@@ -391,6 +391,9 @@ async def run_top(sources: Sources, options: TopOptions, *, console: Console | N
             frame_times: list[float] = []
             while True:
                 started = time.perf_counter()
+                with contextlib.suppress(OSError):  # the terminal's own size wins over $COLUMNS and $LINES, resized or not
+                    size = os.get_terminal_size(sys.stdout.fileno())
+                    console.size = (size.columns, size.lines)
                 live.update(render(view, height=console.size.height, now=time.time()), refresh=True)
                 frame_times.append(time.perf_counter() - started)
                 if len(frame_times) >= 100:

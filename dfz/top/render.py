@@ -208,7 +208,7 @@ def _swarm(view: TopView, rows: int) -> RenderableType:
 
 
 def _branch(parent: Tree, node: SwarmNode) -> None:
-    label = Text()
+    label = Text(no_wrap=True, overflow="ellipsis")  # one line per peer: the tree's height is the rows it has
     label.append(node.hostname, style="bold")
     label.append(f" {node.peer_id[:20]} ", style="dim")
     label.append(node.state, style=_STATE_STYLE.get(node.state, ""))
