@@ -8,6 +8,7 @@ skipped with the command to run. Each test uses its own tmux server (``-L``), ki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 from e2e_helpers import Procs, Route, dfz_cmd, serve_origin
 from test_bench_sched import run_script
 from test_e2e_failures import get_argv, start_node, start_sched
+from test_mgr_e2e import run_mgr, start
 
 MiB = 1024 * 1024
 
@@ -193,3 +195,42 @@ def test_dfz_top_refuses_bad_sources_with_a_clear_error(tmp_path: Path) -> None:
     assert "needs a terminal" in top("--scheduler", "tcp://127.0.0.1:9").stderr
     assert "use it with --once" in top("--json", "--scheduler", "tcp://127.0.0.1:9").stderr
     assert top("--once", "--interval", "0").returncode == 2
+
+
+def test_top_once_takes_the_schedulers_seed_peers_and_jobs_from_the_manager(procs: Procs, tmp_path: Path) -> None:
+    """A real ``dfz mgr`` with a scheduler and a seed peer registered, and a job: ``dfz top --manager URL
+    --token T`` finds the scheduler through the REST API, polls it, and shows the seed peer and the job."""
+    with contextlib.contextmanager(run_mgr)(procs, tmp_path) as mgr:
+        _, sched = start(procs, tmp_path / "sched.log", "sched", "--manager", mgr.fabric, "--listen", "tcp://127.0.0.1:0",
+                         "--hostname", "sched-top", ready="listening")  # fmt: skip
+        start(procs, tmp_path / "seed.log", "seed", "--data-dir", str(tmp_path / "seed"), "--scheduler", sched,
+              "--manager", mgr.fabric, ready="api")  # fmt: skip
+        made = mgr.api.post("/personal-access-tokens", json={"name": "top", "scopes": ["cluster:read", "job:read"]})
+        assert made.status_code == 201, made.text
+        token = str(made.json()["token"])
+        job = mgr.api.post("/jobs", json={"type": "get_task", "args": {"url": "http://origin.example/x", "timeout": 10**9}})
+        assert job.status_code == 201, job.text
+
+        def seen() -> bool:
+            return bool([s for s in mgr.items("/schedulers") if s["state"] == "active"]) and bool(mgr.items("/seed-peers"))
+
+        deadline = time.monotonic() + 20
+        while not seen():
+            assert time.monotonic() < deadline, "the scheduler and the seed peer did not register"
+            time.sleep(0.1)
+
+        env = {**os.environ, "COLUMNS": "160", "LINES": "48"}
+        argv = dfz_cmd("top", "--once", "--manager", mgr.url, "--interval", "0.2")
+        done = subprocess.run([*argv, "--token", token], capture_output=True, text=True, timeout=60, env=env, check=False)
+        assert done.returncode == 0, done.stderr
+        frame = done.stdout
+        assert sched.rsplit(":", 1)[1] in frame and "hosts 1 (seeds 1)" in frame, frame  # polled through the manager
+        assert "recent jobs" in frame and "get_task" in frame and "seeds: ●" in frame, frame
+        as_json = subprocess.run([*argv, "--token", token, "--json"], capture_output=True, text=True, timeout=60, env=env,
+                                 check=False)  # fmt: skip
+        view = json.loads(as_json.stdout)
+        assert view["manager"]["jobs"][0]["id"] == job.json()["id"] and view["manager"]["seed_peers"][0]["state"] == "active"
+        assert view["schedulers"][0]["ok"] and view["schedulers"][0]["seed_hosts"] == 1
+
+        refused = subprocess.run([*argv, "--token", "dfz_wrong"], capture_output=True, text=True, timeout=60, check=False)
+        assert refused.returncode != 0 and "refused the token (401)" in refused.stderr, refused.stderr
