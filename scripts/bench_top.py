@@ -20,8 +20,15 @@ does); p50 and max of ``--frames`` rounds. Then ``dfz top --once --scheduler ...
 (**once_s**: wall time, polls twice); its frame is checked to list the hosts. Progress goes to stderr, a
 table to stdout, and the last line of stdout is one JSON object.
 
+What the scheduler spends, without sockets: a :class:`SchedulerCore` in this process is given
+``--core-peers`` peers (default 10,000) over the same hosts and tasks, each with parents and some pieces,
+and :func:`dfz.sched.inspect.build_snapshot` is timed for what ``dfz top`` asks each second (**snapshot_ms**:
+the first page of hosts and tasks with the largest task's swarm; **snapshot_all_ms**: every page of
+hosts, as the hosts table needs), p50 and max of 20 (the scheduler's event loop does nothing else
+meanwhile: this is how long an inspection holds it).
+
     .venv/bin/python scripts/bench_top.py [--hosts 1000] [--tasks 20] [--pieces 16] [--duration 8]
-        [--frames 20] [--quick]
+        [--frames 20] [--core-peers 10000] [--quick]
 """
 
 from __future__ import annotations
@@ -51,19 +58,27 @@ import zmq  # noqa: E402
 from blake3 import blake3  # noqa: E402
 
 from dfz.broker import Client, ClientConfig, FabricError  # noqa: E402
-from dfz.sched import (  # noqa: E402
+from dfz.sched import (  # noqa: E402  # noqa: E402
     SCHED_CATALOGUE,
+    AnnounceHost,
     FinishedPiece,
+    HostType,
+    PieceFinished,
+    RegisterPeer,
     SchedAnnounceHost,
     SchedHostAnnounced,
     SchedHostLoad,
+    SchedInspect,
     SchedParents,
     SchedPeerRegistered,
     SchedPieces,
     SchedRegisterPeer,
     SchedTaskMetadata,
+    SchedulerConfig,
+    SchedulerCore,
+    TaskMetadataKnown,
 )
-from dfz.sched.inspect import connect, inspect, inspect_hosts  # noqa: E402
+from dfz.sched.inspect import build_snapshot, connect, inspect, inspect_hosts  # noqa: E402
 from dfz.sched.messages import MAX_INSPECT_HOSTS  # noqa: E402
 from dfz.tasks import task_id  # noqa: E402
 from dfz.top.app import print_once  # noqa: E402
@@ -231,6 +246,58 @@ def top_once(endpoint: str) -> dict[str, Any]:
     }
 
 
+def core_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``build_snapshot`` over a core of ``core_peers`` peers (no sockets: the scheduler's own cost)."""
+    now = [0.0]
+    core = SchedulerCore(SchedulerConfig(max_peers_per_task=100_000), clock=lambda: now[0])
+    for k in range(args.hosts):
+        core.apply(AnnounceHost(host_id=host_name(k), hostname=host_name(k), ip="127.0.0.1", port=10000 + k,
+                                type=HostType.SEED if k < args.seeds else HostType.NORMAL, upload_slots=8,
+                                upload_capacity=100_000_000))  # fmt: skip
+    urls = [f"http://origin.bench/file-{n}.bin" for n in range(args.tasks)]
+    for n, url in enumerate(urls):
+        tid, peer = task_id(url), f"seed-{n}"
+        core.apply(RegisterPeer(peer_id=peer, task_id=tid, host_id=host_name(n % args.seeds), url=url))
+        core.apply(TaskMetadataKnown(peer_id=peer, content_length=args.pieces * PIECE, piece_length=PIECE))
+        for p in range(args.pieces):
+            core.apply(PieceFinished(peer_id=peer, piece=p, digest=digest(tid, p), size=PIECE, cost=0.01, parent_id=None))
+    normal = args.hosts - args.seeds
+    per_host = -(-args.core_peers // normal)
+    if per_host > args.tasks:
+        raise RuntimeError(f"--core-peers {args.core_peers}: at most {normal * args.tasks} (one peer per host and task)")
+    made = 0
+    for j in range(per_host):
+        for k in range(args.seeds, args.hosts):
+            if made == args.core_peers:
+                break
+            n = (k + j) % args.tasks
+            tid, peer = task_id(urls[n]), f"p-{k}-{j}"
+            core.apply(RegisterPeer(peer_id=peer, task_id=tid, host_id=host_name(k), url=urls[n]))
+            parents = list(core.peers[peer].parents)
+            for p in range(made % 3 if parents else 0):  # pending peers (no free slot yet) report nothing
+                parent = parents[p % len(parents)].id if parents else f"seed-{n}"
+                core.apply(PieceFinished(peer_id=peer, piece=p, digest=digest(tid, p), size=PIECE, cost=0.02, parent_id=parent))
+            made += 1
+    now[0] = 1.0
+    biggest = max(core.tasks.values(), key=lambda t: len(t.peers))
+    asks = {
+        "snapshot_ms": [SchedInspect(task_id=biggest.id, peers=256, tasks=64)],
+        "snapshot_all_ms": [SchedInspect(hosts=256, host_offset=o, tasks=0, peers=0) for o in range(0, args.hosts, 200)],
+    }
+    out: dict[str, Any] = {"core_peers": len(core.peers), "core_tasks": len(core.tasks), "largest_task_peers": len(biggest.peers)}
+    for name, requests in asks.items():
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            for req in requests:
+                snap = build_snapshot(core.hosts.values(), core.tasks.values(), req, scheduler="bench", now=now[0],
+                                      find_task=core.tasks.get)  # fmt: skip
+            times.append((time.perf_counter() - started) * 1000)
+            assert snap.hosts_total == args.hosts
+        out[f"{name}_p50"], out[f"{name}_max"] = summary(times)
+    return out
+
+
 def summary(values: list[float]) -> tuple[float, float]:
     if not values:
         return 0.0, 0.0
@@ -247,10 +314,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--piece-ms", type=int, default=500)
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="a short run (the test suite's): 4 s, 6 frames")
+    p.add_argument("--core-peers", type=int, default=10_000, help="peers of the in-process core whose snapshots are timed")
+    p.add_argument("--quick", action="store_true", help="a short run (the test suite's): 4 s, 6 frames, 2,000 core peers")
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.frames = 4.0, 6
+        args.duration, args.frames, args.core_peers = 4.0, 6, min(args.core_peers, 2000)
     if not 1 <= args.seeds < args.hosts or args.tasks < 1 or args.pieces < 2:
         p.error("need 1 <= seeds < hosts, tasks >= 1, pieces >= 2")
     return args
@@ -259,6 +327,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     benchlib.stop_on_signals()
+    benchlib.progress(f"timing snapshots of an in-process core of {args.core_peers} peers")
+    core = core_cost(args)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 4 * args.hosts + 256  # a socket per session here and at the scheduler, and ZeroMQ's own
     if soft < wanted:
@@ -301,10 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reports": result["reports"],
         "sched_cpu_s": sched_cpu,
         "sched_exit": sched_exit,
+        **core,
     }
     print(f"{'hosts':>24} {args.hosts}")
     for key in ("hosts_seen", "pages_min", "rounds", "inspect_ms_p50", "inspect_ms_max", "frame_ms_p50", "frame_ms_max",
-                "once_s", "announce_s", "reports", "sched_cpu_s"):  # fmt: skip
+                "once_s", "announce_s", "reports", "sched_cpu_s", "core_peers", "largest_task_peers", "snapshot_ms_p50",
+                "snapshot_ms_max", "snapshot_all_ms_p50", "snapshot_all_ms_max"):  # fmt: skip
         print(f"{key:>24} {out[key]}")
     print(json.dumps(out))
     return 0 if sched_exit == 0 and result["once_exit"] == 0 else 1

@@ -177,8 +177,9 @@ def test_top_once_renders_a_scheduler_of_1000_simulated_hosts() -> None:
     assert (r["hosts"], r["hosts_seen"], r["pages_min"] >= 2) == (1000, 1000, True), r
     assert r["once_exit"] == 0 and "of 1000, by down" in r["once_frame"], r["once_frame"]
     assert r["once_lines"] == 48
-    for key in ("frame_ms_p50", "frame_ms_max", "inspect_ms_p50", "once_s"):
+    for key in ("frame_ms_p50", "frame_ms_max", "inspect_ms_p50", "once_s", "snapshot_ms_p50", "snapshot_all_ms_p50"):
         assert isinstance(r[key], float) and r[key] > 0, (key, r[key])
+    assert r["core_peers"] >= 2000 and r["largest_task_peers"] > 0
     assert r["sched_exit"] == 0
 
 

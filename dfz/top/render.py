@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from rich.console import Group, RenderableType
 from rich.layout import Layout
 from rich.panel import Panel
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -171,13 +170,7 @@ def _tasks(view: TopView, rows: int) -> RenderableType:
     table.add_column("FROM PEERS/ORIGIN", justify="right", no_wrap=True)
     tasks, selected = view.tasks(rows)
     for i, t in enumerate(tasks):
-        if t.progress is None:
-            bar: RenderableType = Text("?", style="dim")
-        else:
-            bar = Table.grid()
-            bar.add_column(width=12)
-            bar.add_column(justify="right", width=5)
-            bar.add_row(ProgressBar(total=1.0, completed=t.progress, width=12), f"{t.progress:4.0%}")
+        bar = Text("?", style="dim") if t.progress is None else _bar(t.progress, 12)
         table.add_row(
             ("▶ " if i == selected else "  ") + t.task_id[:7],
             t.url,
@@ -190,6 +183,16 @@ def _tasks(view: TopView, rows: int) -> RenderableType:
         )
     total = len(view.tasks()[0])
     return Panel(table, title=f"tasks ({total})", title_align="left")
+
+
+def _bar(fraction: float, width: int) -> Text:
+    """A progress bar and its percentage as one Text: a nested table per row would cost more than the rest
+    of the frame."""
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    bar = Text("━" * filled, style="green" if filled == width else "magenta")
+    bar.append("━" * (width - filled), style="grey23")
+    bar.append(f" {fraction:4.0%}")
+    return bar
 
 
 def _swarm(view: TopView, rows: int) -> RenderableType:

@@ -163,6 +163,7 @@ class TopView:
         self._previous: dict[str, _Previous] = {}
         self._tasks: list[TaskRow] = []
         self._task_index: dict[str, int] = {}
+        self._hosts_sorted: dict[str, list[HostRow]] = {}
 
     # --- updates --------------------------------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class TopView:
                 peers={p.peer_id: p.finished_pieces for p in snap.peers},
             )
         self._polled[endpoint] = _Polled(snap, host_rates, task_rates, peer_rates)
+        self._hosts_sorted.clear()
         self._rebuild_tasks()
 
     def failed(self, endpoint: str, error: str, *, now: float) -> None:
@@ -254,7 +256,14 @@ class TopView:
     # --- rows -----------------------------------------------------------------------------------------------
 
     def hosts(self, limit: int | None = None) -> list[HostRow]:
-        """Hosts of every scheduler, merged by host id, in ``host_sort`` order; the first ``limit``."""
+        """Hosts of every scheduler, merged by host id, in ``host_sort`` order; the first ``limit``. Merged
+        and sorted once per update and order (a frame asks more than once)."""
+        rows = self._hosts_sorted.get(self.host_sort)
+        if rows is None:
+            rows = self._hosts_sorted[self.host_sort] = self._merge_hosts()
+        return list(rows) if limit is None else rows[: max(0, limit)]
+
+    def _merge_hosts(self) -> list[HostRow]:
         merged: dict[str, HostRow] = {}
         for polled in self._polled.values():
             for h in polled.snapshot.hosts:
@@ -270,12 +279,11 @@ class TopView:
                 row.measured_upload_rate = max(row.measured_upload_rate, h.upload_rate)
                 row.upload_slots = max(row.upload_slots, h.upload_slots)
         rows = list(merged.values())
-        key = _HOST_ORDER[self.host_sort]
-        rows.sort(key=key)
-        return rows if limit is None else rows[: max(0, limit)]
+        rows.sort(key=_HOST_ORDER[self.host_sort])
+        return rows
 
     def hosts_count(self) -> int:
-        return len({h.host_id for polled in self._polled.values() for h in polled.snapshot.hosts})
+        return len(self.hosts())
 
     def tasks(self, limit: int | None = None, *, around_selected: bool = True) -> tuple[list[TaskRow], int]:
         """Tasks of every scheduler, most active first, and the index of the selected one in the list
