@@ -1256,7 +1256,7 @@ def _oci_blob_digest(url: str) -> str | None:
     "--token",
     envvar="DFZ_TOKEN",
     metavar="TOKEN",
-    help="Personal access token for the manager's REST API (read access) [default: $DFZ_TOKEN].",
+    help="Personal access token for the manager's REST API, with the cluster:read and job:read scopes [default: $DFZ_TOKEN].",
 )
 @click.option("--scheduler", "schedulers", multiple=True, metavar="ENDPOINT", help="A scheduler's fabric endpoint (repeatable).")
 @click.option(
@@ -1302,7 +1302,8 @@ def top(  # noqa: PLR0917 - click passes every option as an argument
 
     Sources: --scheduler ENDPOINT (repeatable), or --manager URL (its active schedulers; needs --token),
     or the cluster.json of `dfz up` (--cluster, else the default data directory). Keys: up/down or j/k
-    select a task, s cycles the hosts' order, q quits. Without a terminal use --once (or --once --json).
+    select a task, s cycles the hosts' order, q quits (Ctrl-C too, with exit status 130). Without a terminal
+    use --once (or --once --json), which exits 1 when no scheduler answered.
     """
     import os
 
@@ -1344,10 +1345,13 @@ def top(  # noqa: PLR0917 - click passes every option as an argument
         if not any(h.ok for h in view.health.values()):
             raise click.ClickException("no scheduler answered")
         return
+    interrupted = False
     try:
         trio.run(run_top, sources, options)
-    except KeyboardInterrupt:
-        pass
+    except* KeyboardInterrupt:  # bare, or out of run_top's nursery in a group
+        interrupted = True  # the terminal is restored already (run_top's way out)
+    if interrupted:
+        sys.exit(130)
 
 
 def _env_int(name: str, default: int) -> int:

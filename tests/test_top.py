@@ -164,6 +164,18 @@ def test_the_live_view_under_tmux_draws_the_swarm_tree_and_its_rates_as_they_cha
         modes = stty_file.read_text().split()
         assert "icanon" in modes and "echo" in modes, modes  # cbreak mode was undone
 
+        # Ctrl-C quits too (exit status 130), and the terminal is restored as well.
+        rc_file.unlink()
+        stty_file.unlink()
+        tmux.start(f"{top}; echo $? > {rc_file}; stty -a > {stty_file}")
+        wait_for("the view again", lambda: "dfz-sched" if "dfz-sched" in tmux.capture() else None, 20, tmux.capture)
+        tmux.keys("C-c")
+        wait_for("its exit status", lambda: rc_file.read_text() if rc_file.exists() else None, 15, tmux.capture)
+        assert rc_file.read_text().strip() == "130"
+        wait_for("the terminal's mode", lambda: stty_file.read_text() if stty_file.exists() else None, 10, lambda: "")
+        modes = stty_file.read_text().split()
+        assert "icanon" in modes and "echo" in modes, modes
+
         for k, get in enumerate(gets):
             assert get.wait(90) == 0, k
             assert (root / f"out{k}").read_bytes() == data
