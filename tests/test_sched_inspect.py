@@ -6,6 +6,7 @@ test_sched_service.py), and an observer session that announces nothing and asks 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,7 +27,7 @@ from test_sched_service import (
     wait_until,
 )
 
-from dfz.broker import Error, ErrorCode, ProtocolError, RemoteError
+from dfz.broker import CurveClient, Error, ErrorCode, KeyPair, ProtocolError, RemoteError
 from dfz.broker.messages import MAX_HEADER_BYTES
 from dfz.sched import (
     SCHED_CATALOGUE,
@@ -168,6 +169,56 @@ async def test_a_tenant_sees_only_its_tenant_and_an_observer_with_no_tenant_sees
             everything = await inspect(endpoint, task_id=task_b)
             assert (everything.tenant, everything.hosts_total, everything.tasks_total) == ("", 2, 2)
             assert everything.task is not None and everything.task.tenant == "8"
+            nursery.cancel_scope.cancel()
+
+
+async def test_on_an_encrypted_fabric_a_key_that_holds_a_tenant_host_sees_only_that_tenant_from_any_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant's daemon gains nothing by opening a session that announces no host: its CURVE key holds a
+    host of the tenant. A key holding hosts of two tenants is refused; an operator's key sees everything."""
+    signer = TicketSigner.generate()
+    wall = WallClock()
+    monkeypatch.setattr(service_module, "time", wall)
+
+    def ticket(host: str, tenant: str) -> bytes:
+        return signer.issue(tenant=tenant, tenant_name=f"tenant-{tenant}", host_id=host, now=wall.now, ttl=600)
+
+    keys = tmp_path / "keys"
+    server_keys = KeyPair.generate()
+    server_keys.save(tmp_path, "sched")
+    daemon_7, both, operator = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    for name, pair in (("d7", daemon_7), ("both", both), ("operator", operator)):
+        pair.save(keys, name)
+    config = service_config(
+        curve_secret_key=tmp_path / "sched.key_secret", curve_allowed_keys=(keys,), ticket_keys=(signer.public_key.hex(),)
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service: SchedulerService = await nursery.start(SchedulerService(config).run)
+            endpoint = service.endpoints[0]
+
+            def curve(pair: KeyPair) -> CurveClient:
+                return CurveClient(pair, server_keys.public)
+
+            a = await Daemon(endpoint, "host-a", curve=curve(daemon_7)).start(nursery)
+            await a.announce(ticket=ticket("host-a", "7"))
+            b = await Daemon(endpoint, "host-b", curve=curve(both)).start(nursery)
+            await b.announce(ticket=ticket("host-b", "8"))
+            await a.register("a-1")
+
+            side = await inspect(endpoint, curve=curve(daemon_7))  # another session, announcing nothing
+            assert (side.tenant, side.hosts_total, side.tasks_total) == ("7", 1, 1)
+            everything = await inspect(endpoint, curve=curve(operator))
+            assert (everything.tenant, everything.hosts_total) == ("", 2)
+
+            c = await Daemon(endpoint, "host-c", curve=curve(both)).start(nursery)
+            await c.announce(ticket=ticket("host-c", "7"))  # the same key now holds hosts of tenants 7 and 8
+            with pytest.raises(RemoteError) as refused:
+                await inspect(endpoint, curve=curve(both))
+            assert refused.value.code == SchedErrorCode.NOT_ALLOWED and "several tenants" in refused.value.reason
+            own = await inspect(c.client)  # its host's own session: that host's tenant
+            assert (own.tenant, own.hosts_total) == ("7", 2)
             nursery.cancel_scope.cancel()
 
 

@@ -239,6 +239,7 @@ def test_top_once_takes_the_schedulers_seed_peers_and_jobs_from_the_manager(proc
         frame = done.stdout
         assert sched.rsplit(":", 1)[1] in frame and "hosts 1 (seeds 1)" in frame, frame  # polled through the manager
         assert "recent jobs" in frame and "get_task" in frame and "seeds: ●" in frame, frame
+        assert "schedulers 1/1 active" in frame and "seed peers 1/1 active" in frame, frame
         as_json = subprocess.run([*argv, "--token", token, "--json"], capture_output=True, text=True, timeout=60, env=env,
                                  check=False)  # fmt: skip
         view = json.loads(as_json.stdout)

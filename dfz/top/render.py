@@ -41,8 +41,8 @@ class Frame:
     footer: int
 
     @classmethod
-    def of(cls, height: int, schedulers: int) -> Frame:
-        header = 2 + min(schedulers, 4)
+    def of(cls, height: int, schedulers: int, manager: bool = False) -> Frame:
+        header = 2 + min(schedulers, 4) + manager
         footer = 8 if height >= 30 else 5
         main = max(6, height - header - footer)
         hosts_panel = main // 2
@@ -58,7 +58,7 @@ class Frame:
 def render(view: TopView, *, height: int, now: float) -> RenderableType:
     """The whole frame for a terminal ``height`` lines high (the width is the console's); ``now`` is the Unix
     time (the clock the view's updates and errors are stamped with)."""
-    frame = Frame.of(height, len(view.health))
+    frame = Frame.of(height, len(view.health), view.manager is not None)
     layout = Layout()
     layout.split_column(
         Layout(_header(view, now), name="header", size=frame.header),
@@ -104,8 +104,26 @@ def _header(view: TopView, now: float) -> RenderableType:
         lines.append(line)
     if len(view.health) > len(shown):
         lines[-1].append(f"  (+{len(view.health) - len(shown)} schedulers)", style="dim")  # type: ignore[union-attr]
+    if view.manager is not None:
+        lines.append(_manager(view, now))
     lines.append(_seeds(view))
     return Group(*lines)
+
+
+def _manager(view: TopView, now: float) -> Text:
+    manager = view.manager
+    assert manager is not None
+    line = Text(f"manager {manager.url}  ", style="dim")
+    if manager.error:
+        return line.append(manager.error, style="red")
+    if manager.notice:
+        return line.append(manager.notice, style="dim")
+    for what, rows in (("schedulers", manager.schedulers), ("seed peers", manager.seed_peers)):
+        active = sum(1 for r in rows if r.get("state") == "active")
+        line.append(f"{what} {active}/{len(rows)} active  ", style="green" if active == len(rows) else "yellow")
+    if manager.updated is not None:
+        line.append(f"(asked {max(0.0, now - manager.updated):.0f} s ago)", style="dim")
+    return line
 
 
 def _seeds(view: TopView) -> Text:
