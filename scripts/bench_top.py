@@ -176,7 +176,7 @@ async def observe(sim: Sim) -> dict[str, Any]:
         rounds = 0
         while rounds < sim.args.frames:  # also after the reports end (a slow machine): then rates are 0
             started = time.perf_counter()
-            snap = await inspect_hosts(observer, max_hosts=100_000, host_sort="upload_rate", timeout=30, tasks=64, peers=256,
+            snap = await inspect_hosts(observer, max_hosts=100_000, host_sort="id", timeout=30, tasks=64, peers=256,
                                        task_id=view.selected)  # fmt: skip
             inspected = time.perf_counter()
             view.update(sim.endpoint, snap, now=time.time())

@@ -54,7 +54,7 @@ def snap(clock_ms: int, hosts: list[InspectHost], tasks: list[InspectTask], **kw
 
 
 def test_rates_are_counter_differences_over_the_schedulers_clock_and_a_reset_gives_none() -> None:
-    view = TopView([A])
+    view = TopView([A], window=1.0)
     view.update(A, snap(10_000, [host("h1", down=0, up=0)], [task(T1, got=0)]), now=1.0)
     assert view.hosts()[0].download_rate == 0  # one snapshot: no rate yet
     # Two seconds later on the scheduler's clock (the poll took longer here: that does not matter).
@@ -68,6 +68,20 @@ def test_rates_are_counter_differences_over_the_schedulers_clock_and_a_reset_giv
     # The same clock again (a repeated answer): rates are not computed over zero seconds.
     view.update(A, snap(13_000, [host("h1", down=50, up=10)], []), now=10.5)
     assert view.hosts()[0].download_rate == 0
+
+
+def test_rates_are_averaged_over_the_window_not_the_last_poll() -> None:
+    """Pieces land a few MB at a time: over a 3 s window a steady swarm shows a steady rate."""
+    view = TopView([A], window=3.0)
+    got = 0
+    rates = []
+    for second in range(8):
+        got += 4_000_000 if second % 2 else 0  # one 4 MB piece every other second
+        view.update(A, snap(second * 1000, [host("h1", down=got)], [task(T1, got=got)]), now=second)
+        rates.append(view.hosts()[0].download_rate)
+    assert rates[:2] == [0, 4_000_000]  # one second of history: the last interval
+    assert all(r in {4_000_000 / 3, 8_000_000 / 3} for r in rates[3:]), rates  # 3 s: one or two pieces
+    assert view.tasks()[0][0].rate in (4_000_000 / 3, 8_000_000 / 3)
 
 
 def test_hosts_of_several_schedulers_are_merged_and_sorted_by_the_chosen_key() -> None:

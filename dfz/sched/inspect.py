@@ -370,8 +370,10 @@ async def inspect_hosts(
 ) -> SchedSnapshot:
     """A snapshot with up to ``max_hosts`` hosts, read page by page (each page as many as fit a header
     frame): the first request also carries ``first`` (tasks, ``task_id``, peers: see :func:`inspect`), the
-    others ask for hosts only and their hosts are appended. Hosts that move between pages while they are
-    read (their sort key changed) may appear twice or not at all: they are kept once, by id."""
+    others ask for hosts only and their hosts are appended (so the result may hold more hosts than one
+    ``sched.snapshot`` on the wire may). Hosts that move between pages while they are read (their sort key
+    changed) may appear twice or not at all: they are kept once, by id; ``host_sort="id"`` reads every
+    host exactly once (hosts that come or go meanwhile aside)."""
     snap = await inspect(client, hosts=min(max_hosts, MAX_INSPECT_HOSTS), host_sort=host_sort, timeout=timeout, **first)
     seen = {h.host_id for h in snap.hosts}
     offset = len(snap.hosts)

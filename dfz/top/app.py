@@ -257,7 +257,7 @@ async def _poll_once(client: Any, endpoint: str, view: TopView, options: TopOpti
             snap = await inspect_hosts(
                 client,
                 max_hosts=options.max_hosts,
-                host_sort="upload_rate",
+                host_sort="id",  # a stable order across the pages; the view sorts by what the user chose
                 timeout=options.timeout,
                 tasks=MAX_INSPECT_TASKS,
                 task_id=view.wanted_task(endpoint),

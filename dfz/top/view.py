@@ -6,9 +6,11 @@ Rules of this file:
   and answers rows to draw: hosts, tasks, the selected task's swarm as a tree, the schedulers' health, the
   errors. It does no I/O and reads no clock of its own: the caller passes the time (Unix seconds, what
   the errors panel shows) with each update.
-* Rates are differences of the schedulers' counters between two snapshots of the same scheduler, divided
-  by the difference of the scheduler's own clock (``clock_ms``), so that a slow poll does not inflate
-  them. A counter that went down (a host announced again, a task forgotten) gives no rate for that round.
+* Rates are differences of the schedulers' counters between snapshots of the same scheduler about
+  ``window`` seconds apart (3 s; less until there is such a history), divided by the difference of the
+  scheduler's own clock (``clock_ms``), so that a slow poll does not inflate them and a piece of a few MB
+  landing does not make them jump. A counter that went down (a host announced again, a task forgotten)
+  gives no rate for that round.
 * A host is announced to every scheduler of a cluster, and each scheduler counts only the bytes of its own
   tasks: rows of the same host id are merged (byte rates and slots in use summed; the measured upload rate
   the daemon reports is the host's, the largest is kept).
@@ -18,6 +20,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -131,7 +134,9 @@ class ManagerInfo:
 
 
 @dataclass
-class _Previous:
+class _Counters:
+    """The counters of one snapshot, kept for the rates of the next ones."""
+
     clock_ms: int
     hosts: dict[str, tuple[int, int]]
     tasks: dict[str, int]
@@ -151,7 +156,7 @@ class _Polled:
 class TopView:
     """The state of ``dfz top`` between frames. See the rules above."""
 
-    def __init__(self, endpoints: Iterable[str], *, host_sort: HostSortKey = "down") -> None:
+    def __init__(self, endpoints: Iterable[str], *, host_sort: HostSortKey = "down", window: float = 3.0) -> None:
         self.health: dict[str, SchedulerHealth] = {e: SchedulerHealth(e) for e in endpoints}
         self.host_sort: HostSortKey = host_sort
         self.selected: str | None = None
@@ -160,7 +165,10 @@ class TopView:
         self.errors: list[tuple[float, str, str]] = []
         """(time, source, message), oldest first; at most :data:`MAX_ERRORS`."""
         self._polled: dict[str, _Polled] = {}
-        self._previous: dict[str, _Previous] = {}
+        self._history: dict[str, deque[_Counters]] = {}
+        self.window = window
+        """Seconds (on the scheduler's clock) rates are averaged over: pieces land a few MB at a time, and a
+        rate over one poll would jump between zero and a burst."""
         self._tasks: list[TaskRow] = []
         self._task_index: dict[str, int] = {}
         self._hosts_sorted: dict[str, list[HostRow]] = {}
@@ -168,45 +176,53 @@ class TopView:
     # --- updates --------------------------------------------------------------------------------------------
 
     def update(self, endpoint: str, snap: SchedSnapshot, *, now: float, latency: float = 0.0) -> None:
-        """A new snapshot of the scheduler at ``endpoint``, received at ``now`` (seconds, any clock)."""
+        """A new snapshot of the scheduler at ``endpoint``, received at ``now`` (Unix seconds)."""
         health = self.health.setdefault(endpoint, SchedulerHealth(endpoint))
-        was_ok = health.ok
+        had_error = health.error
         health.name, health.ok, health.error = snap.scheduler, True, ""
         health.latency_ms, health.last_ok = latency * 1000, now
         health.hosts, health.tasks, health.peers = snap.hosts_total, snap.tasks_total, snap.peers_total
         health.seed_hosts, health.downloading, health.upload_rate = snap.seed_hosts, snap.downloading, snap.upload_rate
         health.bytes_from_origin, health.bytes_from_peers = snap.bytes_from_origin, snap.bytes_from_peers
         health.tenant, health.truncated, health.hosts_seen = snap.tenant, snap.truncated, len(snap.hosts)
-        if not was_ok and health.last_ok is not None and any(src == endpoint for _, src, _ in self.errors[-1:]):
+        if had_error:
             self.note(now, endpoint, "answers again")
 
-        prev = self._previous.get(endpoint)
-        dt = (snap.clock_ms - prev.clock_ms) / 1000 if prev is not None else 0.0
+        tasks = list(snap.tasks)
+        if snap.task is not None and all(t.task_id != snap.task.task_id for t in tasks):
+            tasks.append(snap.task)  # the selected task, out of the page
+        current = _Counters(
+            clock_ms=snap.clock_ms,
+            hosts={h.host_id: (h.bytes_downloaded, h.bytes_uploaded) for h in snap.hosts},
+            tasks={t.task_id: t.bytes_from_origin + t.bytes_from_peers for t in tasks},
+            peers={p.peer_id: p.finished_pieces for p in snap.peers},
+        )
+        history = self._history.setdefault(endpoint, deque())
+        if history and history[-1].clock_ms >= current.clock_ms:
+            history.clear()  # the same clock again (a repeated answer) or a restarted scheduler: start over
+        while len(history) > 1 and current.clock_ms - history[1].clock_ms >= self.window * 1000:
+            history.popleft()  # the base: the newest snapshot at least ``window`` old (or the oldest there is)
         host_rates: dict[str, tuple[float, float]] = {}
         task_rates: dict[str, float] = {}
         peer_rates: dict[str, float] = {}
-        if prev is not None and dt > 0:
-            for h in snap.hosts:
-                before = prev.hosts.get(h.host_id)
-                if before is not None and h.bytes_downloaded >= before[0] and h.bytes_uploaded >= before[1]:
-                    host_rates[h.host_id] = ((h.bytes_downloaded - before[0]) / dt, (h.bytes_uploaded - before[1]) / dt)
-            for t in snap.tasks:
-                got = t.bytes_from_origin + t.bytes_from_peers
-                before_t = prev.tasks.get(t.task_id)
-                if before_t is not None and got >= before_t:
-                    task_rates[t.task_id] = (got - before_t) / dt
+        if history:
+            base, latest = history[0], history[-1]
+            dt = (current.clock_ms - base.clock_ms) / 1000
             piece_length = snap.task.piece_length if snap.task is not None and snap.task.piece_length else 0
-            for p in snap.peers:
-                before_p = prev.peers.get(p.peer_id)
-                if before_p is not None and p.finished_pieces >= before_p:
-                    peer_rates[p.peer_id] = (p.finished_pieces - before_p) * piece_length / dt
-        if prev is None or dt > 0:  # a snapshot with the same clock (a retry) keeps the older base
-            self._previous[endpoint] = _Previous(
-                clock_ms=snap.clock_ms,
-                hosts={h.host_id: (h.bytes_downloaded, h.bytes_uploaded) for h in snap.hosts},
-                tasks={t.task_id: t.bytes_from_origin + t.bytes_from_peers for t in snap.tasks},
-                peers={p.peer_id: p.finished_pieces for p in snap.peers},
-            )
+            for host_id, (down, up) in current.hosts.items():
+                old, last = base.hosts.get(host_id), latest.hosts.get(host_id)
+                # A counter lower than in the last snapshot: the host was announced again; no rate this time.
+                if old is not None and (last is None or (down >= last[0] and up >= last[1])) and down >= old[0] and up >= old[1]:
+                    host_rates[host_id] = ((down - old[0]) / dt, (up - old[1]) / dt)
+            for task_id, got in current.tasks.items():
+                old_got, last_got = base.tasks.get(task_id), latest.tasks.get(task_id, 0)
+                if old_got is not None and got >= max(old_got, last_got):
+                    task_rates[task_id] = (got - old_got) / dt
+            for peer_id, pieces in current.peers.items():
+                old_pieces, last_pieces = base.peers.get(peer_id), latest.peers.get(peer_id, 0)
+                if old_pieces is not None and pieces >= max(old_pieces, last_pieces):
+                    peer_rates[peer_id] = (pieces - old_pieces) * piece_length / dt
+        history.append(current)
         self._polled[endpoint] = _Polled(snap, host_rates, task_rates, peer_rates)
         self._hosts_sorted.clear()
         self._rebuild_tasks()
