@@ -1250,7 +1250,10 @@ def _oci_blob_digest(url: str) -> str | None:
     "when neither --scheduler nor --manager is given].",
 )
 @click.option(
-    "--manager", metavar="URL", envvar="DFZ_MANAGER", help="The manager's HTTP address: its schedulers, seed peers and jobs."
+    "--manager",
+    metavar="URL",
+    envvar="DFZ_MANAGER",
+    help="The manager's HTTP address: its schedulers, seed peers and jobs [default: $DFZ_MANAGER].",
 )
 @click.option(
     "--token",
