@@ -32,6 +32,7 @@ from dfz.broker.messages import MAX_HEADER_BYTES
 from dfz.sched import (
     SCHED_CATALOGUE,
     AnnounceHost,
+    ConfigError,
     HostType,
     RegisterPeer,
     SchedDigests,
@@ -46,6 +47,7 @@ from dfz.sched import (
     SchedulerConfig,
     SchedulerCore,
     SchedulerService,
+    ServiceConfig,
 )
 from dfz.sched import service as service_module
 from dfz.sched.inspect import build_snapshot, connect, inspect, inspect_hosts
@@ -230,6 +232,22 @@ async def test_a_scheduler_with_inspect_off_refuses_and_malformed_inspections_ge
                 await inspect(closed.endpoints[0])
             assert e.value.code == SchedErrorCode.NOT_ALLOWED and "inspect = false" in e.value.reason
             assert closed.stats.refused["NOT_ALLOWED"] == 1
+
+            # Observers may take a share of the scheduler's time; beyond it they are told to come back.
+            stingy: SchedulerService = await nursery.start(SchedulerService(service_config(inspect_share=1e-9)).run)
+            async with connect(stingy.endpoints[0]) as observer:
+                assert (await inspect(observer)).hosts_total == 0  # the first fits the (tiny) burst
+                with pytest.raises(RemoteError) as busy:
+                    await inspect(observer)
+                assert busy.value.code == SchedErrorCode.INSPECT_BUSY and "share" in busy.value.reason
+            daemon = await Daemon(stingy.endpoints[0], "host-s").start(nursery)
+            assert (await daemon.announce()).host_id == "host-s"  # the daemons are served all along
+            for bad in (0, 1.5, True):
+                with pytest.raises(ConfigError, match="inspect_share"):
+                    service_config(inspect_share=bad)
+            with pytest.raises(ConfigError, match="inspect_share"):
+                ServiceConfig.from_mapping({"inspect_share": "a lot"})
+            assert ServiceConfig.from_mapping({"inspect_share": 0.5, "inspect": False}).inspect_share == 0.5
 
             service: SchedulerService = await nursery.start(SchedulerService(service_config(heartbeat=1.0)).run)
             raw = RawSession(service.endpoints[0])

@@ -73,6 +73,7 @@ class SchedErrorCode(IntEnum):
     WRONG_TENANT = 1107  # the task (or the host) is of another tenant than this session's host: tenants never meet
     BAD_TICKET = 1108  # the tenant ticket is malformed, not the manager's, expired, or another host's: announce again
     NOT_ALLOWED = 1109  # (1.12) this scheduler does not answer sched.inspect (its ``inspect`` setting is off)
+    INSPECT_BUSY = 1110  # (1.12) inspections took their share of the scheduler's time: ask again in a second
 
 
 # --- nested records -------------------------------------------------------------------------------------

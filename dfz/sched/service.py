@@ -175,6 +175,8 @@ _MAX_TICK_SLEEP = 1.0
 _MAX_STRAY_PUSHES = 64
 """Refusals in flight to sessions that have no host (and so no outbox); more are dropped."""
 _MAX_TEXT = 4096
+INSPECT_BURST = 5.0
+"""Seconds over which ``inspect_share`` is averaged: observers may use up to ``5 * inspect_share`` seconds at once."""
 
 RUNTIME_SETTINGS = frozenset(
     (
@@ -252,6 +254,10 @@ class ServiceConfig:
     inspect: bool = True
     """Answer ``sched.inspect`` (``dfz top``, the manager's console); off: every inspection is refused
     (``NOT_ALLOWED``). Who may see what is in protocol.md (§14.3, ``sched.inspect``)."""
+    inspect_share: float = 0.1
+    """The share of the scheduler's time that building snapshots may take, averaged over
+    :data:`INSPECT_BURST` seconds: beyond it, inspections are refused (``INSPECT_BUSY``) until the share is
+    back, so that observers can never starve the daemons' events."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -280,6 +286,9 @@ class ServiceConfig:
                 raise ConfigError(f"{key}: must be an integer from {low} to {high}, got {value!r}")
         if self.scheduler.candidate_parent_limit > MAX_PARENTS:
             raise ConfigError(f"scheduler.candidate_parent_limit: at most {MAX_PARENTS} (parents in one sched.parents push)")
+        share = self.inspect_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ConfigError(f"inspect_share: must be a number in (0, 1], got {share!r}")
         if self.curve_allowed_keys and self.curve_secret_key is None:
             raise ConfigError("curve_allowed_keys: set curve_secret_key too (the scheduler's own key pair)")
         if self.manager:
@@ -332,6 +341,8 @@ class ServiceConfig:
                     if not isinstance(value, bool):
                         raise ConfigError(f"inspect: must be true or false, got {value!r}")
                     values[key] = value
+                elif key == "inspect_share":
+                    values[key] = float(_typed(key, value, int | float, "a number in (0, 1]"))
                 elif key == "curve_secret_key":
                     values[key] = _path(base, _typed(key, value, str, "a file name"))
                 elif key == "curve_allowed_keys":
@@ -574,6 +585,9 @@ class SchedulerService:
         self._strays = 0
         self._deletions: dict[int, _Deletion] = {}
         self._deletion_serial = 0
+        self._inspect_credit = INSPECT_BURST * self.config.inspect_share
+        """Seconds of snapshot building allowed now (a token bucket refilled at ``inspect_share``)."""
+        self._inspect_refilled = 0.0
 
     @property
     def endpoints(self) -> list[str]:
@@ -793,8 +807,17 @@ class SchedulerService:
         if not self.config.inspect:
             raise self._refused(SchedErrorCode.NOT_ALLOWED, "this scheduler does not answer sched.inspect (inspect = false)")
         tenant = self._viewer_tenant(session)
+        started = trio.current_time()
+        share = self.config.inspect_share
+        credit = self._inspect_credit + (started - self._inspect_refilled) * share
+        self._inspect_credit, self._inspect_refilled = min(credit, INSPECT_BURST * share), started
+        if self._inspect_credit <= 0:
+            raise self._refused(
+                SchedErrorCode.INSPECT_BUSY,
+                f"inspections take more than their share ({share:.0%}) of the scheduler's time: ask again in a second",
+            )
         stats = self.stats
-        return build_snapshot(
+        snapshot = build_snapshot(
             self.core.hosts.values(),
             self.core.tasks.values(),
             msg,
@@ -804,6 +827,8 @@ class SchedulerService:
             counters=SnapshotCounters(stats.events, stats.pushes, sum(stats.refused.values())),
             find_task=self.core.tasks.get,
         )
+        self._inspect_credit -= trio.current_time() - started
+        return snapshot
 
     def _viewer_tenant(self, session: PeerSession) -> str:
         """The tenant an inspecting session is limited to: its own host's, else that of a host held by the
