@@ -166,11 +166,12 @@ async def test_a_tenant_sees_only_its_tenant_and_an_observer_with_no_tenant_sees
             assert (view.tenant, view.hosts_total, view.tasks_total, view.peers_total) == ("7", 1, 1, 1)
             assert [h.host_id for h in view.hosts] == ["host-a"] and [t.task_id for t in view.tasks] == [TASK]
             assert view.task is None and view.peers == []
+            assert (view.events, view.pushes, view.refused) == (0, 0, 0)  # the scheduler's counters cover every tenant
             assert (await inspect(a.client, task_id=TASK)).peers[0].peer_id == "a-1"
             # An observer in no tenant sees both.
             everything = await inspect(endpoint, task_id=task_b)
             assert (everything.tenant, everything.hosts_total, everything.tasks_total) == ("", 2, 2)
-            assert everything.task is not None and everything.task.tenant == "8"
+            assert everything.task is not None and everything.task.tenant == "8" and everything.events > 0
             nursery.cancel_scope.cancel()
 
 

@@ -824,7 +824,8 @@ class SchedulerService:
             scheduler=self.config.name,
             now=trio.current_time(),
             tenant=tenant,
-            counters=SnapshotCounters(stats.events, stats.pushes, sum(stats.refused.values())),
+            # The service's counters are over every tenant: a view limited to one does not get them.
+            counters=None if tenant else SnapshotCounters(stats.events, stats.pushes, sum(stats.refused.values())),
             find_task=self.core.tasks.get,
         )
         self._inspect_credit -= trio.current_time() - started
