@@ -17,8 +17,11 @@ Measured during that activity, from a separate observer session (as ``dfz top`` 
 the time to read every host (``inspect_hosts``: the pages it takes), and **frame_ms**, the time to update
 ``dfz top``'s view with that snapshot and render a 160 x 48 frame into memory (rich, as the live view
 does); p50 and max of ``--frames`` rounds. Then ``dfz top --once --scheduler ...`` runs as a process
-(**once_s**: wall time, polls twice); its frame is checked to list the hosts. Progress goes to stderr, a
-table to stdout, and the last line of stdout is one JSON object.
+(**once_s**: wall time, polls twice); its frame is checked to list the hosts. With ``--tmux``, the live
+view runs in a tmux pane of 160 x 48 (tmux installed with apt-get when missing): **live_first_frame_s**
+to a frame listing every host, **live_key_ms** the longest time from a key (``s``) to the frame showing
+it (the view stays responsive while it reads 1,000 hosts a second), **live_quit_ms** from ``q`` to exit.
+Progress goes to stderr, a table to stdout, and the last line of stdout is one JSON object.
 
 What the scheduler spends, without sockets: a :class:`SchedulerCore` in this process is given
 ``--core-peers`` peers (default 10,000) over the same hosts and tasks, each with parents and some pieces,
@@ -28,7 +31,7 @@ hosts, as the hosts table needs), p50 and max of 20 (the scheduler's event loop 
 meanwhile: this is how long an inspection holds it).
 
     .venv/bin/python scripts/bench_top.py [--hosts 1000] [--tasks 20] [--pieces 16] [--duration 8]
-        [--frames 20] [--core-peers 10000] [--quick]
+        [--frames 20] [--core-peers 10000] [--tmux] [--quick]
 """
 
 from __future__ import annotations
@@ -226,8 +229,12 @@ async def run(sim: Sim) -> dict[str, Any]:
         observed = await observe(sim)
         benchlib.progress("running dfz top --once")
         once = await trio.to_thread.run_sync(top_once, sim.endpoint)
+        live: dict[str, Any] = {}
+        if args.tmux:
+            benchlib.progress("running the live view under tmux")
+            live = await trio.to_thread.run_sync(top_live, sim.endpoint, args.hosts)
         nursery.cancel_scope.cancel()
-    return {**observed, **once, "announce_s": round(announce_s, 2), "reports": sim.reports}
+    return {**observed, **once, **live, "announce_s": round(announce_s, 2), "reports": sim.reports}
 
 
 def top_once(endpoint: str) -> dict[str, Any]:
@@ -298,6 +305,49 @@ def core_cost(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def top_live(endpoint: str, hosts: int) -> dict[str, Any]:
+    """The live view in a tmux pane of 160 x 48: the time to its first frame listing every host, and from
+    a key (``s``, then ``j``) to the frame that shows it, while the hosts keep reporting; then ``q``."""
+    tmux = benchlib.ensure_command("tmux", "tmux")
+    base = [tmux, "-L", f"dfz-bench-top-{os.getpid()}"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=10, check=False)
+
+    def wait(text: str, timeout: float = 30.0) -> float:
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout:
+            if text in run("capture-pane", "-p", "-t", "top").stdout:
+                return time.perf_counter() - started
+            time.sleep(0.01)
+        raise RuntimeError(f"the live view did not show {text!r} within {timeout:g} s")
+
+    command = " ".join(benchlib.dfz_command("top", "--scheduler", endpoint, "--max-hosts", "100000"))
+    started = time.perf_counter()
+    run("new-session", "-d", "-s", "top", "-x", "160", "-y", "48", command)
+    try:
+        wait(f"of {hosts}, by down")
+        first = time.perf_counter() - started
+        run("send-keys", "-t", "top", "s")
+        sort_key = wait("sort hosts: up")
+        run("send-keys", "-t", "top", "s")
+        second_key = wait("sort hosts: slots")
+        run("send-keys", "-t", "top", "q")
+        gone = time.perf_counter()
+        while run("has-session", "-t", "top").returncode == 0:
+            if time.perf_counter() - gone > 10:
+                raise RuntimeError("the live view did not quit on q")
+            time.sleep(0.01)
+        quit_s = time.perf_counter() - gone
+    finally:
+        run("kill-server")
+    return {
+        "live_first_frame_s": round(first, 3),
+        "live_key_ms": round(1000 * max(sort_key, second_key), 1),
+        "live_quit_ms": round(1000 * quit_s, 1),
+    }
+
+
 def summary(values: list[float]) -> tuple[float, float]:
     if not values:
         return 0.0, 0.0
@@ -315,6 +365,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--core-peers", type=int, default=10_000, help="peers of the in-process core whose snapshots are timed")
+    p.add_argument("--tmux", action="store_true", help="also run the live view under tmux and time its keys")
     p.add_argument("--quick", action="store_true", help="a short run (the test suite's): 4 s, 6 frames, 2,000 core peers")
     args = p.parse_args(argv)
     if args.quick:
@@ -372,12 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sched_cpu_s": sched_cpu,
         "sched_exit": sched_exit,
         **core,
+        **{k: v for k, v in result.items() if k.startswith("live_")},
     }
     print(f"{'hosts':>24} {args.hosts}")
     for key in ("hosts_seen", "pages_min", "rounds", "inspect_ms_p50", "inspect_ms_max", "frame_ms_p50", "frame_ms_max",
                 "once_s", "announce_s", "reports", "sched_cpu_s", "core_peers", "largest_task_peers", "snapshot_ms_p50",
-                "snapshot_ms_max", "snapshot_all_ms_p50", "snapshot_all_ms_max"):  # fmt: skip
-        print(f"{key:>24} {out[key]}")
+                "snapshot_ms_max", "snapshot_all_ms_p50", "snapshot_all_ms_max", "live_first_frame_s", "live_key_ms",
+                "live_quit_ms"):  # fmt: skip
+        if key in out:
+            print(f"{key:>24} {out[key]}")
     print(json.dumps(out))
     return 0 if sched_exit == 0 and result["once_exit"] == 0 else 1
 

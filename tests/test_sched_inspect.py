@@ -331,6 +331,11 @@ async def test_a_snapshot_of_many_hosts_with_long_names_is_cut_to_the_budget_and
                 snap = await inspect(observer, hosts=MAX_INSPECT_HOSTS, host_sort="id")
                 assert snap.truncated and 0 < len(snap.hosts) < MAX_INSPECT_HOSTS and snap.hosts_total == 300
                 assert [h.host_id for h in snap.hosts] == names[: len(snap.hosts)]
+                # A swarm asked for comes before the hosts, which page: the budget cuts the hosts, not the peers.
+                for k, name in enumerate(names[:40]):
+                    service.core.apply(RegisterPeer(peer_id=f"peer-{k:02d}-" + "p" * 100, task_id=TASK, host_id=name, url=URL))
+                swarm = await inspect(observer, hosts=MAX_INSPECT_HOSTS, host_sort="id", task_id=TASK, peers=40)
+                assert swarm.truncated and len(swarm.peers) == 40 and len(swarm.hosts) < len(snap.hosts)
                 every = await inspect_hosts(observer, max_hosts=1000, host_sort="id")
                 assert [h.host_id for h in every.hosts] == names
             nursery.cancel_scope.cancel()

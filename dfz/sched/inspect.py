@@ -9,7 +9,9 @@ Rules of this file:
   the peers of the pages' tasks (their progress) and of the one inspected task (breadth-first, stopping
   at the page's size). Nothing is kept between snapshots.
 * A snapshot fits the fabric's 64 KiB header frame: records are counted as they are encoded, and a list
-  stops (``truncated``) when :data:`~dfz.sched.messages.INSPECT_BUDGET` is used up.
+  stops (``truncated``) when :data:`~dfz.sched.messages.INSPECT_BUDGET` is used up. The budget goes to the
+  inspected task, the tasks, the swarm's peers, and last the hosts (the one list a client pages through
+  with an offset, however long it is).
 * Tenants: a snapshot limited to a tenant holds only that tenant's hosts and tasks, and its totals count
   only them; an inspected task of another tenant is answered as unknown (its existence is not told).
 * :func:`inspect` and :func:`inspect_hosts` are the client side (``dfz top``, the manager's console): one
@@ -133,13 +135,6 @@ def build_snapshot(
             break
         snap.tasks.append(record)
 
-    for host in _page(visible_hosts, _HOST_KEYS[req.host_sort], req.host_offset, req.hosts):
-        host_record = _host_record(host)
-        if not budget.take(host_record):
-            snap.truncated = True
-            break
-        snap.hosts.append(host_record)
-
     if inspected is not None and snap.task is not None and req.peers:
         for peer, depth in _breadth_first(inspected):
             if len(snap.peers) >= req.peers:
@@ -149,6 +144,14 @@ def build_snapshot(
                 snap.truncated = True
                 break
             snap.peers.append(peer_record)
+
+    # Hosts last: they are the list that pages (host_offset), so what the budget leaves them is a page.
+    for host in _page(visible_hosts, _HOST_KEYS[req.host_sort], req.host_offset, req.hosts):
+        host_record = _host_record(host)
+        if not budget.take(host_record):
+            snap.truncated = True
+            break
+        snap.hosts.append(host_record)
     return snap
 
 

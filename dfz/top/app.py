@@ -390,6 +390,7 @@ async def run_top(sources: Sources, options: TopOptions, *, console: Console | N
                 nursery.start_soon(_read_keys, fd, view, changed, nursery.cancel_scope)
             frame_times: list[float] = []
             while True:
+                last = trio.current_time()
                 started = time.perf_counter()
                 with contextlib.suppress(OSError):  # the terminal's own size wins over $COLUMNS and $LINES, resized or not
                     size = os.get_terminal_size(sys.stdout.fileno())
@@ -401,7 +402,7 @@ async def run_top(sources: Sources, options: TopOptions, *, console: Console | N
                     frame_times.clear()
                 with trio.move_on_after(1.0):  # the clock in the header moves even when nothing else does
                     await changed.wait()
-                await trio.sleep(1 / MAX_FPS)
+                await trio.sleep_until(last + 1 / MAX_FPS)  # a key after a quiet spell is drawn at once
 
 
 async def snapshot_once(sources: Sources, options: TopOptions) -> TopView:
