@@ -136,6 +136,7 @@ async def test_a_snapshot_shows_hosts_tasks_and_the_swarm_as_the_scheduler_sees_
             # A one-shot inspection by endpoint opens and closes its own session.
             once = await inspect(endpoint, tasks=1)
             assert [t.task_id for t in once.tasks] == [TASK]
+            assert service.stats.inspections == 8 and service.stats.inspect_seconds > 0  # counted for the metrics
             service.core.check_invariants()
             nursery.cancel_scope.cancel()
 

@@ -434,6 +434,10 @@ class ServiceStats:
     """Hosts removed because a push to them failed or their outbox overflowed."""
     tickets_refused: Counter[str] = field(default_factory=Counter)
     """Tenant tickets refused, by kind (``malformed``, ``signature``, ``expired``, ``wrong_host``, ...)."""
+    inspections: int = 0
+    """``sched.inspect`` requests answered with a snapshot."""
+    inspect_seconds: float = 0.0
+    """Time spent building those snapshots (the scheduler's loop did nothing else meanwhile)."""
 
 
 @dataclass(eq=False)
@@ -754,6 +758,8 @@ class SchedulerService:
         refused = {(code,): n for code, n in stats.refused.items()} or {("none",): 0}
         yield counter("sched_refused", "Requests and reports refused, by error code.", refused, ["code"])
         yield counter("sched_hosts_lost", "Hosts removed because a push to them failed.", stats.hosts_lost)
+        yield counter("sched_inspections", "sched.inspect requests answered with a snapshot.", stats.inspections)
+        yield counter("sched_inspect_seconds", "Time spent building sched.inspect snapshots.", stats.inspect_seconds)
         tickets = {(kind,): n for kind, n in stats.tickets_refused.items()} or {("none",): 0}
         yield counter("sched_tickets_refused", "Tenant tickets refused, by kind.", tickets, ["kind"])
         origin = sum(task.bytes_from_origin for task in core.tasks.values())
@@ -828,7 +834,10 @@ class SchedulerService:
             counters=None if tenant else SnapshotCounters(stats.events, stats.pushes, sum(stats.refused.values())),
             find_task=self.core.tasks.get,
         )
-        self._inspect_credit -= trio.current_time() - started
+        spent = trio.current_time() - started
+        self._inspect_credit -= spent
+        self.stats.inspections += 1
+        self.stats.inspect_seconds += spent
         return snapshot
 
     def _viewer_tenant(self, session: PeerSession) -> str:
