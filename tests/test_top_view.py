@@ -177,7 +177,7 @@ def test_a_frame_shows_only_the_rows_the_terminal_has() -> None:
     view = TopView([A])
     hosts = [host(f"h{k:04d}", down=k) for k in range(1000)]
     view.update(A, snap(0, [host(h.host_id) for h in hosts], [task(T1)]), now=0)
-    view.update(A, snap(1000, hosts, [task(T1, got=5_000_000)]), now=1)
+    view.update(A, snap(1000, hosts, [task(T1, got=5_000_000)], tasks_total=100), now=1)
     out = io.StringIO()
     print_once(view, out=out, width=160, height=48)
     text = out.getvalue()
@@ -185,6 +185,7 @@ def test_a_frame_shows_only_the_rows_the_terminal_has() -> None:
     assert len(lines) == 48 and max(len(line) for line in lines) <= 160
     assert "h0999" in text and "h0000" not in text  # the busiest on top; the rest are not drawn
     assert "hosts (" in text and "of 1000, by down" in text and "5.0 MB/s" in text
+    assert "tasks (1 most active of 100)" in text  # the scheduler holds more tasks than one page
     assert human_rate(0.5) == "0" and human_rate(1500) == "1.5 kB/s" and human_rate(999) == "999 B/s"
 
 

@@ -199,8 +199,10 @@ def _tasks(view: TopView, rows: int) -> RenderableType:
             f"{human_bytes(t.bytes_from_peers)} / {human_bytes(t.bytes_from_origin)}",
             style="reverse" if i == selected else "",
         )
-    total = len(view.tasks()[0])
-    return Panel(table, title=f"tasks ({total})", title_align="left")
+    listed = len(view.tasks()[0])
+    known = sum(h.tasks for h in view.health.values() if h.ok)
+    title = f"tasks ({listed})" if listed >= known else f"tasks ({listed} most active of {known})"
+    return Panel(table, title=title, title_align="left")
 
 
 def _bar(fraction: float, width: int) -> Text:
