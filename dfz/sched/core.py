@@ -588,6 +588,7 @@ class SchedulerCore:
         if not peer.has_piece(ev.piece):
             peer.finished |= 1 << ev.piece
             peer.finished_count += 1
+        peer.host.bytes_downloaded += ev.size
         if ev.parent_id is None:
             task.bytes_from_origin += ev.size
             if known is None:
@@ -600,6 +601,7 @@ class SchedulerCore:
             parent = self.peers.get(ev.parent_id)
             if parent is not None and parent.task is task:
                 parent.uploaded += 1
+                parent.host.bytes_uploaded += ev.size
                 self._record_cost(parent, ev.cost)
 
     def _record_cost(self, parent: Peer, cost: float) -> None:

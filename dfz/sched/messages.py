@@ -13,6 +13,8 @@ Rules of this file:
   daemon waits for their answer before it says anything more about that host or peer, so the requests'
   answers and the reports that follow are applied in the order they were sent. Every report after that is a client push, applied
   in arrival order; one that cannot be applied is answered by the push ``sched.refused``.
+* ``sched.inspect`` (1.12) is the one request that only reads: a snapshot for people watching the cluster,
+  from any session (``inspect.py`` builds it).
 * This file does no I/O; ``service.py`` turns these messages into core events and actions into these.
 """
 
@@ -70,6 +72,8 @@ class SchedErrorCode(IntEnum):
     REFUSED = 1106  # the report does not fit what the scheduler knows (see the reason)
     WRONG_TENANT = 1107  # the task (or the host) is of another tenant than this session's host: tenants never meet
     BAD_TICKET = 1108  # the tenant ticket is malformed, not the manager's, expired, or another host's: announce again
+    NOT_ALLOWED = 1109  # (1.12) this scheduler does not answer sched.inspect (its ``inspect`` setting is off)
+    INSPECT_BUSY = 1110  # (1.12) inspections took their share of the scheduler's time: ask again in a second
 
 
 # --- nested records -------------------------------------------------------------------------------------
@@ -399,6 +403,150 @@ class SchedTaskDeleted(Message, tag="sched.task_deleted"):
     error: ShortText = ""
 
 
+# --- inspection: a bounded snapshot of the scheduler's state (1.12) ----------------------------------------
+
+MAX_INSPECT_HOSTS = 256
+"""Most hosts one ``sched.snapshot`` holds (fewer when the header frame's budget runs out first)."""
+MAX_INSPECT_TASKS = 64
+MAX_INSPECT_PEERS = 256
+INSPECT_BUDGET = 56 * 1024
+"""Bytes of records (hosts, tasks, peers, encoded) the scheduler puts in one ``sched.snapshot``, so that the
+reply, with its envelope and totals, fits the fabric's 64 KiB header frame whatever the ids' lengths."""
+
+HostSort = Literal["upload_rate", "bytes_uploaded", "bytes_downloaded", "uploads", "peers", "id"]
+"""Orders of hosts in a snapshot: every numeric one largest first, ties by host id; ``id`` ascending."""
+TaskSort = Literal["active", "peers", "bytes", "created", "id"]
+"""Orders of tasks: ``active`` most downloading peers first (then most peers), ``peers`` most peers,
+``bytes`` most bytes reported, ``created`` newest first; ties by task id; ``id`` ascending."""
+PeerStateName = Literal["pending", "running", "back_to_source", "succeeded", "failed", "left"]
+TaskStateName = Literal["pending", "running", "succeeded", "failed"]
+Tenant = Annotated[str, Meta(max_length=64)]
+
+
+class InspectHost(msgspec.Struct, kw_only=True):
+    """One host in a snapshot: what it announced, what it reported of its load, and what its peers reported."""
+
+    host_id: Id
+    hostname: Name
+    ip: Name
+    port: U16
+    type: Literal["normal", "seed"]
+    idc: Name = ""
+    location: Name = ""
+    tenant: Tenant = ""
+    upload_capacity: U63 = 0
+    upload_slots: U32 = 0
+    uploads: U32 = 0
+    """Upload slots in use: parent→child edges from the host's peers, as the scheduler assigned them."""
+    upload_rate: U63 = 0
+    """Bytes/s uploaded, as the daemon last measured it (``sched.host_load``)."""
+    uploads_in_flight: U32 = 0
+    upload_peers: U32 = 0
+    peers: U32 = 0
+    """Peers (downloads and cached tasks) on the host."""
+    bytes_uploaded: U63 = 0
+    """Bytes children reported having got from the host's peers since the host was announced (a counter:
+    rates are its differences between snapshots)."""
+    bytes_downloaded: U63 = 0
+    """Bytes the host's peers reported having got, from parents or the origin, since it was announced."""
+
+
+class InspectTask(msgspec.Struct, kw_only=True):
+    """One task in a snapshot: its file, its peers by state and where its bytes came from."""
+
+    task_id: Hex64
+    url: Url
+    tag: Name = ""
+    application: Name = ""
+    tenant: Tenant = ""
+    state: TaskStateName
+    content_length: U63 | None = None
+    piece_length: U32 | None = None
+    piece_count: U32 | None = None
+    peers: U32 = 0
+    pending: U32 = 0
+    running: U32 = 0
+    back_to_source: U32 = 0
+    succeeded: U32 = 0
+    failed: U32 = 0
+    finished_pieces: U63 = 0
+    """Pieces the task's peers have, over all its peers (progress: this / (``piece_count`` * ``peers``))."""
+    bytes_from_origin: U63 = 0
+    bytes_from_peers: U63 = 0
+    age_ms: U63 = 0
+    """Milliseconds since the scheduler made the task."""
+
+
+class InspectPeer(msgspec.Struct, kw_only=True):
+    """One peer of the inspected task, with the edges of the swarm: the parents the scheduler gave it."""
+
+    peer_id: Id
+    host_id: Id
+    hostname: Name
+    state: PeerStateName
+    finished_pieces: U32 = 0
+    parents: Annotated[list[Id], Meta(max_length=MAX_PARENTS)] = []
+    """Its parents, as last pushed (best first)."""
+    children: U32 = 0
+    uploaded: U32 = 0
+    """Pieces children reported having got from it."""
+    depth: U16 = 0
+    """Hops from a root of the swarm (a peer without parents: the seed, a peer at the origin, a waiting one)."""
+
+
+class SchedInspect(Message, tag="sched.inspect"):
+    """(1.12) A bounded snapshot of the scheduler's state, for ``dfz top`` and the manager's console:
+    totals, one page of hosts and of tasks in a chosen order, and the swarm of one task (``task_id``).
+    Answered by :class:`SchedSnapshot`. Any session may ask (it need not announce a host); a session whose
+    host, or whose CURVE key's host, is in a tenant sees only that tenant (protocol.md §14.3)."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    hosts: Annotated[int, Meta(ge=0, le=MAX_INSPECT_HOSTS)] = 50
+    host_offset: U32 = 0
+    """Hosts to skip in ``host_sort`` order (paging: the previous page's offset plus its length)."""
+    host_sort: HostSort = "upload_rate"
+    tasks: Annotated[int, Meta(ge=0, le=MAX_INSPECT_TASKS)] = 20
+    task_offset: U32 = 0
+    task_sort: TaskSort = "active"
+    task_id: Hex64 | None = None
+    """The task whose peers (the swarm) the snapshot holds; none: no peers."""
+    peers: Annotated[int, Meta(ge=0, le=MAX_INSPECT_PEERS)] = 100
+    """Most peers of ``task_id``, in breadth-first order from its roots (parents before their children)."""
+
+
+class SchedSnapshot(Message, tag="sched.snapshot"):
+    """Reply to :class:`SchedInspect` (1.12). Totals cover everything the asker may see; the lists are the
+    pages asked for, cut short (``truncated``) when the header frame's budget ran out."""
+
+    KIND: ClassVar[Kind] = Kind.REPLY
+    scheduler: Name
+    clock_ms: U63
+    """The scheduler's monotonic clock (milliseconds, arbitrary origin): divide counter differences by it."""
+    tenant: Tenant = ""
+    """The tenant the view is limited to ("" for none: every tenant)."""
+    hosts_total: U32 = 0
+    seed_hosts: U32 = 0
+    tasks_total: U32 = 0
+    peers_total: U32 = 0
+    downloading: U32 = 0
+    """Peers downloading now (from parents or from the origin)."""
+    upload_rate: U63 = 0
+    """Sum of the hosts' measured upload rates (bytes/s)."""
+    bytes_from_origin: U63 = 0
+    bytes_from_peers: U63 = 0
+    """Bytes the tasks known now got, by source, as their peers reported (counters)."""
+    events: U63 = 0
+    pushes: U63 = 0
+    refused: U63 = 0
+    hosts: Annotated[list[InspectHost], Meta(max_length=MAX_INSPECT_HOSTS)] = []
+    tasks: Annotated[list[InspectTask], Meta(max_length=MAX_INSPECT_TASKS)] = []
+    task: InspectTask | None = None
+    """The task named by ``task_id``, whether or not it is in ``tasks``; none: unknown (or not visible)."""
+    peers: Annotated[list[InspectPeer], Meta(max_length=MAX_INSPECT_PEERS)] = []
+    truncated: bool = False
+    """A list holds fewer records than asked and available, to fit the header frame: ask again from there."""
+
+
 SCHED_TYPES: tuple[type[Message], ...] = (
     SchedAnnounceHost,
     SchedHostAnnounced,
@@ -422,6 +570,8 @@ SCHED_TYPES: tuple[type[Message], ...] = (
     SchedRefused,
     SchedDeleteTask,
     SchedTaskDeleted,
+    SchedInspect,
+    SchedSnapshot,
 )
 """Every ``sched.*`` type; a daemon's catalogue for its scheduler session includes them all."""
 

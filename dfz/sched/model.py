@@ -94,6 +94,10 @@ class Host(_HostLayout):
     changes the host's slots, uploads, load or announcement."""
     scored_free: int = field(default=-1, repr=False)
     scored_part: float = field(default=0.0, repr=False)
+    bytes_uploaded: int = 0
+    """Bytes children reported having got from this host's peers (a counter, for ``sched.inspect``)."""
+    bytes_downloaded: int = 0
+    """Bytes this host's peers reported having got, from parents or the origin (a counter)."""
     tenant: str = ""
     """The tenant the host proved it is in (its verified ticket, ``protocol.md`` §17.10); "" for none. It does
     not change while the host lives: its peers join only tasks of that tenant, and have parents of it only."""

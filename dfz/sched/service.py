@@ -46,6 +46,9 @@ Theory of operation.
   the announce (``BAD_TICKET``). Registrations and task announcements of a host whose ticket expired are
   refused (``BAD_TICKET``: announce again with a fresh one); the core keeps tenants apart (``WRONG_TENANT``).
   The keys come from the configuration (``ticket_keys``) and from the manager session.
+* ``sched.inspect`` (``inspect.py``) reads the core and applies nothing: its snapshot is built at the start
+  of its handler task, between two events, from one consistent state, bounded in work and in size; any
+  session may ask (``_viewer_tenant`` limits a tenant's sessions to their tenant), unless ``inspect`` is off.
 * The tick task applies ``Tick`` at ``core.next_deadline()`` (woken early when an event brings the
   deadline closer) and refreshes the bound hosts.
 """
@@ -119,6 +122,7 @@ from .events import (
     TaskMetadataKnown,
     Tick,
 )
+from .inspect import SnapshotCounters, build_snapshot
 from .messages import (
     MAX_DIGESTS_PER_MESSAGE,
     MAX_PARENTS,
@@ -133,6 +137,7 @@ from .messages import (
     SchedFail,
     SchedHostAnnounced,
     SchedHostLoad,
+    SchedInspect,
     SchedParent,
     SchedParents,
     SchedPeerFailed,
@@ -144,6 +149,7 @@ from .messages import (
     SchedRegisterPeer,
     SchedReschedule,
     SchedSeed,
+    SchedSnapshot,
     SchedTaskAnnounced,
     SchedTaskDeleted,
     SchedTaskInfo,
@@ -169,6 +175,8 @@ _MAX_TICK_SLEEP = 1.0
 _MAX_STRAY_PUSHES = 64
 """Refusals in flight to sessions that have no host (and so no outbox); more are dropped."""
 _MAX_TEXT = 4096
+INSPECT_BURST = 5.0
+"""Seconds over which ``inspect_share`` is averaged: observers may use up to ``5 * inspect_share`` seconds at once."""
 
 RUNTIME_SETTINGS = frozenset(
     (
@@ -243,6 +251,13 @@ class ServiceConfig:
     scheduler accepts, besides the key its own manager session gives. None at all: a host with a ticket is refused."""
     metrics_listen: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
+    inspect: bool = True
+    """Answer ``sched.inspect`` (``dfz top``, the manager's console); off: every inspection is refused
+    (``NOT_ALLOWED``). Who may see what is in protocol.md (§14.3, ``sched.inspect``)."""
+    inspect_share: float = 0.1
+    """The share of the scheduler's time that building snapshots may take, averaged over
+    :data:`INSPECT_BURST` seconds: beyond it, inspections are refused (``INSPECT_BUSY``) until the share is
+    back, so that observers can never starve the daemons' events."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -271,6 +286,9 @@ class ServiceConfig:
                 raise ConfigError(f"{key}: must be an integer from {low} to {high}, got {value!r}")
         if self.scheduler.candidate_parent_limit > MAX_PARENTS:
             raise ConfigError(f"scheduler.candidate_parent_limit: at most {MAX_PARENTS} (parents in one sched.parents push)")
+        share = self.inspect_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ConfigError(f"inspect_share: must be a number in (0, 1], got {share!r}")
         if self.curve_allowed_keys and self.curve_secret_key is None:
             raise ConfigError("curve_allowed_keys: set curve_secret_key too (the scheduler's own key pair)")
         if self.manager:
@@ -319,6 +337,12 @@ class ServiceConfig:
                     values[key] = float(_typed(key, value, int | float, "a number of seconds"))
                 elif key in ("liveness", "max_in_flight", "outbox_limit"):
                     values[key] = _typed(key, value, int, "an integer")
+                elif key == "inspect":
+                    if not isinstance(value, bool):
+                        raise ConfigError(f"inspect: must be true or false, got {value!r}")
+                    values[key] = value
+                elif key == "inspect_share":
+                    values[key] = float(_typed(key, value, int | float, "a number in (0, 1]"))
                 elif key == "curve_secret_key":
                     values[key] = _path(base, _typed(key, value, str, "a file name"))
                 elif key == "curve_allowed_keys":
@@ -410,6 +434,10 @@ class ServiceStats:
     """Hosts removed because a push to them failed or their outbox overflowed."""
     tickets_refused: Counter[str] = field(default_factory=Counter)
     """Tenant tickets refused, by kind (``malformed``, ``signature``, ``expired``, ``wrong_host``, ...)."""
+    inspections: int = 0
+    """``sched.inspect`` requests answered with a snapshot."""
+    inspect_seconds: float = 0.0
+    """Time spent building those snapshots (the scheduler's loop did nothing else meanwhile)."""
 
 
 @dataclass(eq=False)
@@ -539,6 +567,7 @@ class SchedulerService:
             self.server.on_push(report, self._on_report)
         self.server.on_push(SchedHostLoad, self._on_host_load)
         self.server.on_push(SchedTaskDeleted, self._on_task_deleted)
+        self.server.handle(SchedInspect, self._on_inspect)
         self.stats = ServiceStats()
         self.metrics: Metrics | None = None
         """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
@@ -560,6 +589,9 @@ class SchedulerService:
         self._strays = 0
         self._deletions: dict[int, _Deletion] = {}
         self._deletion_serial = 0
+        self._inspect_credit = INSPECT_BURST * self.config.inspect_share
+        """Seconds of snapshot building allowed now (a token bucket refilled at ``inspect_share``)."""
+        self._inspect_refilled = 0.0
 
     @property
     def endpoints(self) -> list[str]:
@@ -726,6 +758,8 @@ class SchedulerService:
         refused = {(code,): n for code, n in stats.refused.items()} or {("none",): 0}
         yield counter("sched_refused", "Requests and reports refused, by error code.", refused, ["code"])
         yield counter("sched_hosts_lost", "Hosts removed because a push to them failed.", stats.hosts_lost)
+        yield counter("sched_inspections", "sched.inspect requests answered with a snapshot.", stats.inspections)
+        yield counter("sched_inspect_seconds", "Time spent building sched.inspect snapshots.", stats.inspect_seconds)
         tickets = {(kind,): n for kind, n in stats.tickets_refused.items()} or {("none",): 0}
         yield counter("sched_tickets_refused", "Tenant tickets refused, by kind.", tickets, ["kind"])
         origin = sum(task.bytes_from_origin for task in core.tasks.values())
@@ -770,6 +804,57 @@ class SchedulerService:
     async def _on_announce_task(self, req: Request) -> SchedTaskAnnounced:
         assert isinstance(req.msg, SchedAnnounceTask)
         return self._announce_task(req.peer, req.msg)  # no await before: applied in arrival order
+
+    async def _on_inspect(self, req: Request) -> SchedSnapshot:
+        assert isinstance(req.msg, SchedInspect)
+        return self._inspect(req.peer, req.msg)  # no await: built between two events, from one state
+
+    def _inspect(self, session: PeerSession, msg: SchedInspect) -> SchedSnapshot:
+        if not self.config.inspect:
+            raise self._refused(SchedErrorCode.NOT_ALLOWED, "this scheduler does not answer sched.inspect (inspect = false)")
+        tenant = self._viewer_tenant(session)
+        started = trio.current_time()
+        share = self.config.inspect_share
+        credit = self._inspect_credit + (started - self._inspect_refilled) * share
+        self._inspect_credit, self._inspect_refilled = min(credit, INSPECT_BURST * share), started
+        if self._inspect_credit <= 0:
+            raise self._refused(
+                SchedErrorCode.INSPECT_BUSY,
+                f"inspections take more than their share ({share:.0%}) of the scheduler's time: ask again in a second",
+            )
+        stats = self.stats
+        snapshot = build_snapshot(
+            self.core.hosts.values(),
+            self.core.tasks.values(),
+            msg,
+            scheduler=self.config.name,
+            now=trio.current_time(),
+            tenant=tenant,
+            # The service's counters are over every tenant: a view limited to one does not get them.
+            counters=None if tenant else SnapshotCounters(stats.events, stats.pushes, sum(stats.refused.values())),
+            find_task=self.core.tasks.get,
+        )
+        spent = trio.current_time() - started
+        self._inspect_credit -= spent
+        self.stats.inspections += 1
+        self.stats.inspect_seconds += spent
+        return snapshot
+
+    def _viewer_tenant(self, session: PeerSession) -> str:
+        """The tenant an inspecting session is limited to: its own host's, else that of a host held by the
+        same CURVE key (a tenant's daemon cannot see more by opening a session that announces nothing);
+        "" (everything) for a session of no tenant. A key holding hosts of two tenants is refused."""
+        binding = self._sessions.get(session.routing_id)
+        if binding is not None and binding.tenant:
+            return binding.tenant
+        if session.user_id is None:
+            return ""
+        tenants = {b.tenant for b in self._hosts.values() if b.user_id == session.user_id and b.tenant}
+        if len(tenants) > 1:
+            raise self._refused(
+                SchedErrorCode.NOT_ALLOWED, "this client's key holds hosts of several tenants: inspect from one of their sessions"
+            )
+        return tenants.pop() if tenants else ""
 
     def _announce_task(self, session: PeerSession, msg: SchedAnnounceTask) -> SchedTaskAnnounced:
         try:
