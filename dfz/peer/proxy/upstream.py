@@ -1,0 +1,194 @@
+"""The forward proxy's client side: one HTTP/1.1 exchange with an origin, streamed both ways (h11 on trio).
+
+Requests that do not go P2P are relayed to their origin as they came (method, target, end-to-end headers,
+body), and the answer is relayed back as it arrives: nothing is buffered beyond one read. One connection
+per exchange (``Connection: close``): the proxy runs on the client's machine, next to the daemon, where
+a TCP connection to a nearby origin costs little; it keeps the code free of a pool's stale-connection
+retries.
+
+What can go wrong, as :class:`UpstreamError` with the HTTP status the proxy answers and who failed:
+the name does not resolve or the connection is refused (502, origin), the origin does not connect or answer
+within :data:`CONNECT_TIMEOUT` / :data:`HEADERS_TIMEOUT` (504, origin), TLS fails (502, origin), the origin
+breaks HTTP (502, origin). A body that stalls for :data:`IDLE_TIMEOUT` or ends early once the answer has
+started can only be cut: :meth:`OriginExchange.body` raises and the caller closes the client's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import h11
+import trio
+
+from ...log import event, get_logger
+
+log = get_logger("peer.proxy.upstream")
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to resolve and connect to an origin (or a CONNECT target)."""
+HEADERS_TIMEOUT = 60.0
+"""Seconds from the end of the request to the origin's status line and headers."""
+IDLE_TIMEOUT = 120.0
+"""Seconds a body (either way) may stall before the exchange is cut."""
+READ_SIZE = 256 * 1024
+MAX_HEADERS = 64 * 1024
+"""Largest response head accepted from an origin."""
+
+
+class UpstreamError(Exception):
+    """The origin could not be reached or broke HTTP: ``status`` is what the proxy answers the client,
+    ``source`` who failed (``origin`` or ``proxy``)."""
+
+    def __init__(self, status: int, message: str, source: str = "origin") -> None:
+        super().__init__(message)
+        self.status = status
+        self.source = source
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an absolute-form request goes: ``scheme://host:port`` and the origin-form target to send."""
+
+    scheme: str
+    host: str
+    port: int
+    target: bytes
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.target.decode('ascii')}"
+
+
+async def connect(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host:port``, or :class:`UpstreamError` (502 unreachable, 504 slow after
+    :data:`CONNECT_TIMEOUT`)."""
+    timeout = CONNECT_TIMEOUT
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise UpstreamError(504, f"{host}:{port} did not accept a connection within {timeout:g} s") from None
+    except socket.gaierror as e:
+        raise UpstreamError(502, f"cannot resolve {host}: {e.strerror or e}") from None
+    except OSError as e:
+        raise UpstreamError(502, f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+
+
+class OriginExchange:
+    """One request to an origin and its answer. Use as ``async with OriginExchange.open(...) as x:``; the
+    connection is closed on leaving."""
+
+    def __init__(self, stream: trio.abc.Stream, target: Target) -> None:
+        self.stream = stream
+        self.target = target
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
+
+    @classmethod
+    async def open(cls, target: Target, *, ssl_context: ssl.SSLContext | None = None) -> OriginExchange:
+        """Connect (and for ``https`` complete the TLS handshake, verified with ``ssl_context``)."""
+        stream: trio.abc.Stream = await connect(target.host, target.port)
+        if target.scheme == "https":
+            assert ssl_context is not None, "https needs an SSL context"
+            tls = trio.SSLStream(stream, ssl_context, server_hostname=target.host, https_compatible=True)
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError) as e:
+                await trio.aclose_forcefully(stream)
+                cause = e.__cause__ if isinstance(e, trio.BrokenResourceError) and e.__cause__ else e
+                raise UpstreamError(502, f"TLS with {target.authority} failed: {cause}") from None
+            stream = tls
+        return cls(stream, target)
+
+    async def __aenter__(self) -> OriginExchange:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+    async def _send(self, ev: h11.Event) -> None:
+        data = self.conn.send(ev)
+        if data:
+            try:
+                with trio.fail_after(IDLE_TIMEOUT):
+                    await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
+                raise UpstreamError(502, f"{self.target.authority} closed the connection while sent the request: {e}") from None
+
+    async def send_request(
+        self, method: bytes, headers: Sequence[tuple[bytes, bytes]], body: AsyncIterator[bytes] | None
+    ) -> None:
+        """Send the request: ``headers`` are the end-to-end ones (``Host`` and framing are set here).
+        ``body`` is streamed; with no ``Content-Length`` among ``headers`` it is sent chunked."""
+        out = [(n, v) for n, v in headers if n.lower() not in (b"host", b"content-length", b"connection")]
+        length = [v for n, v in headers if n.lower() == b"content-length"]
+        framing: list[tuple[bytes, bytes]] = []
+        if length:
+            framing = [(b"content-length", length[0])]
+        elif body is not None:
+            framing = [(b"transfer-encoding", b"chunked")]
+        request = h11.Request(
+            method=method,
+            target=self.target.target,
+            headers=[(b"host", self.target.authority.encode("ascii")), *out, *framing, (b"connection", b"close")],
+        )
+        try:
+            await self._send(request)
+            if body is not None:
+                async for chunk in body:
+                    await self._send(h11.Data(data=chunk))
+            await self._send(h11.EndOfMessage())
+        except h11.LocalProtocolError as e:
+            raise UpstreamError(400, f"the request cannot be relayed: {e}", source="proxy") from None
+
+    async def _next_event(self, wait: float) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise UpstreamError(502, f"{self.target.authority} broke HTTP/1.1: {e}") from None
+            if ev is not h11.NEED_DATA:
+                return ev
+            try:
+                with trio.fail_after(wait):
+                    data = await self.stream.receive_some(READ_SIZE)
+            except trio.TooSlowError:
+                raise UpstreamError(504, f"{self.target.authority} sent nothing for {wait:g} s") from None
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as e:
+                raise UpstreamError(502, f"{self.target.authority} reset the connection: {e}") from None
+            self.conn.receive_data(bytes(data))
+
+    async def response(self) -> h11.Response:
+        """The origin's final answer head (interim 1xx answers are skipped)."""
+        while True:
+            ev = await self._next_event(HEADERS_TIMEOUT)
+            if isinstance(ev, h11.Response):
+                return ev
+            if isinstance(ev, h11.InformationalResponse):
+                continue
+            if isinstance(ev, h11.ConnectionClosed):
+                raise UpstreamError(502, f"{self.target.authority} closed the connection without an answer")
+            raise UpstreamError(502, f"{self.target.authority} sent {type(ev).__name__} before an answer")
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The answer's body as it arrives; raises :class:`UpstreamError` when it stalls or is cut short."""
+        while True:
+            ev = await self._next_event(IDLE_TIMEOUT)
+            if isinstance(ev, h11.Data):
+                yield bytes(ev.data)
+            elif isinstance(ev, h11.EndOfMessage):
+                return
+            else:
+                event(log, logging.DEBUG, "proxy.origin_cut", origin=self.target.authority, got=type(ev).__name__)
+                raise UpstreamError(502, f"{self.target.authority} ended the answer early")
