@@ -127,6 +127,8 @@ from .config import DaemonConfig
 from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, PieceFailure
 from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
+from .proxy.mirror import RegistryMirror
+from .proxy.server import ProxyServer
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceBackend, SourceEntry, SourceError, SourceRegistry, default_registry
@@ -905,6 +907,9 @@ class Daemon:
         self.metrics: Metrics | None = None
         """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
         self.metrics_url = ""
+        self.proxy: ProxyServer | None = None
+        """The proxy port (registry mirror), when ``proxy_listen`` is set; ``proxy_url`` where it listens."""
+        self.proxy_url = ""
         self.piece_seconds: Histogram | None = None
         if config.metrics_listen:
             self.metrics = Metrics("daemon")
@@ -982,6 +987,9 @@ class Daemon:
                     self.manager = await nursery.start(self._manager_agent().run)
                 if self.metrics is not None:
                     self.metrics_url = await nursery.start(serve_metrics, self.metrics, cfg.metrics_listen)
+                if cfg.proxy_listen:
+                    self.proxy = await nursery.start(self._proxy_server().run)
+                    self.proxy_url = self.proxy.url
                 nursery.start_soon(self._tenant_guard)
                 nursery.start_soon(self._cache_announcer)
                 nursery.start_soon(self._load_reporter)
@@ -999,6 +1007,21 @@ class Daemon:
         finally:
             self._nursery = None
             self._storage.close()
+
+    def _proxy_server(self) -> ProxyServer:
+        """The proxy port: the registry mirror on ``/v2/...`` (pass-through requests go by the ``http``
+        backend, with this daemon's TLS settings)."""
+        http = self.sources.backend_for("http://proxy")
+        if not isinstance(http, HTTPBackend):  # a test's stand-in for the http scheme
+            http = HTTPBackend(ca_bundle=self.config.http_ca_bundle or None, insecure=self.config.http_insecure)
+        mirror = RegistryMirror(
+            self,
+            self.storage,
+            http,
+            default_upstream=self.config.mirror_upstream,
+            plain_http=self.config.oci_plain_http,
+        )
+        return ProxyServer(self.config.proxy_listen, mirror=mirror)
 
     def _collect_metrics(self) -> Iterable[Metric]:
         totals, server = self.totals, self.piece_server.stats
