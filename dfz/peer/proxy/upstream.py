@@ -70,6 +70,17 @@ class Target:
         return f"{self.scheme}://{self.authority}{self.target.decode('ascii')}"
 
 
+def origin_ssl_context(ca_bundle: str = "", insecure: bool = False) -> ssl.SSLContext:
+    """The client TLS context for ``https`` origins, with the trust of the daemon's back-to-source client:
+    the system's CAs, or the PEM file ``ca_bundle`` (``http_ca_bundle``); no verification when ``insecure``."""
+    context = ssl.create_default_context(cafile=ca_bundle or None)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 async def connect(host: str, port: int) -> trio.SocketStream:
     """A TCP connection to ``host:port``, or :class:`UpstreamError` (502 unreachable, 504 slow after
     :data:`CONNECT_TIMEOUT`)."""
