@@ -216,12 +216,19 @@ class RepoServer:
     """nginx on a free port of 127.0.0.1 serving ``DIR/www``, logging ``URI STATUS BODY_BYTES "VIA"`` per request."""
 
     dir: Path
+    tls: tuple[Path, Path] | None = None
+    """A certificate and its key (PEM) for 127.0.0.1: nginx also serves HTTPS, on :attr:`tls_port`."""
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    tls_port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
 
     @property
     def log(self) -> Path:
@@ -231,6 +238,11 @@ class RepoServer:
         nginx = benchlib.ensure_nginx()
         self.port = benchlib.free_port()
         root = self.dir
+        tls = ""
+        if self.tls is not None:
+            self.tls_port = benchlib.free_port()
+            cert, key = self.tls
+            tls = f"listen 127.0.0.1:{self.tls_port} ssl;\n        ssl_certificate {cert};\n        ssl_certificate_key {key};"
         (root / "www").mkdir(parents=True, exist_ok=True)
         conf = root / "nginx.conf"
         conf.write_text(
@@ -252,6 +264,7 @@ http {{
     scgi_temp_path {root}/tmp-scgi;
     server {{
         listen 127.0.0.1:{self.port};
+        {tls}
         root {root}/www;
         autoindex on;
     }}
@@ -261,6 +274,8 @@ http {{
         self.proc = subprocess.Popen([nginx, "-p", str(root), "-c", str(conf), "-e", f"{root}/error.log"])
         try:
             benchlib.wait_port(self.port)
+            if self.tls_port:
+                benchlib.wait_port(self.tls_port)
         except BaseException:
             self.stop()
             raise

@@ -59,6 +59,35 @@ def make_ca(directory: Path, name: str, *, ca: bool = True) -> CAFiles:
     return files
 
 
+def make_leaf(ca: CAFiles, directory: Path, host: str = "127.0.0.1") -> CAFiles:
+    """A server certificate for the IP address ``host`` signed by ``ca``, and its key, as PEM files."""
+    import ipaddress
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = CAFiles(directory / f"{host}.pem", directory / f"{host}.key")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    files.key.chmod(0o644)  # nginx's workers read it
+    return files
+
+
 @dataclass(frozen=True)
 class CurlResult:
     returncode: int

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from e2e_helpers import Procs, dfz_cmd, read_line
-from proxy_helpers import curl
+from proxy_helpers import CAFiles, curl, make_ca, make_leaf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import proxy_testbed as bed
@@ -39,11 +39,15 @@ class World:
     proxies: dict[str, str]
     """Daemon name (``a``, ``b``) -> its proxy port's URL."""
     built: dict[str, Path]
+    operator_ca: CAFiles
+    """The CA the daemons intercept HTTPS to 127.0.0.1 with (the origin's own CA is another)."""
 
     def env(self) -> dict[str, str]:
-        """The environment of a client: no proxy from the outside, no cache of the user's."""
-        drop = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
-        return {k: v for k, v in os.environ.items() if k.lower() not in drop} | {"PIP_NO_CACHE_DIR": "1"}
+        """The environment of a client: no proxy, pip settings or CA bundle from the outside (requests takes
+        ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` over pip's ``--cert``), no pip configuration file."""
+        drop = {"http_proxy", "https_proxy", "no_proxy", "all_proxy", "requests_ca_bundle", "curl_ca_bundle"}
+        kept = {k: v for k, v in os.environ.items() if k.lower() not in drop and not k.startswith("PIP_")}
+        return kept | {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_CACHE_DIR": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,10 @@ def world() -> Iterator[World]:
     with tempfile.TemporaryDirectory(prefix="dfz-px-", dir="/tmp") as d:
         root = Path(d)
         built = bed.build_all(root / "repo")
-        repo = bed.RepoServer(root / "repo").start()
+        origin_ca, operator_ca = make_ca(root / "pki", "origin-ca"), make_ca(root / "pki", "operator-ca")
+        leaf = make_leaf(origin_ca, root / "pki")
+        (root / "pki").chmod(0o755)
+        repo = bed.RepoServer(root / "repo", tls=(leaf.cert, leaf.key)).start()
         try:
             with (root / "sched.log").open("ab") as log:
                 sched = procs.start(dfz_cmd("sched", "--listen", "tcp://127.0.0.1:0"), stdout=subprocess.PIPE, stderr=log)
@@ -64,30 +71,33 @@ def world() -> Iterator[World]:
             proxies: dict[str, str] = {}
             for name in ("seed", "a", "b"):
                 argv = dfz_cmd("seed" if name == "seed" else "daemon", "--data-dir", str(root / name), "--scheduler", scheduler)
+                argv += ["--http-ca-bundle", str(origin_ca.cert)]  # the peers that go to the origin trust it
                 if name != "seed":
                     argv += ["--proxy-listen", "127.0.0.1:0", *[x for rule in RULES for x in ("--proxy-rule", rule)]]
+                    argv += ["--proxy-connect-allow", r"127\.0\.0\.1:\d+", "--proxy-intercept", r"127\.0\.0\.1"]
+                    argv += ["--proxy-ca-cert", str(operator_ca.cert), "--proxy-ca-key", str(operator_ca.key)]
                 with (root / f"{name}.log").open("ab") as log:
                     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=log)
                 if name == "seed":
                     read_line(proc, "api ")
                 else:
                     proxies[name] = read_line(proc, "proxy ")
-            yield World(root, repo, proxies, built)
+            yield World(root, repo, proxies, built, operator_ca)
         finally:
             procs.kill_all()
             repo.stop()
 
 
-def _second_fetch_from_peers(world: World, uri: str, size: int, fetch: object) -> tuple[int, int]:
-    """Fetch through daemon A then B (``fetch(name)``); the origin's body bytes for ``uri`` after each."""
-    assert callable(fetch)
+def _second_fetch_from_peers(world: World, uri: str, size: int, fetch: Callable[[str], None]) -> tuple[int, int]:
+    """Fetch through daemon A then B (``fetch(name)``); the origin's body bytes for ``uri`` during each."""
+    before = world.repo.settled(uri)
     fetch("a")
-    first = world.repo.settled(uri)
+    first = world.repo.settled(uri) - before
     assert size <= first <= size + 1024, f"the origin served {first} bytes of {uri} ({size} bytes) for the first fetch"
     fetch("b")
-    second = world.repo.settled(uri)
-    print(f"\n{uri}: {size} bytes; origin body bytes after fetch via A: {first}, after fetch via B: {second}")
-    assert second == first, f"the second fetch (daemon B) took {second - first} bytes of {uri} from the origin"
+    second = world.repo.settled(uri) - before - first
+    print(f"\n{uri}: {size} bytes; origin body bytes for the fetch via A: {first}, for the fetch via B: {second}")
+    assert second == 0, f"the second fetch (daemon B) took {second} bytes of {uri} from the origin"
     return first, second
 
 
@@ -140,8 +150,36 @@ def test_pip_installs_from_a_simple_index_through_the_proxy(world: World) -> Non
 
     uri = f"/packages/{bed.WHEEL_FILE}"
     _second_fetch_from_peers(world, uri, wheel.stat().st_size, fetch)
-    index = [via for u, status, _, via in world.repo.requests() if u.startswith(f"/simple/{bed.WHEEL_NAME}/")]
-    assert index == ["1.1 dfz", "1.1 dfz"]  # the index page passed through, once per install
+    index = [via for u, _, _, via in world.repo.requests() if u.startswith(f"/simple/{bed.WHEEL_NAME}/")]
+    assert index[-2:] == ["1.1 dfz", "1.1 dfz"]  # the index page passed through, once per install
+
+
+def test_pip_installs_over_https_intercepted_by_the_proxy(world: World) -> None:
+    """pip trusts the operator's CA (``--cert``); the daemons decrypt the tunnels to 127.0.0.1 and send the
+    https:// wheel P2P like an http:// one, and pass the index through to the origin over TLS."""
+    wheel = world.built["wheel"]
+
+    def fetch(name: str) -> None:
+        target = world.root / f"pip-tls-{name}"
+        done = subprocess.run(
+            [
+                *[sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir"],
+                *["--index-url", f"{world.repo.tls_url}/simple/", "--proxy", world.proxies[name]],
+                *["--cert", str(world.operator_ca.cert), "--target", str(target), bed.WHEEL_NAME],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=world.env(),
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (target / bed.WHEEL_NAME / "__init__.py").exists()
+
+    requests_before = len(world.repo.requests())
+    _second_fetch_from_peers(world, f"/packages/{bed.WHEEL_FILE}", wheel.stat().st_size, fetch)
+    index = [via for u, _, _, via in world.repo.requests()[requests_before:] if u.startswith(f"/simple/{bed.WHEEL_NAME}/")]
+    assert index == ["1.1 dfz", "1.1 dfz"]  # read inside the tunnel by the proxy, which added itself to Via
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="apt-get install needs root")
