@@ -404,3 +404,43 @@ def test_a_blob_that_does_not_match_its_digest_is_never_delivered_whole(cluster:
             r = c.get(path, headers=registry)
             assert r.status_code == 502 and r.headers[ERROR_SOURCE_HEADER] == "origin"
             assert "digest" in r.headers[ERROR_HEADER]
+
+
+@pytest.mark.timeout(60)
+def test_bearer_token_auth_through_the_mirror(cluster: Cluster, tmp_path: Path) -> None:
+    """A registry with a token service (tests/stub_origin.py): the mirror relays its Bearer challenge, the
+    client fetches a token from the realm itself and sends it through the mirror, which uses it upstream
+    (for the blob's HEAD, and for the download, whose redirect to storage on another host drops it)."""
+    from stub_origin import running
+
+    blob = random.Random(19).randbytes(300_000)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / digest).write_bytes(blob)
+    with running(tmp_path, "--registry-login", "alice:s3cret") as base:
+        registry = {"X-Dfz-Registry": base}
+        gets: list[int] = []
+        for mirror in cluster.mirrors:
+            with httpx.Client(base_url=mirror, timeout=30) as c:
+                r = c.get(f"/v2/team/app/blobs/{digest}", headers=registry)
+                assert r.status_code == 401 and r.headers[ERROR_SOURCE_HEADER] == "origin"
+                challenge = r.headers["www-authenticate"]
+                assert challenge.startswith("Bearer realm=") and 'scope="repository:team/app:pull"' in challenge
+                realm = challenge.split('realm="', 1)[1].split('"', 1)[0]
+                token = httpx.get(
+                    realm, params={"service": "stub-registry", "scope": "repository:team/app:pull"}, auth=("alice", "s3cret")
+                ).json()["token"]
+                bearer = {**registry, "Authorization": f"Bearer {token}"}
+                h = c.head(f"/v2/team/app/blobs/{digest}", headers=bearer)
+                assert h.status_code == 200 and int(h.headers["content-length"]) == len(blob)
+                r = c.get(f"/v2/team/app/blobs/{digest}", headers=bearer)
+                assert r.status_code == 200 and r.content == blob
+                r = c.get(f"/v2/team/app/blobs/{digest}", headers={**registry, "Authorization": "Bearer forged"})
+                assert r.status_code == 401
+                gets.append(storage_gets(tmp_path / "origin.log", digest))
+    # The first daemon's seed read the blob from storage; the second daemon got it from peers.
+    assert gets[0] > 0 and gets[1] == gets[0], (tmp_path / "origin.log").read_text()
+
+
+def storage_gets(log: Path, digest: str) -> int:
+    return sum(1 for line in log.read_text().splitlines() if line.startswith(f"GET /storage/{digest}"))

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import h11
 import pytest
 import trio
+import trio.lowlevel
 
 from dfz.peer.proxy.server import ERROR_HEADER, ERROR_SOURCE_HEADER, ErrorSource, Exchange, ProxyLimits, ProxyServer, parse_listen
 
@@ -206,3 +207,48 @@ def test_parse_listen() -> None:
     for bad in ("127.0.0.1", ":80", "host:99999", "http://x:1", ""):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_listen(bad)
+
+
+async def test_client_gone_mid_stream_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that disconnects while a handler streams to it from a nursery (as serve_task does) ends
+    that exchange only: no error is logged, the server goes on."""
+    sent = trio.Event()
+
+    async def endless(exchange: Exchange) -> None:
+        await exchange.start(200, [("Content-Type", "application/octet-stream")])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            while True:
+                await exchange.send(b"x" * 65536)
+                sent.set()
+                await trio.lowlevel.checkpoint()
+
+    async def failing_in_nursery(exchange: Exchange) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            raise KeyError("bug")
+
+    caplog.set_level("INFO", logger="dfz")
+    async with server(mirror=endless, forward=failing_in_nursery) as s:
+        stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+        await stream.send_all(b"GET /v2/blob HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 200 OK")
+        await sent.wait()
+        await stream.aclose()
+        await trio.sleep(0.2)
+        assert not [r for r in caplog.records if "handler_failed" in r.getMessage()]
+        r, body = await Client(await trio.open_tcp_stream("127.0.0.1", s.port)).request("GET", "http://example.com/")
+        assert r.status_code == 500 and body == b"internal error: KeyError\n"
+        assert [r for r in caplog.records if "handler_failed" in r.getMessage()]
+
+
+async def test_expect_100_continue() -> None:
+    async with server(mirror=echo) as s:
+        stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+        await stream.send_all(b"POST /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 100 ")
+        await stream.send_all(b"hello")
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            data += await stream.receive_some(1000)
+        assert data.startswith(b"HTTP/1.1 200 OK") and b"\r\nPOST /v2/ 5\r\n" in data

@@ -179,6 +179,8 @@ class Exchange:
     async def body(self) -> AsyncIterator[bytes]:
         """The request body, part by part as it arrives (nothing for a request without one). Raises
         :class:`trio.TooSlowError` when the client stalls for ``read_timeout``."""
+        if self._conn.h11.client_is_waiting_for_100_continue and not self.started:
+            await self._conn.send(h11.InformationalResponse(status_code=100, headers=[]))
         while not self.body_done:
             with trio.fail_after(self._conn.limits.read_timeout):
                 ev = await self._conn.next_event()
@@ -309,6 +311,13 @@ class _Connection:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise _ClientGone(f"connection lost: {e}") from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def _reason(status: int) -> bytes:
@@ -442,15 +451,27 @@ class ProxyServer:
             if not exchange.started:
                 await self._error_safely(exchange, 408, ErrorSource.PROXY, "the request body stalled")
             return False
+        except BaseExceptionGroup as group:  # from a handler's nursery
+            _, other = group.split((_ClientGone, trio.TooSlowError))
+            if other is None:  # the client went away (or stalled) while a handler's tasks served it
+                return False
+            leaves = _leaves(other)
+            if not all(isinstance(e, Exception) for e in leaves):
+                raise
+            await self._handler_failed(exchange, leaves[0])
+            return False
         except Exception as e:
-            event(log, logging.ERROR, "proxy.handler_failed", method=exchange.method, target=exchange.target[:200], error=repr(e))
-            if not exchange.started:
-                await self._error_safely(exchange, 500, ErrorSource.DAEMON, f"internal error: {type(e).__name__}")
+            await self._handler_failed(exchange, e)
             return False
         if not exchange.started:
             await self._error_safely(exchange, 500, ErrorSource.DAEMON, "internal error: the handler sent no response")
             return False
         return exchange.ended or exchange.tunnelled  # a response cut short: closing says so
+
+    async def _handler_failed(self, exchange: Exchange, e: BaseException) -> None:
+        event(log, logging.ERROR, "proxy.handler_failed", method=exchange.method, target=exchange.target[:200], error=repr(e))
+        if not exchange.started:
+            await self._error_safely(exchange, 500, ErrorSource.DAEMON, f"internal error: {type(e).__name__}")
 
     def _handler_for(self, exchange: Exchange) -> tuple[Handler | None, str]:
         target = exchange.target

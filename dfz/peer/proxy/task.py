@@ -10,8 +10,12 @@ as a whole (with the request's ``digest`` checked over the whole content): if it
 closed before the body is complete, so a client never takes a wrong or partial body for a whole one.
 
 Range requests (``Range: bytes=A-B``, ``bytes=A-``, ``bytes=-N``; one range) are answered ``206`` with
-``Content-Range`` as soon as the pieces covering the range are stored; the daemon downloads a task whole
-(the swarm trades whole tasks), so the rest of the task keeps arriving into the cache meanwhile. A range
+``Content-Range`` as soon as the pieces covering the range are stored (each verified), without waiting for
+the whole content's digest, which a part cannot be checked against (a registry client checks the blob it
+assembles; a small range of a large file, such as a model file's header, is not held up by the rest). The
+daemon cannot fetch a range alone: it downloads the task's pieces in the swarm's order (rarest first), so
+the range waits for the pieces it covers, which may come late; once the range is sent and nobody else waits
+for the task, the download stops and the pieces stored so far stay in the cache for the next request. A range
 that starts at or after the end is ``416`` (``Content-Range: bytes */LENGTH``). Several ranges, or an
 ``If-Range`` that does not match the ETag given, get the whole content (``200``), as RFC 9110 allows.
 
@@ -195,21 +199,28 @@ async def _answer(
             await exchange.start(200, base, content_length=length)
         await exchange.end()
         return
-    # 2. the task in storage, once the daemon made it
+    # 2. the task in storage, once the daemon made it and knows its layout
     stored: StoredTask | None = None
-    while stored is None:
+    while True:
         failed = follower.failed
         if failed is not None:
             status, source = status_of(failed.error_kind)
             await exchange.error(status, source, failed.error or "the download failed")
             return
-        stored = await trio.to_thread.run_sync(store.get, tid)
         if stored is None:
-            if follower.done:
-                await exchange.error(500, ErrorSource.DAEMON, "the finished task is not in the daemon's storage")
-                return
-            await follower.changed.wait()
-    if isinstance(wanted, tuple):
+            stored = await trio.to_thread.run_sync(store.get, tid)
+        layout = stored.layout() if stored is not None else None
+        if stored is not None and layout is not None:
+            break
+        if follower.done:
+            await exchange.error(500, ErrorSource.DAEMON, "the finished task is not in the daemon's storage")
+            return
+        await follower.changed.wait()
+    if layout.content_length != length:
+        await exchange.error(500, ErrorSource.DAEMON, "the stored task's length is not the download's")
+        return
+    ranged = isinstance(wanted, tuple)
+    if ranged:
         await exchange.start(206, [*base, ("Content-Range", f"bytes {start}-{end - 1}/{length}")], content_length=end - start)
     else:
         await exchange.start(200, base, content_length=length)
@@ -218,11 +229,8 @@ async def _answer(
         if follower.succeeded:
             await exchange.end()
         return
-    # 3. the pieces, in order, as they are stored; the last part only once the whole download succeeded
-    layout = stored.layout()
-    if layout is None or layout.content_length != length:
-        event(log, logging.WARNING, "proxy.layout_mismatch", task=tid[:16])
-        return
+    # 3. the pieces, in order, as they are stored; the last part of a whole body only once the whole
+    # download succeeded (its digest checked): a complete 200 claims the content is whole and right
     first, last = start // layout.piece_length, (end - 1) // layout.piece_length
     for index in range(first, last + 1):
         while not stored.has_piece(index):
@@ -239,7 +247,7 @@ async def _answer(
             return
         p_start, p_end = layout.span(index)
         view = memoryview(data)[max(start, p_start) - p_start : min(end, p_end) - p_start]
-        if index == last:
+        if index == last and not ranged:
             await _until_final(follower)
             if not follower.succeeded:
                 _cut_short(tid, follower)
