@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from e2e_helpers import Route as OriginRoute
 from e2e_helpers import serve_origin
 from proxy_helpers import CAFiles, curl, make_ca
@@ -32,7 +33,7 @@ from dfz.peer.proxy.rules import (
     with_via,
 )
 from dfz.peer.proxy.server import Exchange, ProxyServer
-from dfz.peer.proxy.tunnel import BadAuthority, parse_authority
+from dfz.peer.proxy.tunnel import BadAuthority, parse_authority, splice
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -332,3 +333,81 @@ async def test_garbage_gets_400_and_the_proxy_keeps_serving() -> None:
                 assert b"x-dfz-error-source: proxy" in answer.lower()
             r = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/ok", proxy=proxy))
             assert (r.status, r.body) == (200, DATA)
+
+
+# --- tunnels, certificates and the command line -----------------------------------------------------------
+
+
+async def test_splice_copies_both_ways_passes_half_close_and_ends_when_idle() -> None:
+    client_near, client_far = trio.testing.memory_stream_pair()
+    target_near, target_far = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        moved: list[int] = []
+
+        async def run() -> None:
+            moved.append(await splice(client_far, target_near, idle_timeout=30))
+
+        nursery.start_soon(run)
+        await client_near.send_all(b"hello target")
+        assert await target_far.receive_some(100) == b"hello target"
+        await target_far.send_all(b"hello client")
+        assert await client_near.receive_some(100) == b"hello client"
+        await client_near.send_eof()  # the client is done sending: the target hears EOF ...
+        assert await target_far.receive_some(100) == b""
+        await target_far.send_all(b"late answer")  # ... and may still answer
+        assert await client_near.receive_some(100) == b"late answer"
+        await target_far.send_eof()
+        assert await client_near.receive_some(100) == b""
+    assert moved == [len(b"hello target") + len(b"hello client") + len(b"late answer")]
+
+    # Nothing moving: the tunnel ends by itself.
+    _, quiet_far = trio.testing.memory_stream_pair()
+    other_near, _ = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        assert await splice(quiet_far, other_near, idle_timeout=0.2) == 0
+
+
+def test_leaf_certificates_name_the_host_and_chain_to_the_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    files = make_ca(tmp_path, "operator")
+    ca = CertificateAuthority.load(files.cert, files.key)
+    dns = ca.leaf("files.example")
+    dns.verify_directly_issued_by(ca.cert)
+    names = dns.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["files.example"]
+    assert not dns.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    ip = ca.leaf("::1")
+    addresses = ip.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+    assert [str(a) for a in addresses] == ["::1"]
+    assert ip.not_valid_after_utc <= ca.cert.not_valid_after_utc
+    assert ca.server_context("files.example") is ca.server_context("files.example")  # minted once
+
+
+def test_bad_proxy_flags_stop_the_daemon_with_the_reason(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dfz.cli", "daemon", "--data-dir", str(tmp_path / "d"), "--proxy-rule", "(unclosed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "proxy_rules[0]: regex: '(unclosed' is not a valid regular expression" in done.stderr
+
+
+async def test_http_1_0_clients_and_streamed_answers_pass_through() -> None:
+    with serve_origin({"/chunked": OriginRoute(DATA, chunked=True), "/file": OriginRoute(DATA)}) as origin:
+        async with forward_proxy(ProxyPolicy()) as proxy:
+            old = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/chunked", "-0", proxy=proxy))
+            assert (old.status, old.body) == (200, DATA)
+            assert "transfer-encoding" not in old.headers  # an HTTP/1.0 client gets the body until close
+            new = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/chunked", proxy=proxy))
+            assert (new.status, new.body, new.headers["transfer-encoding"]) == (200, DATA, "chunked")
+            # Keep-alive to the proxy: two URLs on one curl connection.
+            both = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/file", f"{origin.url}/file", "-v", proxy=proxy))
+            assert both.body.startswith(DATA) and both.body.endswith(DATA)  # the second head is in between
+            assert "Re-using existing connection" in both.stderr

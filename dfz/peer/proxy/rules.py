@@ -85,7 +85,10 @@ class ProxyRule:
     def from_value(cls, value: Any, index: int) -> ProxyRule:
         """A rule from the config: a table ``{regex = "...", direct = false}`` or a bare expression string."""
         if isinstance(value, str):
-            return cls(value)
+            try:
+                return cls(value)
+            except RuleError as e:
+                raise RuleError(str(e).replace("proxy_rules:", f"proxy_rules[{index}]:", 1)) from None
         if not isinstance(value, Mapping):
             raise RuleError(f"proxy_rules[{index}]: a table {{regex = '...', direct = false}} or a string, got {value!r}")
         unknown = set(value) - {"regex", "direct"}
