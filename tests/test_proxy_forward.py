@@ -5,6 +5,7 @@ pip, apt, Maven) is in test_proxy_clients.py."""
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -411,3 +412,42 @@ async def test_http_1_0_clients_and_streamed_answers_pass_through() -> None:
             both = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/file", f"{origin.url}/file", "-v", proxy=proxy))
             assert both.body.startswith(DATA) and both.body.endswith(DATA)  # the second head is in between
             assert "Re-using existing connection" in both.stderr
+
+
+async def keep_alive_origin(nursery: trio.Nursery, counts: dict[str, int], *, close_after_each: bool) -> int:
+    """A raw HTTP/1.1 origin that answers every request ``hello`` with a Content-Length (so the connection may
+    be kept), counting connections and requests; with ``close_after_each`` it closes the connection after
+    each answer without saying so (what an origin does to a connection it found idle too long)."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        counts["connections"] += 1
+        buffer = b""
+        async with stream:
+            while data := await stream.receive_some(65536):
+                buffer += data
+                while b"\r\n\r\n" in buffer:
+                    _, buffer = buffer.split(b"\r\n\r\n", 1)
+                    counts["requests"] += 1
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                    if close_after_each:
+                        return
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+@pytest.mark.parametrize("close_after_each", [False, True])
+async def test_origin_connections_are_kept_alive_and_a_stale_one_is_replaced(close_after_each: bool) -> None:
+    counts = {"connections": 0, "requests": 0}
+    async with trio.open_nursery() as nursery:
+        port = await keep_alive_origin(nursery, counts, close_after_each=close_after_each)
+        async with forward_proxy(ProxyPolicy()) as proxy:
+            for _ in range(3):  # three clients, one after another
+                r = await trio.to_thread.run_sync(lambda: curl(f"http://127.0.0.1:{port}/x", proxy=proxy))
+                assert (r.status, r.body) == (200, b"hello"), r.stderr
+        nursery.cancel_scope.cancel()
+    if close_after_each:
+        # Each reuse found the connection closed, and the request went again on a new one.
+        assert counts == {"connections": 3, "requests": 3}
+    else:
+        assert counts == {"connections": 1, "requests": 3}

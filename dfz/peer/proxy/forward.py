@@ -127,6 +127,8 @@ class ForwardProxy:
         self.origin_tls = origin_tls
         self.ca = ca
         self.serve_stream = serve_stream
+        self.pool = upstream.OriginPool()
+        """Kept-alive connections to origins, for pass-through requests."""
 
     # -- absolute-form requests --
 
@@ -160,17 +162,25 @@ class ForwardProxy:
         body: AsyncIterator[bytes] | None = exchange.body() if _has_body(exchange) else None
         if body is None and exchange.header("content-length") is not None:
             headers = [(n, v) for n, v in headers if n != b"content-length"] + [(b"content-length", b"0")]
-        try:
-            tls = self.origin_tls if target.scheme == "https" else None
-            async with await upstream.OriginExchange.open(target, ssl_context=tls) as origin:
-                await origin.send_request(exchange.method.encode("ascii"), headers, body)
-                response = await origin.response()
-                await self._relay(exchange, origin, response)
-        except upstream.UpstreamError as e:
-            event(log, logging.INFO, "proxy.origin_failed", url=target.url, status=e.status, error=str(e))
-            if not exchange.started:
-                await exchange.error(e.status, ErrorSource(e.source), str(e))
-            # Otherwise the answer is cut short: the server closes the client's connection, which says so.
+        tls = self.origin_tls if target.scheme == "https" else None
+        method = exchange.method.encode("ascii")
+        for attempt in range(2):
+            try:
+                # A request with a body is sent once, on a new connection: it could not be sent again.
+                fresh = body is not None or attempt > 0
+                async with await upstream.OriginExchange.open(target, ssl_context=tls, pool=self.pool, fresh=fresh) as origin:
+                    await origin.send_request(method, headers, body)
+                    response = await origin.response()
+                    await self._relay(exchange, origin, response)
+                return
+            except upstream.StaleConnection as e:
+                event(log, logging.DEBUG, "proxy.origin_stale", url=target.url, error=str(e))
+            except upstream.UpstreamError as e:
+                event(log, logging.INFO, "proxy.origin_failed", url=target.url, status=e.status, error=str(e))
+                if not exchange.started:
+                    await exchange.error(e.status, ErrorSource(e.source), str(e))
+                # Otherwise the answer is cut short: the server closes the client's connection, which says so.
+                return
 
     async def _relay(self, exchange: Exchange, origin: upstream.OriginExchange, response: object) -> None:
         import h11

@@ -1,10 +1,15 @@
 """The forward proxy's client side: one HTTP/1.1 exchange with an origin, streamed both ways (h11 on trio).
 
 Requests that do not go P2P are relayed to their origin as they came (method, target, end-to-end headers,
-body), and the answer is relayed back as it arrives: nothing is buffered beyond one read. One connection
-per exchange (``Connection: close``): the proxy runs on the client's machine, next to the daemon, where
-a TCP connection to a nearby origin costs little; it keeps the code free of a pool's stale-connection
-retries.
+body), and the answer is relayed back as it arrives: nothing is buffered beyond one read.
+
+Connections to origins are kept alive between exchanges (:class:`OriginPool`, per scheme, host and port:
+a TLS handshake with a distant origin costs more than the small requests a package manager sends). A
+connection goes back to the pool only after an exchange that both sides finished cleanly without closing
+it; one idle for :data:`POOL_IDLE` seconds is closed when next looked at. An origin may close an idle
+connection at any moment: an exchange on a reused connection that fails before any byte of the answer
+arrived raises :class:`StaleConnection`, and the caller sends the request again on a new connection (only
+requests without a body are sent on a reused connection, so they can be sent again).
 
 What can go wrong, as :class:`UpstreamError` with the HTTP status the proxy answers and who failed:
 the name does not resolve or the connection is refused (502, origin), the origin does not connect or answer
@@ -35,6 +40,12 @@ HEADERS_TIMEOUT = 60.0
 """Seconds from the end of the request to the origin's status line and headers."""
 IDLE_TIMEOUT = 120.0
 """Seconds a body (either way) may stall before the exchange is cut."""
+POOL_IDLE = 30.0
+"""Seconds an idle kept-alive connection to an origin is kept for reuse."""
+POOL_PER_ORIGIN = 8
+"""Idle connections kept per origin."""
+POOL_ORIGINS = 256
+"""Origins with idle connections kept at once; past that, connections are closed after use."""
 READ_SIZE = 256 * 1024
 MAX_HEADERS = 64 * 1024
 """Largest response head accepted from an origin."""
@@ -96,18 +107,82 @@ async def connect(host: str, port: int) -> trio.SocketStream:
         raise UpstreamError(502, f"cannot connect to {host}:{port}: {e.strerror or e}") from None
 
 
-class OriginExchange:
-    """One request to an origin and its answer. Use as ``async with OriginExchange.open(...) as x:``; the
-    connection is closed on leaving."""
+class StaleConnection(UpstreamError):
+    """A reused kept-alive connection failed before the origin answered anything: it had been closed by the
+    origin while idle. Send the request again on a new connection."""
 
-    def __init__(self, stream: trio.abc.Stream, target: Target) -> None:
+
+_Key = tuple[str, str, int]
+
+
+class OriginPool:
+    """Idle kept-alive connections to origins, by (scheme, host, port); see the module docstring."""
+
+    def __init__(self, *, idle: float = POOL_IDLE, per_origin: int = POOL_PER_ORIGIN, origins: int = POOL_ORIGINS) -> None:
+        self.idle = idle
+        self.per_origin = per_origin
+        self.origins = origins
+        self._idle: dict[_Key, list[tuple[float, trio.abc.Stream]]] = {}
+
+    async def take(self, key: _Key) -> trio.abc.Stream | None:
+        """An idle connection to ``key`` (the most recently used), or None; expired ones are closed."""
+        entries = self._idle.get(key)
+        found: trio.abc.Stream | None = None
+        while entries and found is None:
+            since, stream = entries.pop()
+            if trio.current_time() - since <= self.idle:
+                found = stream
+            else:
+                await trio.aclose_forcefully(stream)
+        if not entries:
+            self._idle.pop(key, None)
+        return found
+
+    def give(self, key: _Key, stream: trio.abc.Stream) -> bool:
+        """Keep ``stream`` for reuse; False (the caller closes it) when the pool is full."""
+        entries = self._idle.get(key)
+        if entries is None:
+            if len(self._idle) >= self.origins:
+                return False
+            entries = self._idle[key] = []
+        if len(entries) >= self.per_origin:
+            return False
+        entries.append((trio.current_time(), stream))
+        return True
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(entries) for entries in self._idle.values())
+
+
+class OriginExchange:
+    """One request to an origin and its answer. Use as ``async with await OriginExchange.open(...) as x:``;
+    on leaving, the connection goes back to the pool if the exchange ended cleanly and both sides keep it
+    alive, and is closed otherwise."""
+
+    def __init__(self, stream: trio.abc.Stream, target: Target, *, pool: OriginPool | None = None, reused: bool = False) -> None:
         self.stream = stream
         self.target = target
+        self.pool = pool
+        self.reused = reused
+        self.answered = False
+        """Some of the origin's answer arrived (a failure after that is not a stale connection)."""
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
 
+    @property
+    def key(self) -> _Key:
+        return (self.target.scheme, self.target.host, self.target.port)
+
     @classmethod
-    async def open(cls, target: Target, *, ssl_context: ssl.SSLContext | None = None) -> OriginExchange:
-        """Connect (and for ``https`` complete the TLS handshake, verified with ``ssl_context``)."""
+    async def open(
+        cls, target: Target, *, ssl_context: ssl.SSLContext | None = None, pool: OriginPool | None = None, fresh: bool = False
+    ) -> OriginExchange:
+        """An idle connection from ``pool`` (unless ``fresh``), else a new one (for ``https`` with the TLS
+        handshake done, verified with ``ssl_context``)."""
+        if pool is not None and not fresh:
+            idle = await pool.take((target.scheme, target.host, target.port))
+            if idle is not None:
+                return cls(idle, target, pool=pool, reused=True)
         stream: trio.abc.Stream = await connect(target.host, target.port)
         if target.scheme == "https":
             assert ssl_context is not None, "https needs an SSL context"
@@ -120,13 +195,22 @@ class OriginExchange:
                 cause = e.__cause__ if isinstance(e, trio.BrokenResourceError) and e.__cause__ else e
                 raise UpstreamError(502, f"TLS with {target.authority} failed: {cause}") from None
             stream = tls
-        return cls(stream, target)
+        return cls(stream, target, pool=pool)
 
     async def __aenter__(self) -> OriginExchange:
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        clean = kind is None and self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        if clean and self.pool is not None and self.pool.give(self.key, self.stream):
+            return
         await trio.aclose_forcefully(self.stream)
+
+    def _failed(self, status: int, message: str) -> UpstreamError:
+        """The error of a failure: :class:`StaleConnection` on a reused connection that got no answer yet."""
+        if self.reused and not self.answered:
+            return StaleConnection(status, message)
+        return UpstreamError(status, message)
 
     async def _send(self, ev: h11.Event) -> None:
         data = self.conn.send(ev)
@@ -135,7 +219,7 @@ class OriginExchange:
                 with trio.fail_after(IDLE_TIMEOUT):
                     await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
-                raise UpstreamError(502, f"{self.target.authority} closed the connection while sent the request: {e}") from None
+                raise self._failed(502, f"{self.target.authority} closed the connection during the request: {e}") from None
 
     async def send_request(
         self, method: bytes, headers: Sequence[tuple[bytes, bytes]], body: AsyncIterator[bytes] | None
@@ -149,10 +233,11 @@ class OriginExchange:
             framing = [(b"content-length", length[0])]
         elif body is not None:
             framing = [(b"transfer-encoding", b"chunked")]
+        keep = [] if self.pool is not None else [(b"connection", b"close")]
         request = h11.Request(
             method=method,
             target=self.target.target,
-            headers=[(b"host", self.target.authority.encode("ascii")), *out, *framing, (b"connection", b"close")],
+            headers=[(b"host", self.target.authority.encode("ascii")), *out, *framing, *keep],
         )
         try:
             await self._send(request)
@@ -168,7 +253,7 @@ class OriginExchange:
             try:
                 ev = self.conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise UpstreamError(502, f"{self.target.authority} broke HTTP/1.1: {e}") from None
+                raise self._failed(502, f"{self.target.authority} broke HTTP/1.1: {e}") from None
             if ev is not h11.NEED_DATA:
                 return ev
             try:
@@ -176,8 +261,10 @@ class OriginExchange:
                     data = await self.stream.receive_some(READ_SIZE)
             except trio.TooSlowError:
                 raise UpstreamError(504, f"{self.target.authority} sent nothing for {wait:g} s") from None
-            except (trio.BrokenResourceError, ssl.SSLError, OSError) as e:
-                raise UpstreamError(502, f"{self.target.authority} reset the connection: {e}") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
+                raise self._failed(502, f"{self.target.authority} reset the connection: {e}") from None
+            if data:
+                self.answered = True
             self.conn.receive_data(bytes(data))
 
     async def response(self) -> h11.Response:
@@ -189,7 +276,7 @@ class OriginExchange:
             if isinstance(ev, h11.InformationalResponse):
                 continue
             if isinstance(ev, h11.ConnectionClosed):
-                raise UpstreamError(502, f"{self.target.authority} closed the connection without an answer")
+                raise self._failed(502, f"{self.target.authority} closed the connection without an answer")
             raise UpstreamError(502, f"{self.target.authority} sent {type(ev).__name__} before an answer")
 
     async def body(self) -> AsyncIterator[bytes]:
