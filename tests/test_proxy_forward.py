@@ -451,3 +451,32 @@ async def test_origin_connections_are_kept_alive_and_a_stale_one_is_replaced(clo
         assert counts == {"connections": 3, "requests": 3}
     else:
         assert counts == {"connections": 1, "requests": 3}
+
+
+async def test_garbage_inside_an_intercepted_tunnel_gets_400(tmp_path: Path) -> None:
+    operator = make_ca(tmp_path, "operator-ca")
+    ca = CertificateAuthority.load(operator.cert, operator.key)
+    policy = ProxyPolicy(connect_allow=r"127\.0\.0\.1:\d+", intercept=(r"127\.0\.0\.1",))
+    trust = ssl.create_default_context(cafile=str(operator.cert))
+    async with forward_proxy(policy, ca=ca) as proxy:
+        port = int(proxy.rsplit(":", 1)[1])
+        for inner, status in (
+            (b"\x00\x01garbage\r\n\r\n", b"400"),
+            (b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+            (b"GET http://elsewhere.example/x HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n", b"400"),
+        ):
+            with trio.fail_after(20):
+                raw = await trio.open_tcp_stream("127.0.0.1", port)
+                await raw.send_all(b"CONNECT 127.0.0.1:4443 HTTP/1.1\r\nHost: 127.0.0.1:4443\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await raw.receive_some(1)  # byte by byte: nothing of the TLS that follows is read
+                assert head.startswith(b"HTTP/1.1 200 ")
+                tls = trio.SSLStream(raw, trust, server_hostname="127.0.0.1")
+                async with tls:
+                    await tls.send_all(inner)
+                    answer = b""
+                    while b"\r\n\r\n" not in answer and (chunk := await tls.receive_some(65536)):
+                        answer += chunk
+            assert answer.split(b" ", 2)[1] == status, (inner, answer[:300])
+            assert b"x-dfz-error-source: proxy" in answer.lower()

@@ -28,6 +28,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
+import h11
 import trio
 
 from ...log import event, get_logger
@@ -109,8 +110,9 @@ class ForwardProxy:
     ``tasks`` answers P2P requests (None: nothing goes P2P, every request passes through); ``origin_tls`` is
     the client TLS context for ``https`` origins (the daemon's back-to-source trust: ``http_ca_bundle``,
     ``http_insecure``); ``ca`` the operator's CA for interception (None: no interception).
-    ``serve_intercepted(stream, host, port)`` serves the HTTP requests of an intercepted tunnel with a handler
-    (the proxy port's connection loop); it is given by the daemon with the server.
+    ``serve_stream(stream, peer, handler)`` serves the HTTP requests of an intercepted tunnel with a handler
+    (:meth:`ProxyServer.serve_stream <dfz.peer.proxy.server.ProxyServer.serve_stream>`, the proxy port's
+    connection loop); interception needs it as well as ``ca``.
     """
 
     def __init__(
@@ -182,10 +184,7 @@ class ForwardProxy:
                 # Otherwise the answer is cut short: the server closes the client's connection, which says so.
                 return
 
-    async def _relay(self, exchange: Exchange, origin: upstream.OriginExchange, response: object) -> None:
-        import h11
-
-        assert isinstance(response, h11.Response)
+    async def _relay(self, exchange: Exchange, origin: upstream.OriginExchange, response: h11.Response) -> None:
         headers = end_to_end(response.headers)
         length_values = [v for n, v in headers if n == b"content-length"]
         headers = with_via([(n, v) for n, v in headers if n != b"content-length"])
