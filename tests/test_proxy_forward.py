@@ -242,8 +242,11 @@ async def test_rules_send_matching_gets_to_the_task_responder() -> None:
             assert (direct.status, direct.body) == (200, DATA)
             head = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/a.bin", "-I", proxy=proxy))
             assert "x-from" not in head.headers
+            # Headers a task cannot carry over the fabric (a value over 4096 characters): passed through.
+            big = await trio.to_thread.run_sync(lambda: curl(f"{origin.url}/a.bin", "-H", f"Cookie: {'c' * 5000}", proxy=proxy))
+            assert (big.status, big.body) == (200, DATA)
             assert len(tasks.requests) == 1
-            assert origin.requests == {"/skip/a.bin": 1, "/a.bin": 1}  # the HEAD only
+            assert origin.requests == {"/skip/a.bin": 1, "/a.bin": 2}  # the HEAD and the big GET
 
 
 async def test_errors_say_who_failed() -> None:

@@ -35,7 +35,7 @@ from ...log import event, get_logger
 from ..local import DownloadRequest
 from . import upstream
 from .intercept import CertificateAuthority, PrefixedStream
-from .rules import ProxyPolicy, Route, end_to_end, looped, p2p_headers, with_via
+from .rules import ProxyPolicy, Route, end_to_end, fits_a_task, looped, p2p_headers, with_via
 from .server import ErrorSource, Exchange
 from .tunnel import BadAuthority, parse_authority, splice
 
@@ -153,9 +153,11 @@ class ForwardProxy:
         route = self.policy.route(exchange.method, url, has_body=_has_body(exchange))
         event(log, logging.DEBUG, "proxy.request", method=exchange.method, url=url, route=route.value)
         if route is Route.P2P and self.tasks is not None:
-            request = DownloadRequest(url=url, output=None, headers=p2p_headers(raw))
-            await self.tasks(exchange, request)
-            return
+            task_headers = p2p_headers(raw)
+            if fits_a_task(task_headers):
+                await self.tasks(exchange, DownloadRequest(url=url, output=None, headers=task_headers))
+                return
+            event(log, logging.INFO, "proxy.p2p_headers_too_large", url=url, headers=len(task_headers))
         await self.pass_through(exchange, target, raw)
 
     async def pass_through(self, exchange: Exchange, target: upstream.Target, raw: list[tuple[bytes, bytes]]) -> None:

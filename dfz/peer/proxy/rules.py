@@ -207,6 +207,20 @@ P2P_DROPPED = frozenset(
 if it were the content), and caching directives are the proxy's business."""
 
 
+MAX_TASK_HEADERS = 64
+MAX_TASK_HEADER_NAME = 256
+MAX_TASK_HEADER_VALUE = 4096
+"""The bounds of a task's request headers on the fabric (protocol.md §14.3): a request whose headers for the
+task exceed them cannot go P2P."""
+
+
+def fits_a_task(headers: Sequence[tuple[str, str]]) -> bool:
+    """True when ``headers`` (from :func:`p2p_headers`) can travel with a task over the fabric."""
+    return len(headers) <= MAX_TASK_HEADERS and all(
+        len(n) <= MAX_TASK_HEADER_NAME and len(v) <= MAX_TASK_HEADER_VALUE for n, v in headers
+    )
+
+
 def p2p_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
     """The request headers a P2P download takes to the origin (``Authorization``, ``Accept``, ``User-Agent``,
     cookies, ...): the end-to-end ones less :data:`P2P_DROPPED`."""
