@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -71,15 +71,13 @@ class ProxyRule:
 
     regex: str
     direct: bool = False
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    """``regex`` compiled (once: a config may hold more rules than ``re``'s cache)."""
 
     def __post_init__(self) -> None:
-        compile_pattern("proxy_rules: regex", self.regex)
+        object.__setattr__(self, "pattern", compile_pattern("proxy_rules: regex", self.regex))
         if not isinstance(self.direct, bool):
             raise RuleError(f"proxy_rules: direct must be true or false, got {self.direct!r}")
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        return re.compile(self.regex)  # re caches compiled expressions
 
     @classmethod
     def from_value(cls, value: Any, index: int) -> ProxyRule:
@@ -111,12 +109,15 @@ class ProxyPolicy:
     connect_allow: str = DEFAULT_CONNECT_ALLOW
     intercept: tuple[str, ...] = ()
 
+    _connect: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _intercept: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if len(self.rules) > MAX_RULES or len(self.intercept) > MAX_RULES:
             raise RuleError(f"proxy_rules and proxy_intercept: at most {MAX_RULES} each")
-        compile_pattern("proxy_connect_allow", self.connect_allow)
-        for i, pattern in enumerate(self.intercept):
-            compile_pattern(f"proxy_intercept[{i}]", pattern)
+        object.__setattr__(self, "_connect", compile_pattern("proxy_connect_allow", self.connect_allow))
+        compiled = tuple(compile_pattern(f"proxy_intercept[{i}]", p) for i, p in enumerate(self.intercept))
+        object.__setattr__(self, "_intercept", compiled)
 
     def route(self, method: str, url: str, *, has_body: bool = False) -> Route:
         """Where a request goes: P2P only for a ``GET`` without a body whose URL a non-direct rule matches
@@ -129,10 +130,10 @@ class ProxyPolicy:
         return Route.DIRECT
 
     def connect_allowed(self, host: str, port: int) -> bool:
-        return re.fullmatch(self.connect_allow, f"{host}:{port}") is not None
+        return self._connect.fullmatch(f"{host}:{port}") is not None
 
     def intercepted(self, host: str) -> bool:
-        return any(re.fullmatch(pattern, host) for pattern in self.intercept)
+        return any(pattern.fullmatch(host) for pattern in self._intercept)
 
 
 def rules_from_config(value: Any) -> tuple[ProxyRule, ...]:
