@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,12 +92,19 @@ def world() -> Iterator[World]:
 def _second_fetch_from_peers(world: World, uri: str, size: int, fetch: Callable[[str], None]) -> tuple[int, int]:
     """Fetch through daemon A then B (``fetch(name)``); the origin's body bytes for ``uri`` during each."""
     before = world.repo.settled(uri)
+    began = time.monotonic()
     fetch("a")
+    took_a = time.monotonic() - began
     first = world.repo.settled(uri) - before
     assert size <= first <= size + 1024, f"the origin served {first} bytes of {uri} ({size} bytes) for the first fetch"
+    began = time.monotonic()
     fetch("b")
+    took_b = time.monotonic() - began
     second = world.repo.settled(uri) - before - first
-    print(f"\n{uri}: {size} bytes; origin body bytes for the fetch via A: {first}, for the fetch via B: {second}")
+    print(
+        f"\n{uri}: {size} bytes; origin body bytes for the fetch via A: {first} ({took_a:.2f} s), "
+        f"via B: {second} ({took_b:.2f} s)"
+    )
     assert second == 0, f"the second fetch (daemon B) took {second} bytes of {uri} from the origin"
     return first, second
 
