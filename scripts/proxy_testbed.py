@@ -53,6 +53,8 @@ MAVEN_DIR = f"maven/{MAVEN_GROUP.replace('.', '/')}/{MAVEN_ARTIFACT}/{MAVEN_VERS
 MAVEN_JAR = f"{MAVEN_DIR}/{MAVEN_ARTIFACT}-{MAVEN_VERSION}.jar"
 MAVEN_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.5.0"
 DEBIAN_MAVEN_REPO = Path("/usr/share/maven-repo")
+APT_TIMEOUT = 500
+"""Seconds for one apt-get run (Maven and its plugin bring Java libraries with them)."""
 
 PACKAGES = {
     "nginx": "nginx-light",
@@ -82,11 +84,16 @@ def install() -> None:
         raise TestbedUnavailable(f"missing Debian packages {', '.join(missing)} (apt-get install -y them as root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=120", *missing]
-    if subprocess.run(command, env=env, capture_output=True, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise TestbedUnavailable(f"apt-get install {' '.join(missing)} failed: {done.stderr.strip()[-500:]}")
+    try:
+        if subprocess.run(command, env=env, capture_output=True, timeout=APT_TIMEOUT, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=APT_TIMEOUT, check=False)
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
+        else:
+            done = subprocess.CompletedProcess(command, 0, "", "")
+    except subprocess.TimeoutExpired:
+        raise TestbedUnavailable(f"apt-get install {' '.join(missing)} took more than {APT_TIMEOUT} s") from None
+    if done.returncode != 0:
+        raise TestbedUnavailable(f"apt-get install {' '.join(missing)} failed: {done.stderr.strip()[-500:]}")
     still = sorted(what for what in PACKAGES if not _present(what))
     if still:
         raise TestbedUnavailable(f"installed, but {', '.join(still)} still missing")

@@ -28,7 +28,7 @@ from proxy_helpers import CAFiles, curl, make_ca, make_leaf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import proxy_testbed as bed
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)  # the first test's setup may install Debian packages (testbed.install)
 
 RULES = (r"\.whl$", r"\.deb$", r"\.jar$", r"/p2p/")
 
