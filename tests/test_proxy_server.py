@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import h11
 import pytest
@@ -252,3 +253,26 @@ async def test_expect_100_continue() -> None:
         while not data.endswith(b"\r\n0\r\n\r\n"):
             data += await stream.receive_some(1000)
         assert data.startswith(b"HTTP/1.1 200 OK") and b"\r\nPOST /v2/ 5\r\n" in data
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "dfz.cli", "daemon", "--data-dir", str(tmp_path / "d"), "--scheduler", "tcp://127.0.0.1:9"]
+        done = subprocess.run(
+            [*argv, "--proxy-listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=45,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on proxy_listen 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr

@@ -38,7 +38,7 @@ Rules
 
 Public API (kept small and stable: the forward proxy builds on it)
     :class:`ProxyServer` (``await nursery.start(server.run)`` returns it; :attr:`ProxyServer.url`),
-    :class:`ProxyLimits`, :class:`Exchange`, :data:`Handler`, :class:`ErrorSource`,
+    :class:`ProxyListenError`, :class:`ProxyLimits`, :class:`Exchange`, :data:`Handler`, :class:`ErrorSource`,
     :data:`ERROR_SOURCE_HEADER`, :data:`ERROR_HEADER`.
 """
 
@@ -65,6 +65,7 @@ __all__ = [
     "Exchange",
     "Handler",
     "ProxyLimits",
+    "ProxyListenError",
     "ProxyServer",
     "parse_listen",
 ]
@@ -115,6 +116,10 @@ class ProxyLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+class ProxyListenError(OSError):
+    """The proxy port cannot be bound (in use, no such address, no permission)."""
 
 
 class _ClientGone(Exception):
@@ -361,7 +366,11 @@ class ProxyServer:
         self._slots = trio.Semaphore(self.limits.max_connections)
 
     async def run(self, *, task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        """Serve until cancelled. Raises :class:`ProxyListenError` when the address cannot be bound."""
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as e:
+            raise ProxyListenError(f"cannot listen on proxy_listen {self.host}:{self.port}: {e.strerror or e}") from None
         sockname = listeners[0].socket.getsockname()
         self.port = int(sockname[1])
         host = sockname[0]
