@@ -417,7 +417,7 @@ async def test_http_1_0_clients_and_streamed_answers_pass_through() -> None:
             assert "Re-using existing connection" in both.stderr
 
 
-async def keep_alive_origin(nursery: trio.Nursery, counts: dict[str, int], *, close_after_each: bool) -> int:
+async def keep_alive_origin(nursery: trio.Nursery, counts: dict[str, int], *, close_after_each: bool, extra: bytes = b"") -> int:
     """A raw HTTP/1.1 origin that answers every request ``hello`` with a Content-Length (so the connection may
     be kept), counting connections and requests; with ``close_after_each`` it closes the connection after
     each answer without saying so (what an origin does to a connection it found idle too long)."""
@@ -431,7 +431,7 @@ async def keep_alive_origin(nursery: trio.Nursery, counts: dict[str, int], *, cl
                 while b"\r\n\r\n" in buffer:
                     _, buffer = buffer.split(b"\r\n\r\n", 1)
                     counts["requests"] += 1
-                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + extra + b"\r\nhello")
                     if close_after_each:
                         return
 
@@ -483,3 +483,15 @@ async def test_garbage_inside_an_intercepted_tunnel_gets_400(tmp_path: Path) -> 
                         answer += chunk
             assert answer.split(b" ", 2)[1] == status, (inner, answer[:300])
             assert b"x-dfz-error-source: proxy" in answer.lower()
+
+
+async def test_an_origins_own_error_headers_are_not_relayed() -> None:
+    counts = {"connections": 0, "requests": 0}
+    async with trio.open_nursery() as nursery:
+        spoof = b"X-Dfz-Error-Source: daemon\r\nX-Dfz-Error: made up\r\nX-Other: kept\r\n"
+        port = await keep_alive_origin(nursery, counts, close_after_each=False, extra=spoof)
+        async with forward_proxy(ProxyPolicy()) as proxy:
+            r = await trio.to_thread.run_sync(lambda: curl(f"http://127.0.0.1:{port}/x", proxy=proxy))
+        nursery.cancel_scope.cancel()
+    assert (r.status, r.body, r.headers["x-other"]) == (200, b"hello", "kept")
+    assert "x-dfz-error-source" not in r.headers and "x-dfz-error" not in r.headers

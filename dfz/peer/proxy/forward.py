@@ -187,7 +187,8 @@ class ForwardProxy:
                 return
 
     async def _relay(self, exchange: Exchange, origin: upstream.OriginExchange, response: h11.Response) -> None:
-        headers = end_to_end(response.headers)
+        # The error headers are the proxy's to say; an origin's own are not relayed.
+        headers = [(n, v) for n, v in end_to_end(response.headers) if not n.lower().startswith(b"x-dfz-error")]
         length_values = [v for n, v in headers if n == b"content-length"]
         headers = with_via([(n, v) for n, v in headers if n != b"content-length"])
         content_length: int | None = None
