@@ -119,6 +119,22 @@ def test_config_of_connect_and_interception(tmp_path: Path) -> None:
         CertificateAuthority.load(ca.key, ca.key)
 
 
+def test_rules_from_a_toml_file_and_flags_replacing_them(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.toml"
+    path.write_text(
+        'data_dir = "d"\nproxy_connect_allow = "pypi\\\\.org:443"\n'
+        '[[proxy_rules]]\nregex = "/simple/"\ndirect = true\n'
+        '[[proxy_rules]]\nregex = "\\\\.whl$"\n'
+    )
+    config = DaemonConfig.load(path)
+    assert config.proxy_rules == (ProxyRule("/simple/", direct=True), ProxyRule(r"\.whl$"))
+    assert config.proxy_policy().route("GET", "https://files.example/simple/x.whl") is Route.DIRECT
+    assert config.proxy_policy().route("GET", "https://files.example/p/x.whl") is Route.P2P
+    assert config.proxy_policy().connect_allowed("pypi.org", 443)
+    flags = DaemonConfig.load(path, proxy_rules=(r"\.deb$",))
+    assert flags.proxy_rules == (ProxyRule(r"\.deb$"),)
+
+
 def test_hop_by_hop_headers_are_dropped_and_via_added() -> None:
     headers = [
         (b"Host", b"h"),
