@@ -167,7 +167,7 @@ def test_targets_and_authorities_are_validated() -> None:
     for bad in ("ftp://h/x", "http://user:pw@h/x", "http:///x", "http://h:99999/x", "http://h/a b", "http://h:0/"):
         with pytest.raises(BadTarget):
             parse_target(bad)
-    assert parse_authority("pypi.org:443") == ("pypi.org", 443)
+    assert parse_authority("PyPI.org:443") == ("pypi.org", 443)
     assert parse_authority("[::1]:8443") == ("::1", 8443)
     for bad in ("pypi.org", "pypi.org:0", "a/b:443", "[zz]:443", ":443", "h:443:1", "u@h:443"):
         with pytest.raises(BadAuthority):

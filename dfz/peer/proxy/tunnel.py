@@ -35,7 +35,7 @@ class BadAuthority(ValueError):
 
 def parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``) of a CONNECT request, validated: a DNS name or an IP address, a port
-    from 1 to 65535."""
+    from 1 to 65535. The host is lowercased (names are case-insensitive; rules match the lowercase form)."""
     match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@\s]+):(\d{1,5})", target)
     if match is None:
         raise BadAuthority(f"CONNECT needs host:port, got {target[:100]!r}")
@@ -50,7 +50,7 @@ def parse_authority(target: str) -> tuple[str, int]:
         raise BadAuthority(f"{host[:100]!r} is not a host name or an IP address")
     if not 1 <= port <= 65535:
         raise BadAuthority(f"port {port} is out of range")
-    return host, port
+    return host.lower(), port
 
 
 class _Idle:
