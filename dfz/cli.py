@@ -1161,6 +1161,36 @@ def _daemon_options(f: Any) -> Any:
             help="AWS profile whose credentials and settings to use (default: $AWS_PROFILE). Credentials otherwise come "
             "from the config file (s3_access_key_id, s3_secret_access_key) or $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY.",
         ),
+        click.option(
+            "--proxy-rule",
+            "proxy_rules",
+            multiple=True,
+            metavar="REGEX",
+            help="Forward proxy: GET requests whose URL REGEX is found in go P2P (repeatable; the first match wins; "
+            "replaces the config file's proxy_rules, whose tables can also say direct = true). Others pass through.",
+        ),
+        click.option(
+            "--proxy-connect-allow",
+            metavar="REGEX",
+            help="Forward proxy: CONNECT targets (the whole host:port) allowed [default: .+:443].",
+        ),
+        click.option(
+            "--proxy-intercept",
+            multiple=True,
+            metavar="REGEX",
+            help="Forward proxy: hosts (whole name) whose CONNECT tunnels are decrypted with --proxy-ca-cert so that "
+            "the rules apply to the HTTPS requests inside (repeatable).",
+        ),
+        click.option(
+            "--proxy-ca-cert",
+            type=click.Path(dir_okay=False),
+            help="Forward proxy: the CA certificate (PEM) that signs intercepted hosts' certificates (clients trust it).",
+        ),
+        click.option(
+            "--proxy-ca-key",
+            type=click.Path(dir_okay=False),
+            help="Forward proxy: the private key (unencrypted PEM) of --proxy-ca-cert.",
+        ),
         click.option("-v", "--verbose", count=True, help="More logs: -v info, -vv debug."),
     ]
     for option in reversed(options):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -58,6 +59,8 @@ class Origin:
     ``Range: bytes=0-0`` (one byte, or a chunked body that ``stat`` stops reading after the headers)."""
     probes: dict[str, int] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
+    headers: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Path -> the headers of the last request for it, as received."""
 
     def count(self, path: str, nbytes: int, probe: bool) -> None:
         with self.lock:
@@ -78,9 +81,30 @@ def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+        def do_POST(self) -> None:
+            """Echoes the request body (Content-Length framed only)."""
+            origin.request(self.path)
+            origin.headers[self.path] = list(self.headers.items())
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_HEAD(self) -> None:
+            """The status and length a GET would have, without a body."""
+            origin.request(self.path)
+            origin.headers[self.path] = list(self.headers.items())
+            route = origin.routes.get(self.path)
+            ok = route is not None and route.status == 200 and not route.chunked
+            self.send_response(200 if ok else 404 if route is None else route.status)
+            self.send_header("Content-Length", str(len(route.data) if route is not None and ok else 0))
+            self.end_headers()
+
         def do_GET(self) -> None:
             path = self.path
             origin.request(path)
+            origin.headers[path] = list(self.headers.items())
             route = origin.routes.get(path)
             if route is None or route.status != 200:
                 self.send_response(404 if route is None else route.status)
@@ -168,12 +192,15 @@ def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_origin(routes: dict[str, Route]) -> Iterator[Origin]:
-    """An origin on 127.0.0.1 (an ephemeral port) serving ``routes`` until the block ends."""
+def serve_origin(routes: dict[str, Route], *, tls: ssl.SSLContext | None = None) -> Iterator[Origin]:
+    """An origin on 127.0.0.1 (an ephemeral port) serving ``routes`` until the block ends; HTTPS with the
+    server context ``tls``."""
     origin = Origin("", routes)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(origin))
     server.daemon_threads = True
-    origin.url = f"http://127.0.0.1:{server.server_address[1]}"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    origin.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

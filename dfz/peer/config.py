@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import ConfigError as ConfigError  # re-exported: the error of this module's loader
 from ..config import read_toml
+from .proxy.rules import DEFAULT_CONNECT_ALLOW, ProxyPolicy, ProxyRule, RuleError, rules_from_config
 from .source.hdfs import HDFSOptions
 from .source.hf import HFOptions
 from .source.oci import OCIOptions
@@ -138,6 +139,19 @@ class DaemonConfig:
     """A delegation token sent as ``delegation=`` (secure clusters; never printed)."""
     hdfs_https: bool = False
     """Speak WebHDFS over HTTPS (``swebhdfs``) rather than HTTP."""
+    proxy_rules: tuple[ProxyRule, ...] = ()
+    """The forward proxy's rules (``[[proxy_rules]]`` tables ``regex = "..."``, ``direct = false``; or
+    ``--proxy-rule REGEX``): the first whose expression is found in a ``GET``'s URL decides, P2P unless
+    ``direct``; a URL none matches passes through (:mod:`dfz.peer.proxy.rules`)."""
+    proxy_connect_allow: str = DEFAULT_CONNECT_ALLOW
+    """A regular expression the whole ``host:port`` of a ``CONNECT`` must match; default: any host, port 443."""
+    proxy_intercept: tuple[str, ...] = ()
+    """Hosts (regular expressions matching the whole name) whose ``CONNECT`` tunnels the proxy terminates
+    with certificates of :attr:`proxy_ca_cert`, to apply the rules to the HTTPS requests inside."""
+    proxy_ca_cert: str = ""
+    """The operator's CA certificate (PEM) that signs the intercepted hosts' certificates; clients trust it."""
+    proxy_ca_key: str = field(default="", repr=False)
+    """The private key (unencrypted PEM) of :attr:`proxy_ca_cert` (keep the file private)."""
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -206,8 +220,27 @@ class DaemonConfig:
             self.hdfs_options()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        try:
+            self.proxy_policy()
+        except RuleError as e:
+            raise ConfigError(str(e)) from None
+        if self.proxy_intercept and not (self.proxy_ca_cert and self.proxy_ca_key):
+            raise ConfigError("proxy_intercept: needs proxy_ca_cert and proxy_ca_key (the CA that signs the hosts' certificates)")
+        if bool(self.proxy_ca_cert) != bool(self.proxy_ca_key):
+            raise ConfigError("proxy_ca_cert and proxy_ca_key go together: give both PEM files")
+        if self.proxy_ca_cert:
+            from .proxy.intercept import CAError, CertificateAuthority
+
+            try:
+                CertificateAuthority.load(self.proxy_ca_cert, self.proxy_ca_key)
+            except CAError as e:
+                raise ConfigError(str(e)) from None
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
             raise ConfigError(f"host_id: 1 to 100 visible ASCII characters without spaces, got {self.host_id!r}")
+
+    def proxy_policy(self) -> ProxyPolicy:
+        """The forward proxy's decisions (:class:`~dfz.peer.proxy.rules.ProxyPolicy`); raises ``RuleError``."""
+        return ProxyPolicy(self.proxy_rules, self.proxy_connect_allow, self.proxy_intercept)
 
     def oci_options(self) -> OCIOptions:
         """The settings of the ``oci://`` source backend (:class:`~dfz.peer.source.oci.OCIOptions`)."""
@@ -284,6 +317,16 @@ class DaemonConfig:
                     raise ConfigError(f"unknown key {key!r} (known keys: {', '.join(sorted(kinds))})")
                 if key == "data_dir":
                     values[key] = Path(_typed(key, value, str | Path, "a directory name")).expanduser()
+                elif key == "proxy_rules":
+                    try:
+                        values[key] = rules_from_config(value)
+                    except RuleError as e:
+                        raise ConfigError(str(e)) from None
+                elif key == "proxy_intercept":
+                    items = value if isinstance(value, list | tuple) else [value]
+                    values[key] = tuple(_typed(key, v, str, "a regular expression or a list of them") for v in items)
+                elif key in ("proxy_connect_allow", "proxy_ca_cert", "proxy_ca_key"):
+                    values[key] = _typed(key, value, str, "a string")
                 elif key == "oci_plain_http":
                     items = value if isinstance(value, list | tuple) else [value]
                     values[key] = tuple(_typed(key, v, str, "a host[:port] or a list of them") for v in items)

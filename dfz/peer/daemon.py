@@ -128,8 +128,12 @@ from .config import DaemonConfig
 from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, PieceFailure
 from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
+from .proxy.forward import ForwardProxy
+from .proxy.intercept import CertificateAuthority
 from .proxy.mirror import RegistryMirror
-from .proxy.server import ProxyListenError, ProxyServer
+from .proxy.server import Exchange, ProxyListenError, ProxyServer
+from .proxy.task import serve_task
+from .proxy.upstream import origin_ssl_context
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceBackend, SourceEntry, SourceError, SourceRegistry, default_registry
@@ -1064,7 +1068,8 @@ class Daemon:
 
     def _proxy_server(self) -> ProxyServer:
         """The proxy port: the registry mirror on ``/v2/...`` (pass-through requests go by the ``http``
-        backend, with this daemon's TLS settings)."""
+        backend, with this daemon's TLS settings); the forward proxy for absolute-form requests and CONNECT
+        (:mod:`dfz.peer.proxy.forward`: the ``proxy_*`` rules, P2P through :func:`serve_task`)."""
         http = self.sources.backend_for("http://proxy")
         if not isinstance(http, HTTPBackend):  # a test's stand-in for the http scheme
             http = HTTPBackend(ca_bundle=self.config.http_ca_bundle or None, insecure=self.config.http_insecure)
@@ -1075,7 +1080,20 @@ class Daemon:
             default_upstream=self.config.mirror_upstream,
             plain_http=self.config.oci_plain_http,
         )
-        return ProxyServer(self.config.proxy_listen, mirror=mirror)
+        ca = CertificateAuthority.load(cfg.proxy_ca_cert, cfg.proxy_ca_key) if (cfg := self.config).proxy_ca_cert else None
+
+        async def from_task(exchange: Exchange, request: DownloadRequest) -> None:
+            await serve_task(exchange, self, self.storage, request)
+
+        forward = ForwardProxy(
+            cfg.proxy_policy(),
+            tasks=from_task,
+            origin_tls=origin_ssl_context(cfg.http_ca_bundle, cfg.http_insecure),
+            ca=ca,
+        )
+        server = ProxyServer(cfg.proxy_listen, mirror=mirror, forward=forward.forward, connect=forward.connect)
+        forward.serve_stream = server.serve_stream
+        return server
 
     def _collect_metrics(self) -> Iterable[Metric]:
         totals, server = self.totals, self.piece_server.stats

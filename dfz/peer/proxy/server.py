@@ -273,15 +273,19 @@ class Exchange:
 class _Connection:
     """One client connection: the h11 state machine and its stream."""
 
-    def __init__(self, stream: trio.SocketStream, limits: ProxyLimits) -> None:
+    def __init__(self, stream: trio.abc.Stream, limits: ProxyLimits, *, peer: str = "", handler: Handler | None = None) -> None:
         self.stream = stream
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        try:
-            host, port = stream.socket.getpeername()[:2]
-            self.peer = f"{host}:{port}"
-        except OSError:
-            self.peer = "?"
+        self.handler = handler
+        """Every request of this connection goes to it (inside an intercepted tunnel); None: dispatch by form."""
+        self.peer = peer or "?"
+        if not peer and isinstance(stream, trio.SocketStream):
+            try:
+                host, port = stream.socket.getpeername()[:2]
+                self.peer = f"{host}:{port}"
+            except OSError:
+                pass
 
     async def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         """The next event from the client, reading as needed (callers bound the wait with
@@ -298,7 +302,7 @@ class _Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise _ClientGone(f"connection lost: {e}") from None
             try:
-                self.h11.receive_data(data)
+                self.h11.receive_data(bytes(data))  # a no-op on bytes; a TLS stream's type allows bytearray
             except h11.RemoteProtocolError as e:
                 raise _ClientGone(f"malformed request: {e}", e.error_status_hint) from None
 
@@ -397,6 +401,15 @@ class ProxyServer:
         finally:
             self._slots.release()
 
+    async def serve_stream(self, stream: trio.abc.Stream, peer: str, handler: Handler) -> None:
+        """Serve HTTP/1.1 on a stream that is already open (the TLS stream of an intercepted CONNECT tunnel),
+        with this server's limits and error handling, every request handed to ``handler``; returns when the
+        connection ends. The caller closes the stream."""
+        try:
+            await self._connection(_Connection(stream, self.limits, peer=peer, handler=handler))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
     async def _connection(self, conn: _Connection) -> None:
         first = True
         while True:
@@ -432,7 +445,7 @@ class ProxyServer:
 
     async def _dispatch(self, exchange: Exchange) -> bool:
         """Run the handler of ``exchange``; False when the connection must close."""
-        handler, what = self._handler_for(exchange)
+        handler, what = (exchange._conn.handler, "") if exchange._conn.handler else self._handler_for(exchange)
         try:
             if handler is None:
                 if what == "none":
