@@ -1,0 +1,273 @@
+"""The manager's web console at the HTTP and websocket level (the page itself is driven by a browser in
+``test_console_browser.py``): its static files come from the package with a strict Content-Security-Policy
+and no framing; ``/api/v1/users/me/permissions`` and ``/api/v1/task-id``; a session cookie sent from another
+site's page changes nothing; the swarm websocket refuses a handshake from another origin, answers without
+credentials (or without ``cluster:read``) with an error and a close code, answers malformed messages with
+an error and stays open; and the rates of a swarm are counter differences over the scheduler's clock.
+
+A real manager (SQLite, 127.0.0.1, ephemeral ports) serves, in this process; clients are httpx and
+trio-websocket."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
+
+from dfz.mgr.console import CONTENT_SECURITY_POLICY, console_files
+from dfz.mgr.service import ROOT_PASSWORD_ENV, Manager, ManagerConfig
+from dfz.mgr.swarm import shape
+from dfz.sched.messages import InspectHost, InspectPeer, InspectTask, SchedSnapshot
+from dfz.tasks import task_id
+
+pytestmark = pytest.mark.timeout(60)
+
+PASSWORD = "console-root-password"
+WS = "/api/v1/ws/swarm"
+
+
+@pytest.fixture
+async def manager(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Manager]:
+    config = ManagerConfig(database=f"sqlite:///{tmp_path / 'manager.db'}", listen="127.0.0.1:0")
+    m = Manager(config, environ={ROOT_PASSWORD_ENV: PASSWORD})
+    await nursery.start(m.run)
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+async def root(manager: Manager) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=manager.urls[0], timeout=20) as client:
+        answer = await client.post("/api/v1/sessions", json={"name": "root", "password": PASSWORD})
+        assert answer.status_code == 201, answer.text
+        yield client
+
+
+def hdr(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in pairs]
+
+
+def close_code(closed: pytest.ExceptionInfo[ConnectionClosed]) -> int | None:
+    reason = closed.value.reason
+    return None if reason is None else reason.code
+
+
+def ws_url(manager: Manager) -> str:
+    return manager.urls[0].replace("http://", "ws://", 1) + WS
+
+
+async def next_json(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(10):
+        message = await ws.get_message()
+    assert isinstance(message, str)
+    parsed: dict[str, Any] = json.loads(message)
+    return parsed
+
+
+# --- static files -------------------------------------------------------------------------------------------
+
+
+async def test_static_files_come_from_the_package_with_a_strict_policy(manager: Manager) -> None:
+    files = console_files()
+    assert {"index.html", "app.js", "app.css", "api.js", "dom.js", "swarm.js"} <= files.keys()
+    async with httpx.AsyncClient(base_url=manager.urls[0], timeout=20) as client:
+        moved = await client.get("/console")
+        assert moved.status_code == 308 and moved.headers["location"] == "/console/"
+        for path, name, kind in [
+            ("/console/", "index.html", "text/html"),
+            ("/console/app.js", "app.js", "text/javascript"),
+            ("/console/swarm.js", "swarm.js", "text/javascript"),
+            ("/console/app.css", "app.css", "text/css"),
+        ]:
+            answer = await client.get(path)  # public: the files hold no data
+            assert answer.status_code == 200, path
+            assert answer.content == files[name][0]
+            assert answer.headers["content-type"].startswith(kind)
+            assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+            assert answer.headers["x-frame-options"] == "DENY"
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["referrer-policy"] == "no-referrer"
+        policy = dict(part.strip().split(" ", 1) for part in CONTENT_SECURITY_POLICY.split(";"))
+        assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
+        for bad in ("/console/nothing.js", "/console/%2e%2e%2fapi.py", "/console/..%2f..%2fservice.py", "/console/manager.db"):
+            answer = await client.get(bad)
+            assert answer.status_code == 404, bad
+            assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    # No markup is built from strings anywhere in the page's scripts, and nothing is fetched from elsewhere.
+    for name, (body, _) in files.items():
+        text = body.decode()
+        assert "innerHTML" not in text and "outerHTML" not in text and "insertAdjacentHTML" not in text, name
+        assert "document.write" not in text and "eval(" not in text, name
+        assert not re.search(r"""(src|href)=["']?(https?:)?//|from\s+["'](https?:)?//|fetch\(["'](https?:)?//""", text), name
+        assert "@import" not in text, name
+
+
+# --- the REST endpoints the page uses ---------------------------------------------------------------------------
+
+
+async def test_permissions_and_task_id(manager: Manager, root: httpx.AsyncClient) -> None:
+    mine = (await root.get("/api/v1/users/me/permissions")).json()
+    assert mine["name"] == "root" and mine["role"] == "root" and mine["permissions"] == ["*"]
+    assert mine["via"] == "session" and mine["scopes"] is None and not mine["confined"]
+    assert {"cluster", "job", "user", "tenant", "token", "daemon"} <= mine["groups"].keys()
+
+    made = await root.post("/api/v1/personal-access-tokens", json={"name": "ro", "scopes": ["cluster:read"]})
+    token = made.json()["token"]
+    async with httpx.AsyncClient(base_url=manager.urls[0], timeout=20) as anyone:
+        assert (await anyone.get("/api/v1/users/me/permissions")).status_code == 401
+        assert (await anyone.get("/api/v1/task-id", params={"url": "http://a/b"})).status_code == 401
+        through = await anyone.get("/api/v1/users/me/permissions", headers={"Authorization": f"Bearer {token}"})
+        assert through.json()["scopes"] == ["cluster:read"] and through.json()["via"] == "token"
+
+    url = "http://origin.example/data/file.bin?x=1&X-Amz-Signature=abc"
+    got = await root.get("/api/v1/task-id", params={"url": url, "tag": "t", "application": "a"})
+    assert got.status_code == 200, got.text
+    assert got.json()["task_id"] == task_id(url, tag="t", application="a")
+    fixed = await root.get("/api/v1/task-id", params={"url": url, "piece_length": 1 << 20, "filtered_query_params": "x"})
+    assert fixed.json()["task_id"] == task_id(url, piece_length=1 << 20, filtered_query_params=["x"])
+    bads: list[dict[str, str | int]] = [
+        {},
+        {"url": "ftp://a/b"},
+        {"url": "http://a/b", "piece_length": 1000},
+        {"url": "http://a/b", "colour": "red"},
+    ]
+    for bad in bads:
+        answer = await root.get("/api/v1/task-id", params=bad)
+        assert answer.status_code == 422, (bad, answer.text)
+
+
+async def test_a_cookie_sent_from_another_site_changes_nothing(root: httpx.AsyncClient) -> None:
+    host = root.base_url.netloc.decode()
+    forged = await root.post("/api/v1/tenants", json={"name": "forged"}, headers={"Origin": "http://evil.example"})
+    assert forged.status_code == 403, forged.text
+    assert "this site" in forged.json()["detail"]
+    assert (await root.get("/api/v1/tenants", headers={"Origin": "http://evil.example"})).status_code == 200  # reads are not
+    own = await root.post("/api/v1/tenants", json={"name": "own"}, headers={"Origin": f"http://{host}"})
+    assert own.status_code == 201, own.text
+    # A form post (not JSON) is refused whatever its origin.
+    form = await root.post("/api/v1/tenants", content=b"name=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 422
+    names = [t["name"] for t in (await root.get("/api/v1/tenants")).json()["items"]]
+    assert "own" in names and "forged" not in names and "x" not in names
+
+
+# --- the websocket --------------------------------------------------------------------------------------------
+
+
+async def test_websocket_refuses_without_credentials_and_from_other_sites(manager: Manager, root: httpx.AsyncClient) -> None:
+    url = ws_url(manager)
+    async with open_websocket_url(url) as ws:
+        refused = await next_json(ws)
+        assert refused["type"] == "error" and refused["status"] == 401 and "sign in" in refused["detail"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert close_code(closed) == 4401
+    async with open_websocket_url(url, extra_headers=hdr(("Authorization", "Bearer dfz_not-a-token"))) as ws:
+        assert (await next_json(ws))["status"] == 401
+    cookie = root.cookies["dfz_session"]
+    with pytest.raises(ConnectionRejected) as rejected:
+        async with open_websocket_url(
+            url, extra_headers=hdr(("Cookie", f"dfz_session={cookie}"), ("Origin", "http://evil.example"))
+        ):
+            pass
+    assert rejected.value.status_code == 403
+    # A token without cluster:read: accepted as someone, refused the view.
+    made = await root.post("/api/v1/personal-access-tokens", json={"name": "tok", "scopes": ["token"]})
+    async with open_websocket_url(url, extra_headers=hdr(("Authorization", f"Bearer {made.json()['token']}"))) as ws:
+        refused = await next_json(ws)
+        assert refused["status"] == 403 and "cluster:read" in refused["detail"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert close_code(closed) == 4403
+
+
+async def test_websocket_answers_bad_messages_and_stays_open(manager: Manager, root: httpx.AsyncClient) -> None:
+    host = root.base_url.netloc.decode()
+    headers = hdr(("Cookie", f"dfz_session={root.cookies['dfz_session']}"), ("Origin", f"http://{host}"))
+    async with open_websocket_url(ws_url(manager), extra_headers=headers) as ws:
+        bad: list[tuple[str | bytes, str]] = [
+            ("nonsense", "not JSON"),
+            ("[1, 2]", "JSON object"),
+            ('{"type": "dance"}', "type"),
+            ('{"type": "watch"}', "task_id"),
+            ('{"type": "watch", "task_id": "ABC"}', "task_id"),
+            (json.dumps({"type": "watch", "task_id": "AB" * 32}), "task_id"),
+            (json.dumps({"type": "watch", "task_id": "ab" * 32, "interval": 0}), "interval"),
+            (json.dumps({"type": "watch", "task_id": "ab" * 32, "interval": True}), "interval"),
+            (json.dumps({"type": "watch", "task_id": "ab" * 32, "pad": "x" * 5000}), "at most"),
+            (b"\x00\x01binary", "text"),
+        ]
+        for message, why in bad:
+            await ws.send_message(message)
+            answer = await next_json(ws)
+            assert answer["type"] == "error" and answer["status"] == 400 and why in answer["detail"], (message, answer)
+        # Still open, and a good request is answered: no scheduler knows this task (there is none).
+        await ws.send_message(json.dumps({"type": "watch", "task_id": "ab" * 32, "interval": 0.25}))
+        first = await next_json(ws)
+        assert first == {"type": "unavailable", "task_id": "ab" * 32, "detail": "no scheduler is active"}
+        assert (await next_json(ws))["type"] == "unavailable"  # pushed again at the interval
+        await ws.send_message('{"type": "stop"}')
+        with trio.move_on_after(1) as quiet:
+            while True:
+                await next_json(ws)  # at most one more, sent before the stop was read
+        assert quiet.cancelled_caught
+
+
+# --- rates ----------------------------------------------------------------------------------------------------
+
+
+def _snapshot(clock_ms: int, origin: int, peers: int, pieces: dict[str, int]) -> SchedSnapshot:
+    task = InspectTask(
+        task_id="cd" * 32,
+        url="http://o/f",
+        state="running",
+        content_length=40 << 20,
+        piece_length=4 << 20,
+        piece_count=10,
+        peers=len(pieces),
+        bytes_from_origin=origin,
+        bytes_from_peers=peers,
+    )
+    return SchedSnapshot(
+        scheduler="s1",
+        clock_ms=clock_ms,
+        task=task,
+        hosts=[InspectHost(host_id="h-seed", hostname="seed", ip="10.0.0.1", port=1, type="seed", upload_rate=5)],
+        peers=[
+            InspectPeer(
+                peer_id=pid,
+                host_id="h-seed" if pid == "seed" else f"h-{pid}",
+                hostname=pid,
+                state="running",
+                finished_pieces=done,
+                parents=[] if pid == "seed" else ["seed"],
+            )
+            for pid, done in pieces.items()
+        ],
+    )
+
+
+def test_swarm_rates_are_counter_differences_over_the_schedulers_clock() -> None:
+    first = _snapshot(10_000, 8 << 20, 0, {"seed": 2, "a": 0})
+    shown = shape(first, None)
+    assert shown["rates"] == {"from_origin": None, "from_peers": None}
+    assert [p["rate"] for p in shown["peers"]] == [None, None]
+    second = _snapshot(12_000, 16 << 20, 8 << 20, {"seed": 4, "a": 2, "b": 0})
+    shown = shape(second, first)
+    assert shown["rates"] == {"from_origin": 4 << 20, "from_peers": 4 << 20}  # 8 MiB each in 2 s
+    by_id = {p["peer_id"]: p for p in shown["peers"]}
+    assert by_id["seed"]["rate"] == 4 << 20 and by_id["a"]["rate"] == 4 << 20 and by_id["b"]["rate"] is None
+    assert by_id["seed"]["host_type"] == "seed" and by_id["seed"]["ip"] == "10.0.0.1" and by_id["a"]["host_type"] == ""
+    assert by_id["a"]["parents"] == ["seed"]
+    assert shown["task"]["piece_count"] == 10 and shown["task"]["url"] == "http://o/f"
+    # A counter that went back (the scheduler restarted, the task was made again): no rate, not a negative one.
+    third = _snapshot(13_000, 1 << 20, 0, {"seed": 1})
+    assert shape(third, second)["rates"] == {"from_origin": None, "from_peers": None}
+    assert shape(third, second)["peers"][0]["rate"] is None
