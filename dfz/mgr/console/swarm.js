@@ -6,10 +6,10 @@
 
 import { bytes, clear, h, rate, s } from "./dom.js";
 
-const HISTORY = 120; // samples kept for the chart (two minutes at one a second)
+const HISTORY = 60; // samples kept for the chart (a minute at one a second)
 const W = 640;
 const H = 180;
-const PAD = 42;
+const PAD = 76;
 
 export class SwarmView {
   constructor(root, taskId) {
