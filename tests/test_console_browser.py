@@ -5,7 +5,8 @@ by Playwright through ``executable_path``: ``scripts/browser_testbed.py``) and `
 Through the page only: sign in; the overview shows the scheduler, the seed peer and the host active; a
 preheat job made with the form is followed to ``succeeded``, one of a file the origin does not have to ``failed`` with its
 task's error; the task page finds where that file is cached
-(the seed peer, through a ``get_task`` job); the live swarm of a download that the origin's rate limit makes
+(the seed peer, through a ``get_task`` job) and deletes it, after a confirmation (a ``delete_task`` job),
+after which nobody holds it; the live swarm of a download that the origin's rate limit makes
 last several seconds is drawn, nested (the daemon under the seed), and changes from one push to the next,
 with rates; a personal access token is made and shown once; signing out ends the session. No error reaches
 the browser's console (a Content-Security-Policy violation would).
@@ -197,6 +198,16 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
             expect(holders).to_contain_text("seed")
             expect(holders).to_contain_text("succeeded")
             shot("task-cached")
+
+            # Delete it from every cache (after the confirmation the page asks for): then nobody holds it.
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#task-delete")
+            expect(page.locator("#job-state")).to_have_attribute("data-state", "succeeded")
+            expect(page.locator("[id^=deleted-] tbody tr")).to_contain_text("deleted")
+            shot("task-deleted")
+            page.click("#task-cached")
+            expect(page.locator("#job-state")).to_have_attribute("data-state", "succeeded")
+            expect(page.locator("[id^=cached-]")).to_have_text("no peer holds it")
 
             # The live swarm of a download the origin makes slow: drawn, nested, and changing.
             swarm_url = origin.url + "/swarm.bin"

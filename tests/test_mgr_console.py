@@ -3,7 +3,9 @@
 and no framing; ``/api/v1/users/me/permissions`` and ``/api/v1/task-id``; a session cookie sent from another
 site's page changes nothing; the swarm websocket refuses a handshake from another origin, answers without
 credentials (or without ``cluster:read``) with an error and a close code, answers malformed messages with
-an error and stays open; and the rates of a swarm are counter differences over the scheduler's clock.
+an error and stays open; the rates of a swarm are counter differences over the scheduler's clock; and the
+task's scheduler is found along the task's preference order on the ring, asked again directly, and looked
+for again when it forgets the task.
 
 A real manager (SQLite, 127.0.0.1, ephemeral ports) serves, in this process; clients are httpx and
 trio-websocket."""
@@ -14,16 +16,22 @@ import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
-from dfz.mgr.console import CONTENT_SECURITY_POLICY, console_files
+from dfz.mgr.auth import Principal
+from dfz.mgr.console import CONTENT_SECURITY_POLICY, SwarmUnavailable, console_files
+from dfz.mgr.fabric import ManagerFabric
+from dfz.mgr.messages import MgrScheduler
+from dfz.mgr.registry import ClusterView, Snapshot
 from dfz.mgr.service import ROOT_PASSWORD_ENV, Manager, ManagerConfig
-from dfz.mgr.swarm import shape
+from dfz.mgr.swarm import SwarmInspector, shape
+from dfz.peer.schedring import SchedulerRing
 from dfz.sched.messages import InspectHost, InspectPeer, InspectTask, SchedSnapshot
 from dfz.tasks import task_id
 
@@ -271,3 +279,70 @@ def test_swarm_rates_are_counter_differences_over_the_schedulers_clock() -> None
     third = _snapshot(13_000, 1 << 20, 0, {"seed": 1})
     assert shape(third, second)["rates"] == {"from_origin": None, "from_peers": None}
     assert shape(third, second)["peers"][0]["rate"] is None
+
+
+# --- which scheduler is asked ------------------------------------------------------------------------------------
+
+
+def _mgr_scheduler(sid: int, port: int) -> MgrScheduler:
+    return MgrScheduler(id=sid, hostname=f"s{sid}", ip="127.0.0.1", port=port, endpoint=f"tcp://127.0.0.1:{port}")
+
+
+class _Schedulers(SwarmInspector):
+    """The inspector's search and bookkeeping, with scripted schedulers instead of fabric clients: which
+    endpoints know which task (None: the scheduler does not answer)."""
+
+    def __init__(self, clusters: tuple[ClusterView, ...], knows: dict[str, bool | None]) -> None:
+        super().__init__(cast(ManagerFabric, SimpleNamespace(snapshot=Snapshot(clusters=clusters))))
+        self.knows = knows
+        self.asked: list[str] = []
+
+    async def snapshot(self, endpoint: str, task_id: str) -> SchedSnapshot:
+        self.asked.append(endpoint)
+        known = self.knows.get(endpoint)
+        if known is None:
+            raise SwarmUnavailable(f"scheduler {endpoint} did not answer")
+        snap = _snapshot(len(self.asked) * 1000, 0, 0, {"seed": 1})
+        if not known:
+            snap.task, snap.peers = None, []
+        else:
+            assert snap.task is not None
+            snap.task.tenant = "7"
+        return snap
+
+
+def _principal(tenant_id: int | None = None, role: str = "root") -> Principal:
+    return Principal(user_id=1, name="u", role=role, permissions=("*",), tenant_id=tenant_id, via="session")
+
+
+async def test_the_swarm_is_asked_of_the_schedulers_in_the_tasks_preference_order() -> None:
+    one = ClusterView(id=1, name="a", schedulers=(_mgr_scheduler(1, 1001), _mgr_scheduler(2, 1002), _mgr_scheduler(3, 1003)))
+    two = ClusterView(id=2, name="b", schedulers=(_mgr_scheduler(4, 2001),))
+    task = "cd" * 32
+    order = SchedulerRing([s.endpoint for s in one.schedulers]).preference(task)
+    first, second, third = order
+    inspector = _Schedulers((two, one), {first: None, second: False, third: True, "tcp://127.0.0.1:2001": False})
+    assert [e for _, _, e in inspector.schedulers_for(task)] == [*order, "tcp://127.0.0.1:2001"]  # clusters by id
+
+    watch = inspector.watch()
+    shown = await watch.snapshot(task, _principal())
+    # The first is down, the second does not know the task: the third, further along the ring, has it.
+    assert inspector.asked == [first, second, third]
+    assert shown["scheduler"]["endpoint"] == third and shown["scheduler"]["scheduler_cluster_id"] == 1
+    assert shown["rates"]["from_peers"] is None  # the first snapshot has no rates
+    shown = await watch.snapshot(task, _principal())
+    assert inspector.asked[3:] == [third]  # and is asked again directly
+    assert shown["rates"]["from_peers"] == 0
+    # It forgets the task: the search starts again; nobody knows it: unavailable, saying why.
+    inspector.knows[third] = False
+    with pytest.raises(SwarmUnavailable) as nobody:
+        await watch.snapshot(task, _principal())
+    assert "did not answer" in str(nobody.value)
+    assert inspector.asked[4:] == [third, first, second, third, "tcp://127.0.0.1:2001"]
+    # A principal of another tenant is told nothing of the task; one of its tenant sees it.
+    inspector.knows[third] = True
+    with pytest.raises(SwarmUnavailable):
+        await inspector.watch().snapshot(task, _principal(tenant_id=3))
+    assert (await inspector.watch().snapshot(task, _principal(tenant_id=7)))["task"]["tenant"] == "7"
+    with pytest.raises(SwarmUnavailable, match="no scheduler is active"):
+        await _Schedulers((), {}).watch().snapshot(task, _principal())

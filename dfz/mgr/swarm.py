@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from ..broker import Client, ClientConfig, ConnectionLost, RemoteError, RequestTimeout
+from ..broker import Client, ClientConfig, FabricError, RemoteError
 from ..log import event, get_logger
 from ..peer.schedring import SchedulerRing
 from ..sched.inspect import inspect
@@ -127,9 +127,12 @@ class SwarmInspector:
                     f"scheduler {endpoint} does not answer inspections (its setting 'inspect' is off)"
                 ) from None
             raise SwarmUnavailable(f"scheduler {endpoint} refused: {e}") from None
-        except (RequestTimeout, ConnectionLost, trio.TooSlowError):
+        except trio.TooSlowError:
             self._forget(endpoint)
-            raise SwarmUnavailable(f"scheduler {endpoint} did not answer within {self.timeout * 2:g} s") from None
+            raise SwarmUnavailable(f"scheduler {endpoint} is not reachable (no session within {self.timeout * 2:g} s)") from None
+        except FabricError as e:  # no answer in time, the session ended, an answer of the wrong type
+            self._forget(endpoint)
+            raise SwarmUnavailable(f"scheduler {endpoint}: {e}") from None
 
 
 @dataclass

@@ -9,6 +9,7 @@ import { SwarmView } from "./swarm.js";
 const main = document.getElementById("main");
 let me = null; // GET /users/me/permissions
 let stopView = () => {}; // what the current view must stop (timers, sockets) when another one opens
+const clusterNames = new Map(); // scheduler cluster id -> name, for job results
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 function errorBox(error) {
@@ -117,6 +118,11 @@ async function start() {
   document.getElementById("nav-admin").hidden = !(may(me, "user", "read") || may(me, "daemon", "read") || may(me, "tenant", "write"));
   const who = clear(document.getElementById("who"));
   who.append(h("span", { id: "who-name" }, me.name), " ", h("span", { class: "muted" }, `(${me.role})`));
+  if (may(me, "cluster", "read")) {
+    all("/scheduler-clusters")
+      .then((rows) => rows.forEach((c) => clusterNames.set(c.id, c.name)))
+      .catch(() => {});
+  }
   route();
 }
 
@@ -157,12 +163,12 @@ function health(rows) {
   return h("span", { class: active === rows.length && rows.length ? "ok" : active ? "warn" : "bad" }, `${active}/${rows.length} active`);
 }
 
-function instanceColumns(clusterKey, clusterNames) {
+function instanceColumns(clusterKey, names) {
   return [
     ["", (r) => badge(r.state)],
     ["host", (r) => r.hostname],
     ["address", (r) => `${r.ip}:${r.port}`],
-    ["cluster", (r) => clusterNames.get(r[clusterKey]) || r[clusterKey]],
+    ["cluster", (r) => names.get(r[clusterKey]) || r[clusterKey]],
     ["IDC / location", (r) => [r.idc, r.location].filter(Boolean).join(" · ")],
     ["last keepalive", (r) => ago(r.last_keepalive_at)],
   ];
@@ -286,7 +292,8 @@ function taskJobResult(job) {
   const parts = [];
   for (const state of r.job_states || []) {
     for (const res of state.results || []) {
-      const cluster = `scheduler cluster ${res.scheduler_cluster_id}`;
+      const id = res.scheduler_cluster_id;
+      const cluster = clusterNames.has(id) ? `cluster ${clusterNames.get(id)}` : `scheduler cluster ${id}`;
       if (res.peers) {
         parts.push(
           h("h3", {}, `${cluster}: ${res.peers.length} peer(s) hold it`),
@@ -359,6 +366,9 @@ function tasksView() {
   const deleteButton = h("button", { type: "button", id: "task-delete", class: "danger" }, "Delete from every cache…");
   const swarmButton = h("button", { type: "button", id: "task-swarm" }, "Live swarm");
   let stopWatch = () => {};
+
+  // A task id found from a URL belongs to that URL: editing the URL (or its tag or application) forgets it.
+  for (const input of [url, tag, application]) input.addEventListener("input", () => (taskId.value = ""));
 
   async function resolve() {
     const id = taskId.value.trim();
