@@ -24,6 +24,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
+from dfz.mgr import console
 from dfz.mgr.auth import Principal
 from dfz.mgr.console import CONTENT_SECURITY_POLICY, SwarmUnavailable, console_files
 from dfz.mgr.fabric import ManagerFabric
@@ -194,6 +195,29 @@ async def test_websocket_refuses_without_credentials_and_from_other_sites(manage
         with pytest.raises(ConnectionClosed) as closed:
             await ws.get_message()
         assert close_code(closed) == 4403
+
+
+async def test_websockets_open_at_once_are_bounded(
+    manager: Manager, root: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "MAX_SOCKETS", 2)
+    headers = hdr(("Cookie", f"dfz_session={root.cookies['dfz_session']}"))
+    async with open_websocket_url(ws_url(manager), extra_headers=headers) as one:
+        async with open_websocket_url(ws_url(manager), extra_headers=headers) as two:
+            await two.send_message("{}")
+            assert (await next_json(two))["status"] == 400  # served
+            async with open_websocket_url(ws_url(manager), extra_headers=headers) as three:
+                refused = await next_json(three)
+                assert refused["status"] == 503 and "live views" in refused["detail"]
+        await one.send_message("{}")
+        assert (await next_json(one))["status"] == 400
+    with trio.fail_after(10):
+        while True:  # once the closed sockets' handlers have ended, there is room again
+            async with open_websocket_url(ws_url(manager), extra_headers=headers) as again:
+                await again.send_message("{}")
+                if (await next_json(again))["status"] == 400:
+                    break
+            await trio.sleep(0.1)
 
 
 async def test_websocket_answers_bad_messages_and_stays_open(manager: Manager, root: httpx.AsyncClient) -> None:

@@ -62,6 +62,8 @@ MAX_WS_MESSAGE = 4096
 """Largest websocket message a client may send (characters); the only one it needs is a few dozen."""
 MIN_INTERVAL, MAX_INTERVAL = 0.25, 10.0
 """Bounds of the push interval a client may ask for (seconds)."""
+MAX_SOCKETS = 100
+"""Swarm websockets open at once in one manager; beyond, a new one is refused (each polls a scheduler)."""
 
 
 def console_files() -> dict[str, tuple[bytes, str]]:
@@ -175,6 +177,21 @@ async def serve_swarm(ws: WebSocket) -> None:
         await ws.send_json({"type": "error", "status": 403, "detail": principal.missing("cluster", "read")})
         await ws.close(code=4403)
         return
+    open_sockets: list[WebSocket] = app.state.swarm_sockets
+    if len(open_sockets) >= MAX_SOCKETS:
+        detail = f"{MAX_SOCKETS} live views are open on this manager already: close one, or try again later"
+        await ws.send_json({"type": "error", "status": 503, "detail": detail})
+        await ws.close(code=4503)
+        return
+    open_sockets.append(ws)
+    try:
+        await _serve_swarm(ws, principal)
+    finally:
+        open_sockets.remove(ws)
+
+
+async def _serve_swarm(ws: WebSocket, principal: Principal) -> None:
+    app = ws.app
     source: SwarmSource | None = getattr(app.state, "swarm_source", None)
     watch = source.watch() if source is not None else None
     event(log, logging.INFO, "mgr_ws_opened", user=principal.name, via=principal.via)
@@ -237,4 +254,5 @@ async def serve_swarm(ws: WebSocket) -> None:
 def install(app: FastAPI) -> None:
     """Add the console's routes and the swarm websocket to the manager's application."""
     app.include_router(router())
+    app.state.swarm_sockets = []
     app.add_api_websocket_route(WS_SWARM_PATH, serve_swarm)
