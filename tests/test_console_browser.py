@@ -265,6 +265,25 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
             old = httpx.get(url + "/api/v1/users/me", cookies={"dfz_session": cookies["dfz_session"]})
             assert old.status_code == 401
             shot("signed-out")
+
+            # A guest (read only) sees no administration and no forms that its role could not use.
+            with httpx.Client(base_url=url, timeout=10) as admin:
+                assert admin.post("/api/v1/sessions", json={"name": "root", "password": PASSWORD}).status_code == 201
+                roles = {r["name"]: r["id"] for r in admin.get("/api/v1/roles").json()["items"]}
+                body = {"name": "visitor", "password": "visitor-password", "role_id": roles["guest"]}
+                assert admin.post("/api/v1/users", json=body).status_code == 201
+            page.fill("#signin-name", "visitor")
+            page.fill("#signin-password", "visitor-password")
+            page.click("#signin-submit")
+            expect(page.locator("#who-name")).to_have_text("visitor")
+            expect(page.locator("#nav-admin")).to_be_hidden()
+            page.click("a[data-view=jobs]")
+            expect(page.locator("#jobs tbody tr")).to_have_count(5)  # two preheats, three task jobs: all readable
+            expect(page.locator("#preheat-form")).to_have_count(0)
+            page.click("a[data-view=tasks]")
+            expect(page.locator("#task-cached")).to_be_hidden()
+            expect(page.locator("#task-out")).to_contain_text("job:write")
+            shot("guest")
         except Exception:
             shot("failure")
             raise
