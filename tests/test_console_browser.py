@@ -3,13 +3,15 @@ by Playwright through ``executable_path``: ``scripts/browser_testbed.py``) and `
 ``dfz seed`` and ``dfz daemon`` processes on 127.0.0.1, with an HTTP origin in the test.
 
 Through the page only: sign in; the overview shows the scheduler, the seed peer and the host active; a
-preheat job made with the form is followed to ``succeeded``, one of a file the origin does not have to ``failed`` with its
-task's error; the task page finds where that file is cached
-(the seed peer, through a ``get_task`` job) and deletes it, after a confirmation (a ``delete_task`` job),
-after which nobody holds it; the live swarm of a download that the origin's rate limit makes
-last several seconds is drawn, nested (the daemon under the seed), and changes from one push to the next,
-with rates; a personal access token is made and shown once; signing out ends the session. No error reaches
-the browser's console (a Content-Security-Policy violation would).
+preheat job made with the form is followed to ``succeeded``, one of a file the origin does not have to
+``failed`` with its task's error; the task page finds where that file is cached (the seed peer, through a
+``get_task`` job) and deletes it after a confirmation (a ``delete_task`` job), after which nobody holds it;
+the live swarm of a download that the origin's rate limit makes last several seconds is drawn, nested (the
+daemon under the seed), and changes from one push to the next, with rates; the overview's live part lists
+that task and charts every scheduler's throughput; a personal access token is made and shown once; signing
+out ends the session; a guest sees neither administration nor forms its role cannot use (the API refuses
+them anyway: ``test_mgr_rbac.py``). No error reaches the browser's console (a Content-Security-Policy
+violation would).
 
 Screenshots go to ``tests/artifacts/console/`` (ignored by git; ``$DFZ_TEST_ARTIFACTS`` chooses another
 directory); their paths are printed."""
@@ -230,7 +232,7 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
                 return len(seen) >= 3
 
             wait_for(changed, 20, "the swarm tree changed twice")
-            expect(page.locator("#rate-origin")).to_contain_text("/s")
+            expect(page.locator("#swarm-chart .rate-origin")).to_contain_text("/s")
             expect(page.locator("#swarm-chart polyline.peers")).to_have_count(1)
             updates = int(page.locator("#swarm-status").get_attribute("data-updates") or 0)
             assert updates >= 3, updates
@@ -240,6 +242,14 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
             done = f"{SWARM_SIZE // PIECE}/{SWARM_SIZE // PIECE}"
             wait_for(lambda: list(peer_pieces(page).values()) == [done, done], 10, "both peers have every piece")
             shot("swarm-done")
+
+            # The overview's live part: every scheduler's totals and the most active tasks, pushed each second.
+            page.click("a[data-view=overview]")
+            expect(page.locator("#active-tasks-table")).to_contain_text("/swarm.bin")
+            expect(page.locator("#live-schedulers")).to_contain_text("answering")
+            wait_for(lambda: int(page.locator("#cluster-chart").get_attribute("data-samples") or 0) >= 2, 10, "two pushes")
+            expect(page.locator("#cluster-chart .rate-peers")).to_contain_text("/s")
+            shot("overview-live")
             assert origin.served["/swarm.bin"] == SWARM_SIZE  # the seed went to the origin; the daemon to the seed
 
             # Administration, and a personal access token shown once.

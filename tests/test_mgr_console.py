@@ -321,12 +321,23 @@ class _Schedulers(SwarmInspector):
         self.knows = knows
         self.asked: list[str] = []
 
-    async def snapshot(self, endpoint: str, task_id: str) -> SchedSnapshot:
+    async def snapshot(self, endpoint: str, task_id: str | None, *, tasks: int = 0) -> SchedSnapshot:
         self.asked.append(endpoint)
         known = self.knows.get(endpoint)
         if known is None:
             raise SwarmUnavailable(f"scheduler {endpoint} did not answer")
-        snap = _snapshot(len(self.asked) * 1000, 0, 0, {"seed": 1})
+        calls = self.asked.count(endpoint)
+        snap = _snapshot(calls * 1000, calls << 20, 3 * calls << 20, {"seed": 1})
+        if task_id is None:  # the totals, and its task among the most active
+            assert tasks > 0 and snap.task is not None
+            snap.task.running = calls
+            snap.bytes_from_origin, snap.bytes_from_peers, snap.tasks = (
+                snap.task.bytes_from_origin,
+                snap.task.bytes_from_peers,
+                [snap.task],
+            )
+            snap.task, snap.peers = None, []
+            return snap
         if not known:
             snap.task, snap.peers = None, []
         else:
@@ -356,7 +367,7 @@ async def test_the_swarm_is_asked_of_the_schedulers_in_the_tasks_preference_orde
     assert shown["rates"]["from_peers"] is None  # the first snapshot has no rates
     shown = await watch.snapshot(task, _principal())
     assert inspector.asked[3:] == [third]  # and is asked again directly
-    assert shown["rates"]["from_peers"] == 0
+    assert shown["rates"]["from_peers"] == 3 << 20  # 3 MiB more in one second of its clock
     # It forgets the task: the search starts again; nobody knows it: unavailable, saying why.
     inspector.knows[third] = False
     with pytest.raises(SwarmUnavailable) as nobody:
@@ -370,3 +381,28 @@ async def test_the_swarm_is_asked_of_the_schedulers_in_the_tasks_preference_orde
     assert (await inspector.watch().snapshot(task, _principal(tenant_id=7)))["task"]["tenant"] == "7"
     with pytest.raises(SwarmUnavailable, match="no scheduler is active"):
         await _Schedulers((), {}).watch().snapshot(task, _principal())
+
+
+async def test_the_cluster_overview_sums_every_schedulers_rates() -> None:
+    one = ClusterView(id=1, name="a", schedulers=(_mgr_scheduler(1, 1001), _mgr_scheduler(2, 1002)))
+    two = ClusterView(id=2, name="b", schedulers=(_mgr_scheduler(3, 2001),))
+    inspector = _Schedulers(
+        (one, two), {"tcp://127.0.0.1:1001": True, "tcp://127.0.0.1:1002": None, "tcp://127.0.0.1:2001": True}
+    )
+    watch = inspector.watch()
+    first = await watch.overview(_principal())
+    assert [(s["endpoint"], s["ok"]) for s in first["schedulers"]] == [
+        ("tcp://127.0.0.1:1001", True),
+        ("tcp://127.0.0.1:1002", False),
+        ("tcp://127.0.0.1:2001", True),
+    ]
+    assert "did not answer" in first["schedulers"][1]["error"]
+    assert first["rates"] == {"from_origin": None, "from_peers": None}  # nothing to compare with yet
+    assert len(first["tasks"]) == 2 and first["tasks"][0]["scheduler"] in ("s1", "s3")
+    second = await watch.overview(_principal())
+    # Each answering scheduler: 1 MiB more from the origin and 3 MiB more from peers in one second of its clock.
+    assert second["schedulers"][0]["rates"] == {"from_origin": 1 << 20, "from_peers": 3 << 20}
+    assert second["rates"] == {"from_origin": 2 << 20, "from_peers": 6 << 20}
+    assert second["schedulers"][2]["tasks"] == 0 and second["schedulers"][2]["bytes_from_peers"] == 6 << 20
+    with pytest.raises(SwarmUnavailable, match="every tenant"):
+        await watch.overview(_principal(tenant_id=7))

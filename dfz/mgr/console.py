@@ -10,7 +10,8 @@ The websocket (``protocol.md`` §17.11): authenticated at the handshake, by the 
 it with the upgrade request of its own origin; a handshake whose ``Origin`` is another site's is refused) or
 by ``Authorization: Bearer <personal access token>`` (programs). No secret travels in the URL or a message.
 The client sends ``{"type": "watch", "task_id": HEX}``; every ``interval`` seconds the manager asks the task's
-scheduler for the swarm (``SwarmSource``) and pushes ``{"type": "swarm", ...}``. A bad message is answered
+scheduler for the swarm (``SwarmSource``) and pushes ``{"type": "swarm", ...}``; or ``{"type": "overview"}``,
+and the manager pushes every scheduler's totals and rates (``{"type": "cluster", ...}``). A bad message is answered
 with ``{"type": "error", ...}`` and the socket stays open.
 """
 
@@ -118,6 +119,11 @@ class SwarmWatch(Protocol):
         when it cannot be had now (no scheduler knows the task, or none answers)."""
         ...
 
+    async def overview(self, principal: Principal) -> dict[str, Any]:
+        """Every scheduler's totals, rates and most active tasks; :class:`SwarmUnavailable` when the principal
+        may not see them."""
+        ...
+
 
 class SwarmSource(Protocol):
     """Where the swarms come from (``swarm.SwarmInspector``)."""
@@ -145,17 +151,20 @@ def _parse(text: str | None) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise _BadMessage("a message is a JSON object")
     kind = msg.get("type")
+    if kind in ("watch", "overview"):
+        interval = msg.get("interval", 1.0)
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+            raise _BadMessage(f"interval: seconds from {MIN_INTERVAL} to {MAX_INTERVAL}")
+    if kind == "overview":
+        return {"type": "overview", "interval": float(interval)}
     if kind == "watch":
         task_id = msg.get("task_id")
         if not isinstance(task_id, str) or not is_task_id(task_id):
             raise _BadMessage("task_id: 64 lowercase hex digits")
-        interval = msg.get("interval", 1.0)
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or not MIN_INTERVAL <= interval <= MAX_INTERVAL:
-            raise _BadMessage(f"interval: seconds from {MIN_INTERVAL} to {MAX_INTERVAL}")
         return {"type": "watch", "task_id": task_id, "interval": float(interval)}
     if kind == "stop":
         return {"type": "stop"}
-    raise _BadMessage("type: 'watch' or 'stop'")
+    raise _BadMessage("type: 'watch', 'overview' or 'stop'")
 
 
 async def serve_swarm(ws: WebSocket) -> None:
@@ -211,10 +220,16 @@ async def _serve_swarm(ws: WebSocket, principal: Principal) -> None:
                 await changed.wait()
                 changed = trio.Event()
                 continue
-            task_id, interval = watching["task_id"], watching["interval"]
+            task_id, interval = watching.get("task_id", ""), watching["interval"]
             started = trio.current_time()
             if watch is None:
                 await send({"type": "error", "status": 503, "detail": "this manager has no fabric: no swarm to show"})
+            elif not task_id:
+                try:
+                    await send({"type": "cluster", **(await watch.overview(principal))})
+                except SwarmUnavailable as e:
+                    await send({"type": "error", "status": 403, "detail": str(e)})
+                    watching.clear()
             else:
                 try:
                     swarm = await watch.snapshot(task_id, principal)
@@ -239,11 +254,11 @@ async def _serve_swarm(ws: WebSocket, principal: Principal) -> None:
                 except _BadMessage as e:
                     await send({"type": "error", "status": 400, "detail": str(e)})
                     continue
+                watching.clear()
                 if msg["type"] == "watch":
-                    watching.clear()
                     watching.update(task_id=msg["task_id"], interval=msg["interval"])
-                else:
-                    watching.clear()
+                elif msg["type"] == "overview":
+                    watching.update(interval=msg["interval"])
                 changed.set()
             nursery.cancel_scope.cancel()
     except WebSocketDisconnect:

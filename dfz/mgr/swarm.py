@@ -18,6 +18,9 @@ Theory of operation:
   snapshot and divides the differences by the clock's. The first snapshot has no rates (``None``).
 * **Tenants.** A principal confined to a tenant sees a task only when the task is of its tenant (the
   scheduler's ``tenant`` is the tenant's row id); another tenant's task is answered as unknown.
+* **The overview** (:meth:`SwarmWatch.overview`) asks every active scheduler at once for its totals and most
+  active tasks, and computes each one's rates the same way; it covers every tenant, so a confined principal
+  is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..broker import Client, ClientConfig, FabricError, RemoteError
 from ..log import event, get_logger
 from ..peer.schedring import SchedulerRing
 from ..sched.inspect import inspect
-from ..sched.messages import SCHED_CATALOGUE, SchedErrorCode, SchedSnapshot
+from ..sched.messages import SCHED_CATALOGUE, InspectTask, SchedErrorCode, SchedSnapshot
 from .auth import Principal
 from .console import SwarmUnavailable
 from .fabric import ManagerFabric
@@ -45,6 +48,8 @@ PEERS_SHOWN = 256
 """Most peers of a swarm asked for (the scheduler may send fewer to fit a frame: ``truncated``)."""
 HOSTS_ASKED = 64
 """Hosts asked for with each snapshot (busiest uploaders first): their type, address and upload rate."""
+OVERVIEW_TASKS = 10
+"""Most active tasks the cluster overview lists (asked of each scheduler, the busiest kept)."""
 
 
 @dataclass
@@ -114,12 +119,19 @@ class SwarmInspector:
         if link is not None:
             link.scope.cancel()
 
-    async def snapshot(self, endpoint: str, task_id: str) -> SchedSnapshot:
-        """``sched.inspect`` of ``task_id`` at ``endpoint``; :class:`SwarmUnavailable` when it cannot be had."""
+    def schedulers(self) -> list[tuple[int, str, str]]:
+        """``(cluster id, hostname, endpoint)`` of every active scheduler, by cluster and endpoint."""
+        return sorted((c.id, s.hostname, s.endpoint) for c in self.fabric.snapshot.clusters for s in c.schedulers)
+
+    async def snapshot(self, endpoint: str, task_id: str | None, *, tasks: int = 0) -> SchedSnapshot:
+        """``sched.inspect`` at ``endpoint``: the swarm of ``task_id`` (with the busiest hosts), or with none the
+        totals and the ``tasks`` most active tasks; :class:`SwarmUnavailable` when it cannot be had."""
         client = await self._client(endpoint)
         try:
             with trio.fail_after(self.timeout * 2):
                 await client.wait_connected()
+            if task_id is None:
+                return await inspect(client, hosts=0, tasks=tasks, task_sort="active", peers=0, timeout=self.timeout)
             return await inspect(client, hosts=HOSTS_ASKED, tasks=0, task_id=task_id, peers=PEERS_SHOWN, timeout=self.timeout)
         except RemoteError as e:
             if e.code == SchedErrorCode.NOT_ALLOWED:
@@ -146,6 +158,71 @@ class SwarmWatch:
     cluster_id: int = 0
     previous: SchedSnapshot | None = None
     errors: list[str] = field(default_factory=list)
+    totals_before: dict[str, SchedSnapshot] = field(default_factory=dict)
+    """The previous overview snapshot of each scheduler (endpoint), for the cluster's rates."""
+
+    async def overview(self, principal: Principal) -> dict[str, Any]:
+        """Every active scheduler's totals, rates and most active tasks (``protocol.md`` §17.11). They cover
+        every tenant: a confined principal is refused (:class:`SwarmUnavailable`)."""
+        if principal.confined:
+            raise SwarmUnavailable("the cluster's throughput covers every tenant: watch your tasks' swarms instead")
+        schedulers = self.inspector.schedulers()
+        answers: dict[str, SchedSnapshot | str] = {}
+
+        async def ask(endpoint: str) -> None:
+            try:
+                answers[endpoint] = await self.inspector.snapshot(endpoint, None, tasks=OVERVIEW_TASKS)
+            except SwarmUnavailable as e:
+                answers[endpoint] = str(e)
+
+        async with trio.open_nursery() as nursery:
+            for _, _, endpoint in schedulers:
+                nursery.start_soon(ask, endpoint)
+        shown: list[dict[str, Any]] = []
+        tasks: list[dict[str, Any]] = []
+        total: dict[str, float | None] = {"from_origin": 0, "from_peers": 0}
+        for cluster_id, hostname, endpoint in schedulers:
+            entry: dict[str, Any] = {"hostname": hostname, "endpoint": endpoint, "scheduler_cluster_id": cluster_id}
+            got = answers.get(endpoint, "not asked")
+            if isinstance(got, str):
+                shown.append({**entry, "ok": False, "error": got})
+                self.totals_before.pop(endpoint, None)
+                continue
+            before = self.totals_before.get(endpoint)
+            ms = got.clock_ms - before.clock_ms if before is not None else 0
+            rates = {
+                "from_origin": None if before is None else _rate(got.bytes_from_origin, before.bytes_from_origin, ms),
+                "from_peers": None if before is None else _rate(got.bytes_from_peers, before.bytes_from_peers, ms),
+            }
+            for key, value in rates.items():
+                known = total[key]
+                total[key] = None if value is None or known is None else known + value
+            self.totals_before[endpoint] = got
+            shown.append(
+                {
+                    **entry,
+                    "ok": True,
+                    "hosts": got.hosts_total,
+                    "seed_hosts": got.seed_hosts,
+                    "tasks": got.tasks_total,
+                    "peers": got.peers_total,
+                    "downloading": got.downloading,
+                    "upload_rate": got.upload_rate,
+                    "bytes_from_origin": got.bytes_from_origin,
+                    "bytes_from_peers": got.bytes_from_peers,
+                    "rates": {k: None if v is None else round(v) for k, v in rates.items()},
+                }
+            )
+            tasks.extend({**_task_fields(t), "task_id": t.task_id, "scheduler": hostname} for t in got.tasks)
+        tasks.sort(key=lambda t: (-(t["running"] + t["back_to_source"]), -t["peers"], t["task_id"]))
+        if not any(s["ok"] for s in shown):
+            total = {"from_origin": None, "from_peers": None}
+        return {
+            "at": round(time.time() * 1000),
+            "schedulers": shown,
+            "rates": {k: None if v is None else round(v) for k, v in total.items()},
+            "tasks": tasks[:OVERVIEW_TASKS],
+        }
 
     async def snapshot(self, task_id: str, principal: Principal) -> dict[str, Any]:
         """The swarm of ``task_id`` as the page draws it (``protocol.md`` §17.11); :class:`SwarmUnavailable`
@@ -205,6 +282,29 @@ def _rate(now: int, before: int, ms: int) -> float | None:
     return (now - before) * 1000.0 / ms
 
 
+def _task_fields(task: InspectTask) -> dict[str, Any]:
+    return {
+        "url": task.url,
+        "tag": task.tag,
+        "application": task.application,
+        "tenant": task.tenant,
+        "state": task.state,
+        "content_length": task.content_length,
+        "piece_length": task.piece_length,
+        "piece_count": task.piece_count,
+        "peers": task.peers,
+        "pending": task.pending,
+        "running": task.running,
+        "back_to_source": task.back_to_source,
+        "succeeded": task.succeeded,
+        "failed": task.failed,
+        "finished_pieces": task.finished_pieces,
+        "bytes_from_origin": task.bytes_from_origin,
+        "bytes_from_peers": task.bytes_from_peers,
+        "age_ms": task.age_ms,
+    }
+
+
 def shape(snap: SchedSnapshot, previous: SchedSnapshot | None) -> dict[str, Any]:
     """A ``sched.snapshot`` of one task as the console's ``swarm`` message (``protocol.md`` §17.11), with rates
     from ``previous`` (a snapshot of the same task from the same scheduler, or None)."""
@@ -246,26 +346,7 @@ def shape(snap: SchedSnapshot, previous: SchedSnapshot | None) -> dict[str, Any]
         rates["from_peers"] = _rate(task.bytes_from_peers, before_task.bytes_from_peers, ms)
     return {
         "at": round(time.time() * 1000),
-        "task": {
-            "url": task.url,
-            "tag": task.tag,
-            "application": task.application,
-            "tenant": task.tenant,
-            "state": task.state,
-            "content_length": task.content_length,
-            "piece_length": task.piece_length,
-            "piece_count": task.piece_count,
-            "peers": task.peers,
-            "pending": task.pending,
-            "running": task.running,
-            "back_to_source": task.back_to_source,
-            "succeeded": task.succeeded,
-            "failed": task.failed,
-            "finished_pieces": task.finished_pieces,
-            "bytes_from_origin": task.bytes_from_origin,
-            "bytes_from_peers": task.bytes_from_peers,
-            "age_ms": task.age_ms,
-        },
+        "task": _task_fields(task),
         "peers": peers,
         "rates": {k: None if v is None else round(v) for k, v in rates.items()},
         "truncated": snap.truncated,

@@ -3,7 +3,8 @@
 // what a user may do is decided by the manager on every request, the page only hides what would be refused.
 
 import { ApiError, all, del, get, may, newest, post, whenSignedOut } from "./api.js";
-import { ago, badge, bytes, clear, h, table, when } from "./dom.js";
+import { HISTORY, drawRates, liveSocket } from "./chart.js";
+import { ago, badge, bytes, clear, h, rate, table, when } from "./dom.js";
 import { SwarmView } from "./swarm.js";
 
 const main = document.getElementById("main");
@@ -174,15 +175,93 @@ function instanceColumns(clusterKey, names) {
   ];
 }
 
+/** The live part of the overview: every scheduler's totals and rates, and the most active tasks, pushed by the
+ * manager's websocket (it covers every tenant: not for a user confined to one). */
+function liveOverview(container) {
+  const samples = [];
+  let updates = 0;
+  let closed = false;
+  const status = h("p", { class: "muted", id: "live-status" }, "Connecting…");
+  const chart = h("div", { id: "cluster-chart", class: "card chart" });
+  const tasks = h("div", { id: "active-tasks" });
+  const schedulers = h("div", { id: "live-schedulers" });
+  container.append(
+    h("h2", {}, "Throughput, every scheduler"),
+    status,
+    chart,
+    h("h2", {}, "Most active tasks"),
+    tasks,
+    h("h2", {}, "Schedulers, live"),
+    schedulers,
+  );
+  const show = (msg) => {
+    if (msg.type === "error") {
+      status.className = "error";
+      status.textContent = `${msg.detail} (${msg.status})`;
+      return;
+    }
+    if (msg.type !== "cluster") return;
+    updates += 1;
+    status.className = "muted";
+    status.textContent = `Live · update ${updates} at ${new Date(msg.at).toLocaleTimeString()}`;
+    status.dataset.updates = String(updates);
+    samples.push({ peers: msg.rates.from_peers, origin: msg.rates.from_origin });
+    if (samples.length > HISTORY) samples.shift();
+    drawRates(chart, samples);
+    clear(tasks).append(
+      table(
+        [
+          ["", (t) => badge(t.state)],
+          ["URL", (t) => h("span", { class: "url" }, t.url)],
+          ["peers", (t) => `${t.peers} (${t.running + t.back_to_source} downloading, ${t.succeeded} done)`],
+          ["size", (t) => bytes(t.content_length)],
+          ["from peers / origin", (t) => `${bytes(t.bytes_from_peers)} / ${bytes(t.bytes_from_origin)}`],
+          ["scheduler", (t) => t.scheduler],
+          ["", (t) => h("a", { href: `#/swarm/${t.task_id}` }, "live swarm")],
+        ],
+        msg.tasks,
+        { empty: "no task at any scheduler", id: "active-tasks-table" },
+      ),
+    );
+    const r = (v) => (v === null || v === undefined ? "…" : rate(v));
+    clear(schedulers).append(
+      table(
+        [
+          ["", (x) => (x.ok ? badge("answering") : h("span", { class: "badge state-failed" }, "no answer"))],
+          ["scheduler", (x) => `${x.hostname} (${x.endpoint})`],
+          ["hosts", (x) => (x.ok ? `${x.hosts} (${x.seed_hosts} seed)` : h("span", { class: "error" }, x.error))],
+          ["tasks", (x) => (x.ok ? x.tasks : "")],
+          ["peers", (x) => (x.ok ? `${x.peers} (${x.downloading} downloading)` : "")],
+          ["upload", (x) => (x.ok ? rate(x.upload_rate) : "")],
+          ["from peers / origin", (x) => (x.ok ? `${r(x.rates.from_peers)} / ${r(x.rates.from_origin)}` : "")],
+        ],
+        msg.schedulers,
+        { empty: "no active scheduler" },
+      ),
+    );
+  };
+  const socket = liveSocket({ type: "overview", interval: 1 }, show, (ev) => {
+    if (closed) return;
+    status.className = "error";
+    status.textContent = `The live connection closed (${ev.code}). Open the overview again to reconnect.`;
+  });
+  return () => {
+    closed = true;
+    socket.close(1000, "view closed");
+  };
+}
+
 function overviewView() {
   main.append(h("h1", {}, "Overview"));
   const body = h("div", { id: "overview" }, h("p", { class: "muted" }, "Loading…"));
-  main.append(body);
+  const live = h("div", { id: "overview-live" });
+  main.append(body, live);
   if (!may(me, "cluster", "read")) {
     clear(body).append(h("p", { class: "notice" }, "Your role cannot read clusters (cluster:read)."));
     return undefined;
   }
-  return every(3, async () => {
+  const stopLive = me.confined ? () => {} : liveOverview(live);
+  const stopPolling = every(3, async () => {
     const [sclusters, spclusters, schedulers, seeds, hosts] = await Promise.all([
       all("/scheduler-clusters"),
       all("/seed-peer-clusters"),
@@ -235,6 +314,10 @@ function overviewView() {
     );
     return false;
   });
+  return () => {
+    stopLive();
+    stopPolling();
+  };
 }
 
 // --- jobs: shared watching --------------------------------------------------------------------------------

@@ -4,12 +4,8 @@
 // The socket is authenticated by the session cookie the browser sends with the handshake: no secret in the
 // URL or in a message.
 
-import { bytes, clear, h, rate, s } from "./dom.js";
-
-const HISTORY = 60; // samples kept for the chart (a minute at one a second)
-const W = 640;
-const H = 180;
-const PAD = 76;
+import { HISTORY, drawRates, liveSocket } from "./chart.js";
+import { bytes, clear, h, rate } from "./dom.js";
 
 export class SwarmView {
   constructor(root, taskId) {
@@ -27,7 +23,7 @@ export class SwarmView {
     });
     this.status = h("p", { id: "swarm-status", class: "muted" }, "Give a task id (Tasks finds it from a URL).");
     this.facts = h("div", { id: "swarm-facts" });
-    this.chart = h("div", { id: "swarm-chart", class: "card" });
+    this.chart = h("div", { id: "swarm-chart", class: "card chart" });
     this.tree = h("div", { id: "swarm-tree", class: "card" });
     root.append(h("h1", {}, "Live swarm"), form, this.status, this.facts, h("h2", {}, "Throughput"), this.chart, h("h2", {}, "Swarm tree"), this.tree);
     if (taskId) this.watch(taskId);
@@ -52,26 +48,18 @@ export class SwarmView {
     if (this.socket) this.socket.close(1000, "another task");
     this.samples = [];
     this.updates = 0;
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(`${scheme}//${location.host}/api/v1/ws/swarm`);
-    this.socket = socket;
     this.setStatus("Connecting…");
-    socket.addEventListener("open", () => socket.send(JSON.stringify({ type: "watch", task_id: taskId, interval: 1 })));
-    socket.addEventListener("message", (ev) => {
-      if (socket !== this.socket) return;
-      let msg;
-      try {
-        msg = JSON.parse(ev.data);
-      } catch {
-        this.setStatus("The manager sent something that is not JSON.", "error");
-        return;
-      }
-      this.onMessage(msg);
-    });
-    socket.addEventListener("close", (ev) => {
-      if (socket !== this.socket || this.closed) return;
-      this.setStatus(`The live connection closed (${ev.code}${ev.reason ? `: ${ev.reason}` : ""}). Watch again to reconnect.`, "error");
-    });
+    const socket = liveSocket(
+      { type: "watch", task_id: taskId, interval: 1 },
+      (msg) => {
+        if (socket === this.socket) this.onMessage(msg);
+      },
+      (ev) => {
+        if (socket !== this.socket || this.closed) return;
+        this.setStatus(`The live connection closed (${ev.code}${ev.reason ? `: ${ev.reason}` : ""}). Watch again to reconnect.`, "error");
+      },
+    );
+    this.socket = socket;
   }
 
   onMessage(msg) {
@@ -114,34 +102,7 @@ export class SwarmView {
   }
 
   drawChart() {
-    const points = this.samples;
-    const top = Math.max(1, ...points.map((p) => Math.max(p.peers || 0, p.origin || 0)));
-    const x = (i) => PAD + ((W - PAD - 8) * i) / Math.max(1, HISTORY - 1);
-    const y = (v) => H - 20 - ((H - 30) * (v || 0)) / top;
-    const line = (key) => points.map((p, i) => `${x(i + HISTORY - points.length).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ");
-    const last = points[points.length - 1] || {};
-    clear(this.chart).append(
-      s(
-        "svg",
-        { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "bytes per second from peers and from the origin" },
-        s("line", { x1: PAD, y1: H - 20, x2: W - 8, y2: H - 20, class: "axis" }),
-        s("line", { x1: PAD, y1: 10, x2: PAD, y2: H - 20, class: "axis" }),
-        s("text", { x: PAD - 4, y: 16, class: "label end" }, rate(top)),
-        s("text", { x: PAD - 4, y: H - 20, class: "label end" }, "0"),
-        s("text", { x: W - 8, y: H - 4, class: "label end" }, `last ${HISTORY} s`),
-        s("polyline", { points: line("peers"), class: "series peers" }),
-        s("polyline", { points: line("origin"), class: "series origin" }),
-      ),
-      h(
-        "p",
-        { class: "legend" },
-        h("span", { class: "key peers" }, "from peers "),
-        h("b", { id: "rate-peers" }, last.peers === null || last.peers === undefined ? "…" : rate(last.peers)),
-        "  ",
-        h("span", { class: "key origin" }, "from the origin "),
-        h("b", { id: "rate-origin" }, last.origin === null || last.origin === undefined ? "…" : rate(last.origin)),
-      ),
-    );
+    drawRates(this.chart, this.samples);
   }
 
   drawTree(msg) {
