@@ -220,6 +220,25 @@ async def test_websockets_open_at_once_are_bounded(
             await trio.sleep(0.1)
 
 
+async def test_a_revoked_token_ends_its_open_websocket(
+    manager: Manager, root: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "REAUTH_INTERVAL", 0.2)
+    made = (await root.post("/api/v1/personal-access-tokens", json={"name": "live", "scopes": ["cluster:read"]})).json()
+    async with open_websocket_url(ws_url(manager), extra_headers=hdr(("Authorization", f"Bearer {made['token']}"))) as ws:
+        await ws.send_message("{}")
+        assert (await next_json(ws))["status"] == 400  # served
+        await trio.sleep(0.5)  # checked again meanwhile: still valid
+        await ws.send_message("{}")
+        assert (await next_json(ws))["status"] == 400
+        assert (await root.delete(f"/api/v1/personal-access-tokens/{made['id']}")).status_code == 204
+        ended = await next_json(ws)
+        assert ended["type"] == "error" and ended["status"] == 401 and "revoked" in ended["detail"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert close_code(closed) == 4401
+
+
 async def test_websocket_answers_bad_messages_and_stays_open(manager: Manager, root: httpx.AsyncClient) -> None:
     host = root.base_url.netloc.decode()
     headers = hdr(("Cookie", f"dfz_session={root.cookies['dfz_session']}"), ("Origin", f"http://{host}"))

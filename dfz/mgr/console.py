@@ -63,6 +63,9 @@ MAX_WS_MESSAGE = 4096
 """Largest websocket message a client may send (characters); the only one it needs is a few dozen."""
 MIN_INTERVAL, MAX_INTERVAL = 0.25, 10.0
 """Bounds of the push interval a client may ask for (seconds)."""
+REAUTH_INTERVAL = 30.0
+"""Seconds between two checks that an open websocket's credentials still hold (a session signed out or
+expired, a token revoked, a user disabled or a role changed ends or refuses the stream)."""
 MAX_SOCKETS = 100
 """Swarm websockets open at once in one manager; beyond, a new one is refused (each polls a scheduler)."""
 
@@ -213,6 +216,25 @@ async def _serve_swarm(ws: WebSocket, principal: Principal) -> None:
             if ws.application_state == WebSocketState.CONNECTED:
                 await ws.send_json(message)
 
+    async def still_allowed(nursery: trio.Nursery) -> None:
+        nonlocal principal
+        while True:
+            await trio.sleep(REAUTH_INTERVAL)
+            try:
+                fresh = await trio.to_thread.run_sync(authenticate, app.state.db, ws)
+            except HTTPException as e:
+                status_code, detail = e.status_code, str(e.detail)
+            else:
+                if fresh.may("cluster", "read"):
+                    principal = fresh
+                    continue
+                status_code, detail = 403, fresh.missing("cluster", "read")
+            await send({"type": "error", "status": status_code, "detail": detail})
+            await ws.close(code=4000 + status_code)
+            event(log, logging.INFO, "mgr_ws_ended", user=principal.name, status=status_code)
+            nursery.cancel_scope.cancel()
+            return
+
     async def pusher() -> None:
         nonlocal changed
         while True:
@@ -245,6 +267,7 @@ async def _serve_swarm(ws: WebSocket, principal: Principal) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pusher)
+            nursery.start_soon(still_allowed, nursery)
             while True:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
