@@ -8,7 +8,8 @@ preheat job made with the form is followed to ``succeeded``, one of a file the o
 ``get_task`` job) and deletes it after a confirmation (a ``delete_task`` job), after which nobody holds it;
 the live swarm of a download that the origin's rate limit makes last several seconds is drawn, nested (the
 daemon under the seed), and changes from one push to the next, with rates; the overview's live part lists
-that task and charts every scheduler's throughput; a personal access token is made and shown once; signing
+that task and charts every scheduler's throughput; a tenant, a role and a user of both are made with the
+admin forms and the user disabled; a personal access token is made and shown once; signing
 out ends the session; a guest sees neither administration nor forms its role cannot use (the API refuses
 them anyway: ``test_mgr_rbac.py``). No error reaches the browser's console (a Content-Security-Policy
 violation would).
@@ -254,12 +255,34 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
 
             # Administration, and a personal access token shown once.
             page.click("a[data-view=admin]")
-            expect(page.locator("#admin-users tbody tr")).to_have_count(1)
+            expect(page.locator("#users-table tbody tr")).to_have_count(1)
             expect(page.locator("#admin-roles")).to_contain_text("tenant-admin")
+            # A tenant, a role and a user of both, made with the forms; then the user is disabled.
+            page.fill("#tenant-name", "team-a")
+            page.click("#tenant-submit")
+            expect(page.locator("#tenants-table")).to_contain_text("team-a")
+            page.fill("#role-name", "viewer")
+            page.check("#role-form input[value='cluster:read']")
+            page.check("#role-form input[value='job:read']")
+            page.click("#role-submit")
+            expect(page.locator("#roles-table")).to_contain_text("cluster:read, job:read")
+            expect(page.locator("#user-role option", has_text="viewer")).to_have_count(1)
+            expect(page.locator("#user-tenant option", has_text="team-a")).to_have_count(1)
+            page.fill("#user-name", "alice")
+            page.fill("#user-password", "alice-password")
+            page.select_option("#user-role", label="viewer")
+            page.select_option("#user-tenant", label="team-a")
+            page.click("#user-submit")
+            alice = page.locator("#users-table tr", has_text="alice")
+            expect(alice).to_contain_text("viewer")
+            expect(alice).to_contain_text("team-a")
+            page.once("dialog", lambda dialog: dialog.accept())
+            alice.locator("button", has_text="Disable").click()
+            expect(page.locator("#users-table tr", has_text="alice").locator(".badge")).to_have_text("disabled")
             shot("admin")
             page.click("a[data-view=tokens]")
             page.fill("#token-name", "from-the-console")
-            page.check("#token-form tbody tr:first-child td:nth-child(2) input")
+            page.check("#token-form input[value='cluster:read']")
             page.click("#token-submit")
             expect(page.locator("#secret-value")).to_contain_text("dfz_")
             token = page.locator("#secret-value").inner_text()

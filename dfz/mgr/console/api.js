@@ -58,6 +58,7 @@ export async function call(method, path, body) {
 export const get = (path) => call("GET", path);
 export const post = (path, body) => call("POST", path, body);
 export const del = (path) => call("DELETE", path);
+export const patch = (path, body) => call("PATCH", path, body);
 
 /** Every row of a list (pages of 1000), up to `limit`. */
 export async function all(path, limit = 5000) {

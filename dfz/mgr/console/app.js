@@ -2,7 +2,7 @@
 // #/jobs/ID, #/swarm/TASK_ID, #/admin, #/tokens). Everything shown comes from the REST API of this origin;
 // what a user may do is decided by the manager on every request, the page only hides what would be refused.
 
-import { ApiError, all, del, get, may, newest, post, whenSignedOut } from "./api.js";
+import { ApiError, all, del, get, may, newest, patch, post, whenSignedOut } from "./api.js";
 import { HISTORY, drawRates, liveSocket } from "./chart.js";
 import { ago, badge, bytes, clear, h, rate, table, when } from "./dom.js";
 import { SwarmView } from "./swarm.js";
@@ -426,12 +426,25 @@ function taskJobResult(job) {
   return parts;
 }
 
+function imageFacts(job) {
+  const image = job.result && job.result.image;
+  if (!image) return "";
+  return h(
+    "dl",
+    { class: "facts", id: "job-image" },
+    Object.entries(image).map(([key, value]) => [
+      h("dt", {}, key),
+      h("dd", { class: "url" }, Array.isArray(value) ? value.join("\n") : typeof value === "object" ? JSON.stringify(value) : String(value)),
+    ]),
+  );
+}
+
 function jobDetail(job) {
   return h(
     "div",
     { id: "job-detail" },
     jobSummary(job),
-    job.type === "preheat" ? [h("h3", {}, "Tasks"), preheatTasks(job)] : taskJobResult(job),
+    job.type === "preheat" ? [imageFacts(job), h("h3", {}, "Tasks"), preheatTasks(job)] : taskJobResult(job),
   );
 }
 
@@ -652,6 +665,8 @@ function adminView() {
   if (may(me, "user", "read")) {
     add("Users", "admin-users", async (body) => {
       await lookups;
+      if (may(me, "tenant", "read")) for (const t of await all("/tenants")) tenants.set(t.id, t.name);
+      for (const r of await all("/roles")) roles.set(r.id, r);
       const rows = await all("/users");
       const parts = [
         table(
@@ -662,8 +677,10 @@ function adminView() {
             ["role", (u) => (roles.get(u.role_id) || {}).name || u.role_id],
             ["tenant", (u) => tenantName(u.tenant_id)],
             ["last sign-in", (u) => ago(u.last_sign_in_at)],
+            ["", (u) => (may(me, "user", "write") && u.id !== me.user_id ? userStateButton(u, refreshAll) : "")],
           ],
           rows,
+          { id: "users-table" },
         ),
       ];
       if (may(me, "user", "write")) parts.push(userForm(roles, tenants, refreshAll));
@@ -671,6 +688,7 @@ function adminView() {
     });
     add("Roles", "admin-roles", async (body) => {
       await lookups;
+      for (const r of await all("/roles")) roles.set(r.id, r);
       clear(body).append(
         table(
           [
@@ -679,14 +697,18 @@ function adminView() {
             ["about", (r) => r.bio],
           ],
           [...roles.values()],
+          { id: "roles-table" },
         ),
+        may(me, "user", "write") && !me.confined ? roleForm(refreshAll) : "",
       );
     });
   }
   if (may(me, "tenant", "read")) {
     add("Tenants", "admin-tenants", async (body) => {
       const rows = await all("/tenants");
-      const parts = [table([["", (t) => badge(t.state)], ["id", (t) => t.id], ["name", (t) => t.name], ["about", (t) => t.bio]], rows)];
+      for (const t of rows) tenants.set(t.id, t.name);
+      const columns = [["", (t) => badge(t.state)], ["id", (t) => t.id], ["name", (t) => t.name], ["about", (t) => t.bio]];
+      const parts = [table(columns, rows, { id: "tenants-table" })];
       if (may(me, "tenant", "write")) parts.push(tenantForm(refreshAll));
       clear(body).append(...parts);
     });
@@ -762,14 +784,71 @@ function shownOnce(secret, what) {
   );
 }
 
-function userForm(roles, tenants, done) {
-  const name = h("input", { required: true, autocomplete: "off" });
-  const password = h("input", { type: "password", required: true, autocomplete: "new-password", minlength: 8 });
-  const role = h("select", {}, [...roles.values()].map((r) => h("option", { value: r.id }, r.name)));
-  const tenant = h("select", {}, h("option", { value: "" }, "(none)"), [...tenants].map(([id, n]) => h("option", { value: id }, n)));
-  const submit = h("button", { type: "submit" }, "Create user");
+function userStateButton(user, done) {
+  const enabled = user.state === "enabled";
+  const button = h("button", { type: "button", class: ["small", enabled ? "danger" : ""] }, enabled ? "Disable" : "Enable");
+  const out = h("span", {});
+  button.addEventListener("click", () =>
+    busy(button, out, async () => {
+      if (enabled && !window.confirm(`Disable ${user.name}? Their sessions and tokens stop working.`)) return;
+      await patch(`/users/${user.id}`, { state: enabled ? "disabled" : "enabled" });
+      done();
+    }),
+  );
+  return [button, out];
+}
+
+/** Checkboxes of every permission group (read, or read and write); `chosen()` gives the permission words. */
+function permissionPicker() {
+  const rows = Object.entries(me.groups).map(([group, about]) => {
+    const read = h("input", { type: "checkbox", value: `${group}:read`, "data-group": group });
+    const write = h("input", { type: "checkbox", value: group, "data-group": group });
+    return [h("tr", {}, h("td", {}, group), h("td", {}, read), h("td", {}, write), h("td", { class: "muted" }, about)), read, write];
+  });
+  const element = h(
+    "table",
+    { class: "scopes" },
+    h("thead", {}, h("tr", {}, h("th", {}, "permission"), h("th", {}, "read"), h("th", {}, "read and write"), h("th", {}, ""))),
+    h("tbody", {}, rows.map(([row]) => row)),
+  );
+  const chosen = () => {
+    const words = [];
+    for (const [, read, write] of rows) {
+      if (write.checked) words.push(write.value);
+      else if (read.checked) words.push(read.value);
+    }
+    return words;
+  };
+  return { element, chosen };
+}
+
+function roleForm(done) {
+  const name = h("input", { required: true, autocomplete: "off", id: "role-name" });
+  const bio = h("input", {});
+  const picker = permissionPicker();
+  const submit = h("button", { type: "submit", id: "role-submit" }, "Create role");
   const out = h("div", {});
-  const form = h("form", { class: "card" }, h("h3", {}, "New user"), h("div", { class: "row" }, h("label", {}, "Name", name), h("label", {}, "Password", password), h("label", {}, "Role", role), h("label", {}, "Tenant", tenant)), submit, out);
+  const form = h("form", { class: "card", id: "role-form" }, h("h3", {}, "New role"), h("div", { class: "row" }, h("label", {}, "Name", name), h("label", {}, "About", bio)), picker.element, submit, out);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busy(submit, out, async () => {
+      const permissions = picker.chosen();
+      if (!permissions.length) throw new ApiError(422, "choose at least one permission");
+      await post("/roles", { name: name.value, bio: bio.value, permissions });
+      done();
+    });
+  });
+  return form;
+}
+
+function userForm(roles, tenants, done) {
+  const name = h("input", { id: "user-name", required: true, autocomplete: "off" });
+  const password = h("input", { id: "user-password", type: "password", required: true, autocomplete: "new-password", minlength: 8 });
+  const role = h("select", { id: "user-role" }, [...roles.values()].map((r) => h("option", { value: r.id }, r.name)));
+  const tenant = h("select", { id: "user-tenant" }, h("option", { value: "" }, "(none)"), [...tenants].map(([id, n]) => h("option", { value: id }, n)));
+  const submit = h("button", { type: "submit", id: "user-submit" }, "Create user");
+  const out = h("div", {});
+  const form = h("form", { class: "card", id: "user-form" }, h("h3", {}, "New user"), h("div", { class: "row" }, h("label", {}, "Name", name), h("label", {}, "Password", password), h("label", {}, "Role", role), h("label", {}, "Tenant", tenant)), submit, out);
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     busy(submit, out, async () => {
@@ -783,11 +862,11 @@ function userForm(roles, tenants, done) {
 }
 
 function tenantForm(done) {
-  const name = h("input", { required: true, autocomplete: "off" });
+  const name = h("input", { id: "tenant-name", required: true, autocomplete: "off" });
   const bio = h("input", {});
-  const submit = h("button", { type: "submit" }, "Create tenant");
+  const submit = h("button", { type: "submit", id: "tenant-submit" }, "Create tenant");
   const out = h("div", {});
-  const form = h("form", { class: "card" }, h("h3", {}, "New tenant"), h("div", { class: "row" }, h("label", {}, "Name", name), h("label", {}, "About", bio)), submit, out);
+  const form = h("form", { class: "card", id: "tenant-form" }, h("h3", {}, "New tenant"), h("div", { class: "row" }, h("label", {}, "Name", name), h("label", {}, "About", bio)), submit, out);
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     busy(submit, out, async () => {
@@ -828,11 +907,7 @@ function tokensView() {
       .catch((e) => clear(list).append(errorBox(e)));
   const name = h("input", { id: "token-name", required: true, autocomplete: "off" });
   const days = h("input", { id: "token-days", type: "number", min: 1, max: 366, value: 30 });
-  const scopes = Object.entries(me.groups).map(([group, about]) => {
-    const read = h("input", { type: "checkbox", value: `${group}:read` });
-    const write = h("input", { type: "checkbox", value: group });
-    return [h("tr", {}, h("td", {}, group), h("td", {}, read), h("td", {}, write), h("td", { class: "muted" }, about)), read, write];
-  });
+  const picker = permissionPicker();
   const submit = h("button", { type: "submit", id: "token-submit" }, "Create token");
   const out = h("div", {});
   const form = h(
@@ -840,18 +915,14 @@ function tokensView() {
     { class: "card", id: "token-form" },
     h("h2", {}, "New token"),
     h("div", { class: "row" }, h("label", {}, "Name", name), h("label", {}, "Days valid", days)),
-    h("table", { class: "scopes" }, h("thead", {}, h("tr", {}, h("th", {}, "scope"), h("th", {}, "read"), h("th", {}, "read and write"), h("th", {}, ""))), h("tbody", {}, scopes.map(([row]) => row))),
+    picker.element,
     submit,
     out,
   );
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     busy(submit, out, async () => {
-      const chosen = [];
-      for (const [, read, write] of scopes) {
-        if (write.checked) chosen.push(write.value);
-        else if (read.checked) chosen.push(read.value);
-      }
+      const chosen = picker.chosen();
       if (!chosen.length) throw new ApiError(422, "choose at least one scope");
       const expires = new Date(Date.now() + Number(days.value || 30) * 86400e3).toISOString();
       const made = await post("/personal-access-tokens", { name: name.value, scopes: chosen, expires_at: expires });
