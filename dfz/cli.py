@@ -1240,6 +1240,129 @@ def _oci_blob_digest(url: str) -> str | None:
     return match[1] if match else None
 
 
+# --- dfz top ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--cluster",
+    type=click.Path(path_type=Path),
+    metavar="DIR|FILE",
+    help="A `dfz up` data directory or its cluster.json [default: $DFZ_DATA_DIR, else ~/.local/share/dfz, "
+    "when neither --scheduler nor --manager is given].",
+)
+@click.option(
+    "--manager", metavar="URL", envvar="DFZ_MANAGER", help="The manager's HTTP address: its schedulers, seed peers and jobs."
+)
+@click.option(
+    "--token",
+    envvar="DFZ_TOKEN",
+    metavar="TOKEN",
+    help="Personal access token for the manager's REST API, with the cluster:read and job:read scopes [default: $DFZ_TOKEN].",
+)
+@click.option("--scheduler", "schedulers", multiple=True, metavar="ENDPOINT", help="A scheduler's fabric endpoint (repeatable).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 3600),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between two polls of each scheduler.",
+)
+@click.option(
+    "--sort",
+    "host_sort",
+    type=click.Choice(["down", "up", "slots", "peers", "name"]),
+    default="down",
+    show_default=True,
+    help="First order of the hosts table (the `s` key cycles).",
+)
+@click.option(
+    "--max-hosts",
+    type=click.IntRange(1, 100_000),
+    default=2000,
+    show_default=True,
+    metavar="N",
+    help="Most hosts read from each scheduler per poll (in pages).",
+)
+@click.option("--once", is_flag=True, help="Print one frame and exit (polls twice, --interval apart, for the rates).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print the view as JSON instead.")
+def top(  # noqa: PLR0917 - click passes every option as an argument
+    cluster: Path | None,
+    manager: str | None,
+    token: str | None,
+    schedulers: tuple[str, ...],
+    interval: float,
+    host_sort: str,
+    max_hosts: int,
+    once: bool,
+    as_json: bool,
+) -> None:
+    """A live view of a cluster: schedulers and seed peers with their health, hosts with upload and
+    download rates and slots in use, tasks with progress and bytes from peers vs the origin, the selected
+    task's swarm as a tree (who feeds whom), recent jobs (with a manager) and errors.
+
+    Sources: --scheduler ENDPOINT (repeatable), or --manager URL (its active schedulers; needs --token),
+    or the cluster.json of `dfz up` (--cluster, else the default data directory). Keys: up/down or j/k
+    select a task, s cycles the hosts' order, q quits (Ctrl-C too, with exit status 130). Without a terminal
+    use --once (or --once --json), which exits 1 when no scheduler answered.
+    """
+    import os
+
+    import trio
+
+    from .peer.endpoints import default_data_dir
+    from .top.app import (
+        TopError,
+        TopOptions,
+        dumps,
+        host_sort_choice,
+        print_once,
+        resolve_sources,
+        run_top,
+        snapshot_once,
+    )
+    from .top.app import as_json as view_json
+
+    if as_json and not once:
+        raise click.UsageError("--json prints one view: use it with --once")
+    try:
+        sources = resolve_sources(
+            cluster=cluster, manager=manager, schedulers=schedulers, token=token, default_dir=default_data_dir()
+        )
+        options = TopOptions(interval=interval, max_hosts=max_hosts, host_sort=host_sort_choice(host_sort))
+    except TopError as e:
+        raise click.ClickException(str(e)) from None
+    if not once and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise click.UsageError("the live view needs a terminal: use --once (or --once --json) in scripts")
+    if once:
+        view = trio.run(snapshot_once, sources, options)
+        if as_json:
+            click.echo(dumps(view_json(view)))
+        else:
+            size = os.get_terminal_size(sys.stdout.fileno()) if sys.stdout.isatty() else None
+            width = size.columns if size else _env_int("COLUMNS", 160)
+            height = size.lines if size else _env_int("LINES", 48)
+            print_once(view, out=sys.stdout, width=max(40, width), height=max(12, height))
+        if not any(h.ok for h in view.health.values()):
+            raise click.ClickException("no scheduler answered")
+        return
+    interrupted = False
+    try:
+        trio.run(run_top, sources, options)
+    except* KeyboardInterrupt:  # bare, or out of run_top's nursery in a group
+        interrupted = True  # the terminal is restored already (run_top's way out)
+    if interrupted:
+        sys.exit(130)
+
+
+def _env_int(name: str, default: int) -> int:
+    import os
+
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() and 0 < int(value) < 10_000 else default
+
+
 # --- dfz up ----------------------------------------------------------------------------------------------
 
 

@@ -6,11 +6,14 @@ test_sched_service.py), and an observer session that announces nothing and asks 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import trio
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from test_sched_service import (
     CONTENT_LENGTH,
     PIECE_LENGTH,
@@ -24,7 +27,7 @@ from test_sched_service import (
     wait_until,
 )
 
-from dfz.broker import Error, ErrorCode, ProtocolError, RemoteError
+from dfz.broker import CurveClient, Error, ErrorCode, KeyPair, ProtocolError, RemoteError
 from dfz.broker.messages import MAX_HEADER_BYTES
 from dfz.sched import (
     SCHED_CATALOGUE,
@@ -169,6 +172,56 @@ async def test_a_tenant_sees_only_its_tenant_and_an_observer_with_no_tenant_sees
             nursery.cancel_scope.cancel()
 
 
+async def test_on_an_encrypted_fabric_a_key_that_holds_a_tenant_host_sees_only_that_tenant_from_any_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant's daemon gains nothing by opening a session that announces no host: its CURVE key holds a
+    host of the tenant. A key holding hosts of two tenants is refused; an operator's key sees everything."""
+    signer = TicketSigner.generate()
+    wall = WallClock()
+    monkeypatch.setattr(service_module, "time", wall)
+
+    def ticket(host: str, tenant: str) -> bytes:
+        return signer.issue(tenant=tenant, tenant_name=f"tenant-{tenant}", host_id=host, now=wall.now, ttl=600)
+
+    keys = tmp_path / "keys"
+    server_keys = KeyPair.generate()
+    server_keys.save(tmp_path, "sched")
+    daemon_7, both, operator = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    for name, pair in (("d7", daemon_7), ("both", both), ("operator", operator)):
+        pair.save(keys, name)
+    config = service_config(
+        curve_secret_key=tmp_path / "sched.key_secret", curve_allowed_keys=(keys,), ticket_keys=(signer.public_key.hex(),)
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service: SchedulerService = await nursery.start(SchedulerService(config).run)
+            endpoint = service.endpoints[0]
+
+            def curve(pair: KeyPair) -> CurveClient:
+                return CurveClient(pair, server_keys.public)
+
+            a = await Daemon(endpoint, "host-a", curve=curve(daemon_7)).start(nursery)
+            await a.announce(ticket=ticket("host-a", "7"))
+            b = await Daemon(endpoint, "host-b", curve=curve(both)).start(nursery)
+            await b.announce(ticket=ticket("host-b", "8"))
+            await a.register("a-1")
+
+            side = await inspect(endpoint, curve=curve(daemon_7))  # another session, announcing nothing
+            assert (side.tenant, side.hosts_total, side.tasks_total) == ("7", 1, 1)
+            everything = await inspect(endpoint, curve=curve(operator))
+            assert (everything.tenant, everything.hosts_total) == ("", 2)
+
+            c = await Daemon(endpoint, "host-c", curve=curve(both)).start(nursery)
+            await c.announce(ticket=ticket("host-c", "7"))  # the same key now holds hosts of tenants 7 and 8
+            with pytest.raises(RemoteError) as refused:
+                await inspect(endpoint, curve=curve(both))
+            assert refused.value.code == SchedErrorCode.NOT_ALLOWED and "several tenants" in refused.value.reason
+            own = await inspect(c.client)  # its host's own session: that host's tenant
+            assert (own.tenant, own.hosts_total) == ("7", 2)
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_scheduler_with_inspect_off_refuses_and_malformed_inspections_get_invalid() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -282,3 +335,66 @@ def test_build_snapshot_reads_the_model_without_a_service() -> None:
     assert snap.task is not None and snap.task.age_ms == 2500 and snap.clock_ms == 102_500
     assert [(p.peer_id, p.state, p.depth) for p in snap.peers] == [("p0", "back_to_source", 0)]
     assert build_snapshot([], [], SchedInspect(), scheduler="x", now=0).hosts == []
+
+
+_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what MessagePack can carry
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    _INT,
+    st.floats(allow_nan=True),
+    st.text(max_size=80),
+    st.binary(max_size=40),
+    st.lists(_INT, max_size=3),
+    st.dictionaries(st.text(max_size=3), _INT, max_size=2),
+)
+_FIELDS = {
+    "hosts": st.one_of(st.integers(-2, MAX_INSPECT_HOSTS + 2), _ANY),
+    "host_offset": st.one_of(st.integers(-1, 2**32 + 1), _ANY),
+    "host_sort": st.one_of(
+        st.sampled_from(["upload_rate", "bytes_uploaded", "bytes_downloaded", "uploads", "peers", "id"]), _ANY
+    ),
+    "tasks": st.one_of(st.integers(-2, MAX_INSPECT_TASKS + 2), _ANY),
+    "task_offset": st.one_of(st.integers(-1, 5), _ANY),
+    "task_sort": st.one_of(st.sampled_from(["active", "peers", "bytes", "created", "id"]), _ANY),
+    "task_id": st.one_of(st.just(TASK), st.none(), st.text(alphabet="0123456789abcdefABCDEF", min_size=63, max_size=65), _ANY),
+    "peers": st.one_of(st.integers(-2, MAX_INSPECT_PEERS + 2), _ANY),
+    "zz_unknown": _ANY,  # unknown keys are ignored (protocol.md §3)
+}
+_INSPECTIONS = st.lists(st.fixed_dictionaries({}, optional=_FIELDS), min_size=40, max_size=40)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_INSPECTIONS)
+def test_fuzzed_inspections_get_a_snapshot_or_invalid_and_the_scheduler_keeps_serving(batch: list[dict[str, Any]]) -> None:
+    """Whatever the fields hold, the scheduler answers every sched.inspect with a snapshot that fits the
+    header frame or with INVALID, over a swarm it holds, and keeps serving the same session."""
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                service: SchedulerService = await nursery.start(SchedulerService(service_config(heartbeat=1.0)).run)
+                seed = await Daemon(service.endpoints[0], "seed", seed=True).start(nursery)
+                await seed.announce()
+                await seed.register("seed-1")
+                raw = RawSession(service.endpoints[0])
+                try:
+                    await raw.hello()
+                    answers: list[str] = []
+                    for corr, fields in enumerate(batch, start=1):
+                        await raw.send_raw({"t": "sched.inspect", "id": corr, **fields})
+                        answer = await raw.answer(corr)
+                        if isinstance(answer, SchedSnapshot):
+                            answers.append("snapshot")
+                            assert answer.hosts_total == 1 and len(SCHED_CATALOGUE.encode(answer)[0]) < MAX_HEADER_BYTES
+                        else:
+                            assert isinstance(answer, Error) and answer.code == ErrorCode.INVALID, (fields, answer)
+                            answers.append("invalid")
+                    event(f"{answers.count('snapshot')} snapshots")
+                    ok = await raw.call(SchedInspect(task_id=TASK))
+                    assert isinstance(ok, SchedSnapshot) and [p.peer_id for p in ok.peers] == ["seed-1"]
+                finally:
+                    raw.kill()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
