@@ -5,7 +5,8 @@ site's page changes nothing; the swarm websocket refuses a handshake from anothe
 credentials (or without ``cluster:read``) with an error and a close code, answers malformed messages with
 an error and stays open; the rates of a swarm are counter differences over the scheduler's clock; and the
 task's scheduler is found along the task's preference order on the ring, asked again directly, and looked
-for again when it forgets the task.
+for again when it forgets the task; the overview sums the schedulers' rates; and against two real schedulers
+(one with ``inspect = false``) the overview and a watch say which answers and why not.
 
 A real manager (SQLite, 127.0.0.1, ephemeral ports) serves, in this process; clients are httpx and
 trio-websocket."""
@@ -34,6 +35,7 @@ from dfz.mgr.service import ROOT_PASSWORD_ENV, Manager, ManagerConfig
 from dfz.mgr.swarm import SwarmInspector, shape
 from dfz.peer.schedring import SchedulerRing
 from dfz.sched.messages import InspectHost, InspectPeer, InspectTask, SchedSnapshot
+from dfz.sched.service import SchedulerService, ServiceConfig, _manager_agent
 from dfz.tasks import task_id
 
 pytestmark = pytest.mark.timeout(60)
@@ -425,3 +427,45 @@ async def test_the_cluster_overview_sums_every_schedulers_rates() -> None:
     assert second["schedulers"][2]["tasks"] == 0 and second["schedulers"][2]["bytes_from_peers"] == 6 << 20
     with pytest.raises(SwarmUnavailable, match="every tenant"):
         await watch.overview(_principal(tenant_id=7))
+
+
+# --- against real schedulers ---------------------------------------------------------------------------------------
+
+
+async def test_real_schedulers_one_of_which_refuses_inspections(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Two real schedulers registered with a real manager (in this process); one has ``inspect = false``. The
+    overview shows one answering and the other's refusal; a task nobody knows is ``unavailable``, saying so."""
+    config = ManagerConfig(database=f"sqlite:///{tmp_path / 'manager.db'}", listen="127.0.0.1:0", keepalive=0.3, config_poll=0.1)
+    manager = Manager(config, environ={ROOT_PASSWORD_ENV: PASSWORD})
+    await nursery.start(manager.run)
+    fabric = manager.fabric_endpoints[0]
+    for name, allowed in (("open", True), ("closed", False)):
+        settings = ServiceConfig(listen=("tcp://127.0.0.1:0",), manager=fabric, hostname=name, inspect=allowed)
+        service = await nursery.start(SchedulerService(settings).run)
+        await nursery.start(_manager_agent(service).run)  # as `dfz sched --manager` does (sched/service.py serve)
+    assert manager.fabric is not None
+    with trio.fail_after(10):
+        while True:
+            if sum(len(c.schedulers) for c in manager.fabric.snapshot.clusters) == 2:
+                break
+            await trio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=manager.urls[0], timeout=20) as root:
+        assert (await root.post("/api/v1/sessions", json={"name": "root", "password": PASSWORD})).status_code == 201
+        headers = hdr(("Cookie", f"dfz_session={root.cookies['dfz_session']}"))
+        async with open_websocket_url(ws_url(manager), extra_headers=headers) as ws:
+            await ws.send_message(json.dumps({"type": "overview", "interval": 0.25}))
+            first = await next_json(ws)
+            assert first["type"] == "cluster"
+            by_name = {s["hostname"]: s for s in first["schedulers"]}
+            assert by_name["open"]["ok"] and by_name["open"]["tasks"] == 0 and by_name["open"]["rates"]["from_peers"] is None
+            assert not by_name["closed"]["ok"] and "does not answer inspections" in by_name["closed"]["error"]
+            second = await next_json(ws)
+            assert {s["hostname"]: s for s in second["schedulers"]}["open"]["rates"] == {"from_origin": 0, "from_peers": 0}
+            assert second["tasks"] == []
+
+            await ws.send_message(json.dumps({"type": "watch", "task_id": "ef" * 32, "interval": 0.25}))
+            while (answer := await next_json(ws))["type"] == "cluster":
+                pass  # an overview pushed before the watch was read
+            assert answer["type"] == "unavailable" and answer["task_id"] == "ef" * 32
+            assert "does not answer inspections" in answer["detail"]  # the open one does not know it: said why not
+    manager.stop()
