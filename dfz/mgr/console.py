@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import trio
 from fastapi import APIRouter, FastAPI, HTTPException, WebSocket, status
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..log import event, get_logger
@@ -170,6 +171,14 @@ def _parse(text: str | None) -> dict[str, Any]:
     raise _BadMessage("type: 'watch', 'overview' or 'stop'")
 
 
+async def _authenticate(ws: WebSocket) -> Principal:
+    """The handshake's principal; :class:`HTTPException` 401 (no valid credentials) or 503 (the database)."""
+    try:
+        return await trio.to_thread.run_sync(authenticate, ws.app.state.db, ws)
+    except SQLAlchemyError:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the database is unavailable; try again") from None
+
+
 async def serve_swarm(ws: WebSocket) -> None:
     """The ``/api/v1/ws/swarm`` endpoint (see the module's docstring and ``protocol.md`` §17.11)."""
     if not same_origin(ws):
@@ -178,7 +187,7 @@ async def serve_swarm(ws: WebSocket) -> None:
         return
     app = ws.app
     try:
-        principal = await trio.to_thread.run_sync(authenticate, app.state.db, ws)
+        principal = await _authenticate(ws)
     except HTTPException as e:
         await ws.accept()
         await ws.send_json({"type": "error", "status": e.status_code, "detail": e.detail})
@@ -221,8 +230,10 @@ async def _serve_swarm(ws: WebSocket, principal: Principal) -> None:
         while True:
             await trio.sleep(REAUTH_INTERVAL)
             try:
-                fresh = await trio.to_thread.run_sync(authenticate, app.state.db, ws)
+                fresh = await _authenticate(ws)
             except HTTPException as e:
+                if e.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
+                    continue  # the database, not the credentials: look again at the next check
                 status_code, detail = e.status_code, str(e.detail)
             else:
                 if fresh.may("cluster", "read"):
