@@ -143,12 +143,14 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
         browser = browser_testbed.launch(pw)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         problems: list[str] = []
-        # 401s are expected (before signing in, a wrong password): the browser logs each failed request.
-        expected = "Failed to load resource: the server responded with a status of 401"
+        # The browser logs every API error answer (a 401 before signing in, a wrong password, a 404 asked for):
+        # the page shows those itself. Anything else is a problem: a missing file, a script error, a CSP refusal.
+        failed = "Failed to load resource: the server responded with a status of"
 
         def console(message: Any) -> None:
-            if message.type == "error" and not message.text.startswith(expected):
-                problems.append(f"console {message.type}: {message.text}")
+            api_answer = message.text.startswith(failed) and "/api/v1/" in message.location.get("url", "")
+            if message.type == "error" and not api_answer:
+                problems.append(f"console {message.type}: {message.text} ({message.location.get('url', '')})")
 
         page.on("console", console)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -316,6 +318,8 @@ def test_console_in_chromium(cluster: tuple[str, str], procs: Procs, tmp_path: P
             page.click("a[data-view=tasks]")
             expect(page.locator("#task-cached")).to_be_hidden()
             expect(page.locator("#task-out")).to_contain_text("job:write")
+            page.goto(f"{url}/console/#/jobs/999999")  # what the API answers is said on the page
+            expect(page.locator("#job-out .error")).to_have_text("no job with id 999999")
             shot("guest")
         except Exception:
             shot("failure")

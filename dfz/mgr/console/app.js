@@ -31,8 +31,9 @@ async function busy(button, out, work) {
   }
 }
 
-/** Calls `tick` now and every `seconds` until it returns true or the view changes. */
-function every(seconds, tick) {
+/** Calls `tick` now and every `seconds` until it returns true or the view changes; a failure is shown in
+ * `out` (when given) and the next tick tries again. */
+function every(seconds, tick, out) {
   let timer = null;
   let stopped = false;
   const run = async () => {
@@ -41,7 +42,9 @@ function every(seconds, tick) {
     try {
       done = await tick();
     } catch (e) {
-      if (!(e instanceof ApiError && e.status === 401)) console.warn(e);
+      if (e instanceof ApiError && e.status === 401) return; // signed out: the sign-in form replaced the view
+      if (out) clear(out).append(errorBox(e));
+      else console.warn(e);
     }
     if (!done && !stopped) timer = setTimeout(run, seconds * 1000);
   };
@@ -313,7 +316,7 @@ function overviewView() {
       h("p", { class: "muted" }, `Updated ${new Date().toLocaleTimeString()}`),
     );
     return false;
-  });
+  }, body);
   return () => {
     stopLive();
     stopPolling();
@@ -323,12 +326,16 @@ function overviewView() {
 // --- jobs: shared watching --------------------------------------------------------------------------------
 
 /** Polls a job until it ends, calling `show(job)` each time; returns the stopper. */
-function watchJob(id, show) {
-  return every(0.5, async () => {
-    const job = await get(`/jobs/${id}`);
-    show(job);
-    return TERMINAL.has(job.state);
-  });
+function watchJob(id, show, out) {
+  return every(
+    0.5,
+    async () => {
+      const job = await get(`/jobs/${id}`);
+      show(job);
+      return TERMINAL.has(job.state);
+    },
+    out,
+  );
 }
 
 function jobSummary(job) {
@@ -486,7 +493,7 @@ function tasksView() {
     const job = await post("/jobs", { type, args: { task_id: id }, bio: `console: ${type}` });
     const shown = h("div", {});
     out.append(shown);
-    stopWatch = watchJob(job.id, (fresh) => clear(shown).append(jobDetail(fresh)));
+    stopWatch = watchJob(job.id, (fresh) => clear(shown).append(jobDetail(fresh)), shown);
   }
 
   const form = h(
@@ -606,7 +613,7 @@ function jobsView(arg) {
       ),
     );
     return false;
-  });
+  }, list);
 }
 
 function jobView(id) {
@@ -620,10 +627,14 @@ function jobView(id) {
     }),
   );
   main.append(out, cancel, msg);
-  return watchJob(id, (job) => {
-    cancel.hidden = TERMINAL.has(job.state) || !may(me, "job", "write");
-    clear(out).append(jobDetail(job));
-  });
+  return watchJob(
+    id,
+    (job) => {
+      cancel.hidden = TERMINAL.has(job.state) || !may(me, "job", "write");
+      clear(out).append(jobDetail(job));
+    },
+    out,
+  );
 }
 
 // --- live swarm ---------------------------------------------------------------------------------------------
