@@ -1110,6 +1110,18 @@ def _daemon_options(f: Any) -> Any:
             help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; prints `metrics URL`).",
         ),
         click.option(
+            "--proxy-listen",
+            metavar="HOST:PORT",
+            help="Serve the proxy port there: the registry mirror (/v2/...) and the HTTP proxy (port 0: any free port; "
+            "prints `proxy URL`). No authentication: bind loopback or a trusted network.",
+        ),
+        click.option(
+            "--mirror-upstream",
+            metavar="URL",
+            help="The registry the mirror reads from when a request names none (no X-Dfz-Registry header, no ?ns=), "
+            "e.g. https://registry-1.docker.io or http://127.0.0.1:5000.",
+        ),
+        click.option(
             "--http-ca-bundle",
             type=click.Path(dir_okay=False),
             help="PEM file of the CAs trusted for https:// origins (and oci://, hf://, hdfs://) [default: the system's].",
@@ -1188,6 +1200,8 @@ def _run_daemon(seed: bool, config_file: Path | None, verbose: int, flags: dict[
             click.echo(f"api {endpoint}")
         if daemon.metrics_url:
             click.echo(f"metrics {daemon.metrics_url}")
+        if daemon.proxy_url:
+            click.echo(f"proxy {daemon.proxy_url}")
         sys.stdout.flush()
 
     from .metrics import ListenError as MetricsListenError
@@ -1210,7 +1224,8 @@ def daemon(config_file: Path | None, verbose: int, **flags: Any) -> None:
 
     It stores tasks in --data-dir, serves pieces to other peers, downloads through --scheduler, and
     serves the local API that `dfz get` uses. Prints `host ID TYPE`, `piece-server ENDPOINT`,
-    `announce IP:PORT`, `scheduler ENDPOINT` (one per scheduler) and `api ENDPOINT` lines once it serves.
+    `announce IP:PORT`, `scheduler ENDPOINT` (one per scheduler) and `api ENDPOINT` lines once it serves
+    (and `metrics URL`, `proxy URL` with --metrics-listen, --proxy-listen).
     """
     _run_daemon(False, config_file, verbose, _daemon_flags(flags))
 

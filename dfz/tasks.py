@@ -19,6 +19,16 @@ Task id
     Request headers, the user's ``--digest`` and the filter list itself are not part of the id; two
     downloads of one URL that differ only in those share a task (each still verifies its own digest).
 
+Task id of content named by its digest
+    A download that names its content by the content's own digest (a registry blob through the mirror:
+    ``/v2/NAME/blobs/sha256:HEX``) may ask for a task id that does not depend on the URL, so that the
+    same bytes reached through any repository, tag, mirror path or upstream registry are one task and one
+    swarm (:func:`digest_task_id`). It is the rule above with the domain tag ``"dfz-digest-task-v1"``
+    and, as field 2, the digest in its normal form ``<algorithm>:<64 lowercase hex digits>``
+    (:class:`Digest`) instead of the canonical URL. The other fields (tag, application, tenant, piece
+    length) are the same, so tenants stay apart. The other domain tag keeps these ids apart from every
+    URL's. Such a download must check its content against that digest (the daemon does).
+
 Canonical URL
     1. Everything from the first ``#`` on (the fragment, never sent to an origin) is removed.
     2. The text before the first ``:`` (the scheme) is lowercased when it is a valid RFC 3986 scheme.
@@ -92,6 +102,8 @@ MiB = 1024 * KiB
 
 TASK_ID_DOMAIN = "dfz-task-v1"
 """The first field of every task id's hash input; a new rule gets a new tag."""
+DIGEST_TASK_ID_DOMAIN = "dfz-digest-task-v1"
+"""The first field of the hash input of a task named by its content's digest (:func:`digest_task_id`)."""
 
 _S3 = (
     "X-Amz-Algorithm",
@@ -153,7 +165,19 @@ def task_id(
     (:class:`InvalidPieceLength`) because it becomes part of the id.
     """
     fixed = "" if piece_length is None else str(validate_piece_length(piece_length))
-    fields = (TASK_ID_DOMAIN, canonical_url(url, filtered_query_params), tag, application, tenant, fixed)
+    return _hash_fields((TASK_ID_DOMAIN, canonical_url(url, filtered_query_params), tag, application, tenant, fixed))
+
+
+def digest_task_id(
+    digest: str, *, tag: str = "", application: str = "", tenant: str = "", piece_length: int | None = None
+) -> str:
+    """The task id of content named by its own digest (``sha256:<hex>`` or ``blake3:<hex>``, parsed with
+    :meth:`Digest.parse`, so :class:`DigestFormatError` when malformed); see the module docstring."""
+    fixed = "" if piece_length is None else str(validate_piece_length(piece_length))
+    return _hash_fields((DIGEST_TASK_ID_DOMAIN, str(Digest.parse(digest)), tag, application, tenant, fixed))
+
+
+def _hash_fields(fields: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for field in fields:
         raw = field.encode("utf-8")

@@ -216,6 +216,43 @@ async def test_request_timeout_and_the_server_runs_the_handler_under_the_same_bu
             nursery.cancel_scope.cancel()
 
 
+async def test_each_request_times_out_at_its_own_deadline_in_any_order(endpoint: str) -> None:
+    """One timer serves every open request's deadline: a later request with a sooner deadline moves it."""
+
+    async def silent(req: Request) -> EchoOk:
+        assert isinstance(req.msg, Echo)
+        await trio.sleep(req.msg.sleep_ms / 1000)
+        return EchoOk(n=req.msg.n)
+
+    server = Server(CATALOGUE, [endpoint], config=server_config(max_in_flight=8))
+    server.handle(Echo, silent)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = await nursery.start(Client(CATALOGUE, server.endpoints[0], config=client_config()).run)
+            await client.request(Echo(n=0))
+            order: list[int] = []
+
+            async def give_up(n: int, budget: float) -> None:
+                with pytest.raises(RequestTimeout):
+                    await client.request(Echo(n=n, sleep_ms=60_000), timeout=budget)
+                order.append(n)
+
+            async def answered(n: int) -> None:
+                assert (await client.request(Echo(n=n, sleep_ms=10), timeout=30)).expect(EchoOk).n == n
+                order.append(n)
+
+            async with trio.open_nursery() as callers:
+                for n, budget in ((1, 2.5), (2, 1.2), (3, 0.3)):  # each sooner than the ones before it
+                    callers.start_soon(give_up, n, budget)
+                    await trio.sleep(0.01)
+                callers.start_soon(answered, 4)
+            assert order == [4, 3, 2, 1]
+            # Every abandoned request got the server's DEADLINE answer, which found it still open.
+            assert client.stats.late_replies == 0
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_server_answers_deadline_when_a_handler_overruns(endpoint: str) -> None:
     server = Server(CATALOGUE, [endpoint], config=server_config(heartbeat=1.0))
     server.handle(Echo, echo)

@@ -18,6 +18,7 @@ Patterns (named as in the ZeroMQ guide):
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import random
@@ -33,7 +34,7 @@ from ..log import event, get_logger
 from .curve import CurveClient
 from .errors import ConnectionLost, ErrorCode, ProtocolError, RemoteError, RequestTimeout
 from .messages import Bye, Catalogue, Error, Heartbeat, Hello, Kind, Message, Welcome
-from .socket import Buffer, Socket, default_context
+from .socket import Buffer, Socket, WouldBlock, default_context
 
 log = get_logger("broker.client")
 
@@ -75,13 +76,37 @@ class ClientStats:
 
 
 class _Pending:
-    __slots__ = ("credit", "error", "event", "reply")
+    """One open request. Its task sleeps in :meth:`wait` until :meth:`wake` (reply, error, deadline or
+    the session's end); cheaper than a ``trio.Event`` and a cancel scope per request, which cost as much
+    as the rest of a small round trip."""
+
+    __slots__ = ("credit", "done", "error", "reply", "task")
 
     def __init__(self, credit: bool) -> None:
-        self.event = trio.Event()
         self.reply: Reply | None = None
         self.error: Exception | None = None
         self.credit = credit
+        self.done = False
+        self.task: trio.lowlevel.Task | None = None
+
+    def wake(self) -> None:
+        if not self.done:
+            self.done = True
+            task, self.task = self.task, None
+            if task is not None:
+                trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Sleep until woken (at once if already). Cancellable: then the request stays open."""
+        if self.done:
+            return
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class _Session:
@@ -124,6 +149,8 @@ class Client:
         self.stats = ClientStats()
         self._push_handlers: dict[type[Message], Callable[[Message, list[Any]], None]] = {}
         self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, id) of open requests, a heap
+        self._reaper_scope: trio.CancelScope | None = None
         self._ids = itertools.count(1)
         self._credit = trio.Semaphore(self.config.max_in_flight)
         self._credit_total = self.config.max_in_flight
@@ -175,6 +202,7 @@ class Client:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._receive_loop, session)
                         nursery.start_soon(self._keepalive, session)
+                        nursery.start_soon(self._reaper)
                         if not started:
                             started = True
                             task_status.started(self)
@@ -241,9 +269,10 @@ class Client:
         credit_back = 0
         for pending in self._pending.values():
             pending.error = failed
-            pending.event.set()
+            pending.wake()
             credit_back += pending.credit
         self._pending.clear()
+        self._deadlines.clear()
         for _ in range(credit_back):
             self._credit.release()
         if was_ready:
@@ -290,10 +319,8 @@ class Client:
         if msg.KIND is not Kind.REQUEST:
             raise ValueError(f"{msg.wire_name()} is not a request")
         # The server learns the budget too; an enclosing trio deadline counts when it is sooner.
-        deadline = min(
-            trio.current_time() + (self.config.timeout if timeout is None else timeout),
-            trio.current_effective_deadline(),
-        )
+        now = trio.current_time()
+        deadline = min(now + (self.config.timeout if timeout is None else timeout), trio.current_effective_deadline())
         # Fast path: a session is up and credit is free. No cancel scope and no schedule point here:
         # _call has both (its send is a cancel point, and it blocks for the reply).
         session = self._session
@@ -303,7 +330,7 @@ class Client:
             except trio.WouldBlock:
                 pass
             else:
-                return await self._call(session, msg, payload, deadline, credit=True)
+                return await self._call(session, msg, payload, deadline, credit=True, now=now)
         with trio.move_on_at(deadline):
             while True:
                 await self.wait_connected()
@@ -317,21 +344,41 @@ class Client:
                 return await self._call(session, msg, payload, deadline, credit=True)
         raise RequestTimeout(f"{msg.wire_name()} to {self.endpoint}: no session or credit in time")
 
-    async def _call(self, session: _Session, msg: Message, payload: Sequence[Buffer], deadline: float, *, credit: bool) -> Reply:
+    async def _call(
+        self,
+        session: _Session,
+        msg: Message,
+        payload: Sequence[Buffer],
+        deadline: float,
+        *,
+        credit: bool,
+        now: float | None = None,
+    ) -> Reply:
+        """Send ``msg`` and wait for its reply. ``now``: the current time if the caller just read it."""
+        if now is None:
+            now = trio.current_time()
         corr = next(self._ids)
         msg.id = corr
-        remaining = deadline - trio.current_time()
+        remaining = deadline - now
         msg.dl = max(1, min(0xFFFF_FFFF, math.ceil(remaining * 1000))) if math.isfinite(remaining) else 0
         pending = _Pending(credit)
         frames = self.catalogue.encode(msg, payload)
         self._pending[corr] = pending
         sent = False
         try:
-            with trio.move_on_at(deadline):
-                await session.sock.send(frames, schedule=False)  # waiting for the reply is the yield
-                sent = True
-                session.last_send = trio.current_time()
-                await pending.event.wait()
+            try:
+                # Usually there is room: no cancel scope for the deadline (the reaper keeps it).
+                await session.sock.send(frames, wait=False, schedule=False)
+            except WouldBlock:  # the queue is full: wait for room, until the deadline
+                with trio.move_on_at(deadline):
+                    await session.sock.send(frames, schedule=False)
+                    sent = True
+                if not sent:
+                    raise RequestTimeout(f"{msg.wire_name()} to {self.endpoint}: no room to send before the deadline") from None
+            sent = True
+            session.last_send = now  # (or a little later when the queue was full: heartbeats don't care)
+            self._watch_deadline(corr, deadline)
+            await pending.wait()  # waiting for the reply is the yield
         except trio.ClosedResourceError:
             raise ConnectionLost(f"session to {self.endpoint} ended") from None
         except BaseException:
@@ -343,13 +390,41 @@ class Client:
         if pending.reply is None:
             # The caller gives up. A request that left keeps its credit until the server answers it
             # (the server always does, at the latest with DEADLINE) or the session ends.
-            if not sent:
-                self._unsend(corr, pending)
             raise RequestTimeout(f"{msg.wire_name()} to {self.endpoint}: no reply before the deadline")
         reply = pending.reply
         if isinstance(reply.msg, Error):
             raise RemoteError(reply.msg.code, reply.msg.reason)
         return reply
+
+    def _watch_deadline(self, corr: int, deadline: float) -> None:
+        """Have :meth:`_reaper` wake request ``corr`` at ``deadline`` if it is still open then."""
+        if not math.isfinite(deadline):
+            return
+        heap = self._deadlines
+        if len(heap) > 2 * len(self._pending) + 64:  # mostly answered requests: drop them (amortised O(1))
+            heap[:] = [entry for entry in heap if entry[1] in self._pending]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, corr))
+        scope = self._reaper_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    async def _reaper(self) -> None:
+        """Wake every open request whose deadline has passed: its caller raises RequestTimeout. One timer
+        for all requests instead of a cancel scope per request."""
+        heap = self._deadlines
+        pending = self._pending
+        while True:
+            now = trio.current_time()
+            while heap and (heap[0][0] <= now or heap[0][1] not in pending):
+                _, corr = heapq.heappop(heap)
+                open_request = pending.get(corr)
+                if open_request is not None:
+                    open_request.wake()  # no reply: the caller gives up, the request keeps its credit
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._reaper_scope = scope
+                await trio.sleep_forever()
+            self._reaper_scope = None
 
     def _unsend(self, corr: int, pending: _Pending) -> None:
         """The request never left: the server will not answer it, so its credit comes back now."""
@@ -386,9 +461,9 @@ class Client:
                 return
             if pending.credit:
                 self._credit.release()
-            if not pending.event.is_set():
+            if not pending.done:
                 pending.reply = Reply(msg, payload)
-                pending.event.set()
+                pending.wake()
             return
         if isinstance(msg, Error):  # an error about no request in particular
             if msg.code == ErrorCode.UNKNOWN_PEER:

@@ -347,12 +347,12 @@ class Server:
             event(log, 40, "handler_failed", type=req.msg.wire_name(), peer=req.peer.name, error=repr(e))
             self.stats.bad_frames["handler"] += 1
             out = self.catalogue.encode(Error(id=req.msg.id, code=ErrorCode.INTERNAL, reason=f"{type(e).__name__} in handler"))
-        rid = req.peer.routing_id
+        peer = req.peer
         sock = self._sock
-        if sock is not None and sock.try_send([rid, *out]):
-            self._sent(rid)
+        if sock is not None and sock.try_send([peer.routing_id, *out]):
+            peer.last_send = peer.last_recv  # answered in the same instant the request was received
         else:  # the peer's queue is full (or it left): the patient path, in a task of its own
-            nursery.start_soon(self._send_later, rid, out)
+            nursery.start_soon(self._send_later, peer.routing_id, out)
 
     async def _send_later(self, rid: bytes, frames: list[Any]) -> None:
         try:

@@ -71,6 +71,12 @@ class DaemonConfig:
     """Children served at once over all tasks."""
     metrics_listen: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (``GET /metrics``, ``dfz/metrics.py``); empty: none."""
+    proxy_listen: str = ""
+    """``HOST:PORT`` of the proxy port (the registry mirror and the HTTP proxy, :mod:`dfz.peer.proxy`; port 0:
+    a free one); empty: none. It has no authentication: bind loopback, or a network you trust."""
+    mirror_upstream: str = ""
+    """The registry the mirror reads from when a request names none (no ``X-Dfz-Registry`` header, no
+    ``?ns=``): ``http://HOST[:PORT]`` or ``https://HOST[:PORT]``; empty: such requests are refused (400)."""
     http_ca_bundle: str = ""
     """A PEM file of the CAs the back-to-source HTTPS client trusts instead of the system's (also for
     ``oci://``, ``hf://`` and ``hdfs://``, which are HTTP underneath); empty: the system's."""
@@ -145,6 +151,17 @@ class DaemonConfig:
 
             try:
                 parse_listen(self.metrics_listen)
+            except ValueError as bad:
+                raise ConfigError(str(bad)) from None
+        if self.proxy_listen or self.mirror_upstream:
+            from .proxy.mirror import parse_upstream
+            from .proxy.server import parse_listen as parse_proxy_listen
+
+            try:
+                if self.proxy_listen:
+                    parse_proxy_listen(self.proxy_listen)
+                if self.mirror_upstream:
+                    parse_upstream(self.mirror_upstream, "mirror_upstream")
             except ValueError as bad:
                 raise ConfigError(str(bad)) from None
         if self.scheduler:
@@ -286,6 +303,8 @@ class DaemonConfig:
                     "cluster",
                     "tenant_token",
                     "metrics_listen",
+                    "proxy_listen",
+                    "mirror_upstream",
                     "http_ca_bundle",
                 ) or key.startswith(("s3_", "oci_", "hf_", "hdfs_")):
                     values[key] = _typed(key, value, str, "a string")

@@ -119,6 +119,7 @@ from ..tasks import (
     DigestMismatch,
     InvalidPieceLength,
     PieceLayout,
+    digest_task_id,
     needs_swarm,
     validate_piece_length,
 )
@@ -127,6 +128,8 @@ from .config import DaemonConfig
 from .download import Downloader, DownloaderConfig, FailureKind, PieceDone, PieceFailure
 from .local import CachedTask, DownloadRequest, DownloadState, Progress, TenantError
 from .origin import OriginError, OriginPiece, fetch_from_origin, origin_error_of
+from .proxy.mirror import RegistryMirror
+from .proxy.server import ProxyListenError, ProxyServer
 from .ratelimit import RateLimiter
 from .schedring import SchedulerRing
 from .source import SourceBackend, SourceEntry, SourceError, SourceRegistry, default_registry
@@ -235,6 +238,7 @@ class _Download:
         application: str,
         piece_length: int | None,
         back_to_source: bool,
+        named_digest: str | None = None,
     ) -> None:
         self.daemon = daemon
         self.task_id = task_id
@@ -261,6 +265,13 @@ class _Download:
         self.host_of_endpoint: dict[str, str] = {}
         self.tenant = daemon.tenant or ""
         """The daemon's tenant when the download started (the task id is of it; its storage records it)."""
+        self.named_digest = named_digest or _digest_naming(self)
+        """The content digest the task id is made of (a task named by its digest, dfz/tasks.py), when this
+        peer knows it (the request said so, or the URL holds the digest that gives the id): the whole content
+        is checked against it before the task is finished, so that no peer serves or keeps wrong bytes under
+        the digest's name."""
+        self.verified: str | None = None
+        """``named_digest`` once the content matched it."""
         self.link: _SchedLink | None = None
         """The scheduler the current peer registers with (the task's on the ring, :meth:`Daemon._link_for`)."""
         self.home: _SchedLink | None = None
@@ -656,6 +667,7 @@ class _Download:
             with trio.move_on_after(DIGEST_WAIT):
                 await self.digest_known.wait()
         try:
+            await self._check_named_digest(task)
             info = await trio.to_thread.run_sync(lambda: task.finish(content_digest=self.digest))
         except DigestMismatch as e:
             self.daemon._report(SchedPeerFailed(peer_id=peer_id, reason=f"[digest_mismatch] {e}"[:4096]))
@@ -762,7 +774,51 @@ class _Download:
         except OriginError as e:
             raise _Failed(e.kind, str(e)) from None
         self.stored = task
+        try:
+            await self._check_named_digest(task)
+        except DigestMismatch as e:
+            await trio.to_thread.run_sync(self.daemon.storage.delete, self.task_id)
+            raise _Failed("digest_mismatch", f"the downloaded file does not match the origin's digest: {e}") from None
         await trio.to_thread.run_sync(task.finish)
+
+    async def _check_named_digest(self, task: StoredTask) -> None:
+        """For a task named by its digest: the stored content (every piece stored) must match it, else
+        :class:`DigestMismatch`. One pass over the data, in a worker thread."""
+        if self.named_digest is None:
+            return
+        expected = Digest.parse(self.named_digest)
+
+        def check() -> None:
+            h = expected.hasher()
+            for i in range(len(task.piece_digests())):
+                h.update(task.read_piece(i))
+            expected.check(h.hexdigest(), f"task {self.task_id} (named by {expected})")
+
+        await trio.to_thread.run_sync(check)
+        self.verified = str(expected)
+
+
+_URL_DIGEST = re.compile(r"/blobs/(sha256:[0-9a-f]{64})(?:[?#]|$)")
+
+
+def _digest_naming(download: _Download) -> str | None:
+    """The digest a task is named by, when its URL holds a registry blob's digest (``.../blobs/sha256:HEX``)
+    whose digest task id (:func:`dfz.tasks.digest_task_id`) is the task's id: how a seed peer, triggered
+    with only the task id and the URL, knows to check the content against it."""
+    match = _URL_DIGEST.search(download.url)
+    if match is None:
+        return None
+    try:
+        named = digest_task_id(
+            match[1],
+            tag=download.tag,
+            application=download.application,
+            tenant=download.tenant,
+            piece_length=download.fixed_piece_length,
+        )
+    except (DigestFormatError, InvalidPieceLength):
+        return None
+    return match[1] if named == download.task_id else None
 
 
 class _UploadMeter:
@@ -905,6 +961,9 @@ class Daemon:
         self.metrics: Metrics | None = None
         """The Prometheus metrics, when ``metrics_listen`` is set; ``metrics_url`` where they are served."""
         self.metrics_url = ""
+        self.proxy: ProxyServer | None = None
+        """The proxy port (registry mirror), when ``proxy_listen`` is set; ``proxy_url`` where it listens."""
+        self.proxy_url = ""
         self.piece_seconds: Histogram | None = None
         if config.metrics_listen:
             self.metrics = Metrics("daemon")
@@ -982,6 +1041,9 @@ class Daemon:
                     self.manager = await nursery.start(self._manager_agent().run)
                 if self.metrics is not None:
                     self.metrics_url = await nursery.start(serve_metrics, self.metrics, cfg.metrics_listen)
+                if cfg.proxy_listen:
+                    self.proxy = await nursery.start(self._proxy_server().run)
+                    self.proxy_url = self.proxy.url
                 nursery.start_soon(self._tenant_guard)
                 nursery.start_soon(self._cache_announcer)
                 nursery.start_soon(self._load_reporter)
@@ -999,6 +1061,21 @@ class Daemon:
         finally:
             self._nursery = None
             self._storage.close()
+
+    def _proxy_server(self) -> ProxyServer:
+        """The proxy port: the registry mirror on ``/v2/...`` (pass-through requests go by the ``http``
+        backend, with this daemon's TLS settings)."""
+        http = self.sources.backend_for("http://proxy")
+        if not isinstance(http, HTTPBackend):  # a test's stand-in for the http scheme
+            http = HTTPBackend(ca_bundle=self.config.http_ca_bundle or None, insecure=self.config.http_insecure)
+        mirror = RegistryMirror(
+            self,
+            self.storage,
+            http,
+            default_upstream=self.config.mirror_upstream,
+            plain_http=self.config.oci_plain_http,
+        )
+        return ProxyServer(self.config.proxy_listen, mirror=mirror)
 
     def _collect_metrics(self) -> Iterable[Metric]:
         totals, server = self.totals, self.piece_server.stats
@@ -1766,6 +1843,7 @@ class Daemon:
                     application=request.application,
                     piece_length=request.piece_length,
                     back_to_source=request.back_to_source,
+                    named_digest=str(expected) if request.by_digest and expected is not None else None,
                 )
                 self._start(download)
         last: Progress | None = None
@@ -1796,9 +1874,16 @@ class Daemon:
         if final.state is not DownloadState.SUCCEEDED:
             yield final
             return
+        if request.output is None and expected is not None and download.verified == str(expected):
+            yield final  # the content was checked against this digest as the task finished
+            return
         yield await self._deliver(download.stored, final, request, expected)
 
     async def _local_hit(self, stored: StoredTask, request: DownloadRequest, expected: Digest | None) -> Progress:
+        if request.by_digest and request.output is None:
+            # A task named by its digest was checked whole against it before it finished (_check_named_digest),
+            # and the storage re-verifies pieces whose data changed since: no second pass per cache hit.
+            expected = None
         info = await trio.to_thread.run_sync(stored.info)
         hit = Progress(
             task_id=stored.task_id,
@@ -2007,6 +2092,8 @@ async def serve(config: DaemonConfig, *, on_ready: Callable[[Daemon, list[str]],
         if started:
             raise
         leaf = _leaf(group)
+        if isinstance(leaf, ProxyListenError):
+            raise ListenError(str(leaf)) from None
         if isinstance(leaf, zmq.ZMQError | EndpointInUse):
             raise ListenError(f"cannot listen on {', '.join([*config.listen, *api_endpoints])}: {leaf}") from None
         if isinstance(leaf, Exception):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
+from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, DigestFormatError, digest_task_id, task_id
 from .source import SourceEntry
 
 
@@ -43,9 +43,25 @@ class DownloadRequest:
     """Seconds for the whole download; None for no limit."""
     back_to_source: bool = True
     """Whether this daemon may fetch from the origin itself when the scheduler says so."""
+    by_digest: bool = False
+    """Name the task by :attr:`digest` (required then) instead of the URL (dfz/tasks.py,
+    :func:`~dfz.tasks.digest_task_id`): the same content reached through other URLs is the same task. The
+    content is checked against the digest as always. Set by the registry mirror for blobs; not on the local
+    API's wire."""
 
     def task_id(self) -> str:
-        """The task this request downloads, by the task-id rule of dfz/tasks.py."""
+        """The task this request downloads, by the task-id rule of dfz/tasks.py. ``ValueError`` (a
+        :class:`~dfz.tasks.DigestFormatError`) when :attr:`by_digest` is set without a valid digest."""
+        if self.by_digest:
+            if not self.digest:
+                raise DigestFormatError("a download named by its digest needs the digest (sha256:<hex> or blake3:<hex>)")
+            return digest_task_id(
+                self.digest,
+                tag=self.tag,
+                application=self.application,
+                tenant=self.tenant,
+                piece_length=self.piece_length,
+            )
         filtered = DEFAULT_FILTERED_QUERY_PARAMS if self.filtered_query_params is None else self.filtered_query_params
         return task_id(
             self.url,
