@@ -194,8 +194,8 @@ def mgr(  # noqa: PLR0917 - click passes every option as an argument
 
     Prints `database URL` (password hidden), at the very first start when $DFZ_MGR_ROOT_PASSWORD is not set
     `root-password PASSWORD` for the user `root` (shown this once), `ticket-key HEX` (the public key tenant
-    tickets are signed with: schedulers and daemons may be configured to trust it), `fabric ENDPOINT` and,
-    last, `listening http://HOST:PORT` once it serves.
+    tickets are signed with: schedulers and daemons may be configured to trust it), `fabric ENDPOINT`,
+    `console http://HOST:PORT/console/` (the web console) and, last, `listening http://HOST:PORT` once it serves.
     """
     import functools
 
@@ -215,6 +215,8 @@ def mgr(  # noqa: PLR0917 - click passes every option as an argument
             click.echo(f"ticket-key {manager.signer.public_key.hex()}")
         for endpoint in manager.fabric_endpoints:
             click.echo(f"fabric {endpoint}")
+        for url in manager.urls:
+            click.echo(f"console {url}/console/")
         for url in manager.urls:
             click.echo(f"listening {url}")
         if manager.metrics_url:

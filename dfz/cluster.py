@@ -554,6 +554,7 @@ def summary(info: dict[str, Any]) -> str:
         lines.append(
             f"  manager    {manager['url']}  fabric {manager['fabric']}  (user root: see root-password in {manager['log']})"
         )
+        lines.append(f"  console    {manager['url']}/console/")
     lines.append(f"  scheduler  {', '.join(schedulers)}")
     for name in ("seed", "daemon"):
         if name in parts:

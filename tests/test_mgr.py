@@ -740,6 +740,7 @@ def test_dfz_mgr_process(empty_url: str, tmp_path: Path) -> None:
     try:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", first.lines["listening"])
         assert "root-password" in first.lines and "database" in first.lines
+        assert first.lines["console"] == first.lines["listening"] + "/console/"
         password = first.lines["root-password"]
         with httpx.Client(base_url=first.lines["listening"], timeout=10) as client:
             answer = client.post("/api/v1/sessions", json={"name": "root", "password": password})

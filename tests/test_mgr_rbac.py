@@ -57,9 +57,15 @@ MATRIX: dict[str, frozenset[str]] = {
     f"GET {V1}/docs": PUBLIC,
     "GET /docs/oauth2-redirect": PUBLIC,
     f"POST {V1}/sessions": PUBLIC,
+    # The web console's files (they hold no data: the page reads everything through the API).
+    "GET /console": PUBLIC,
+    "GET /console/": PUBLIC,
+    "GET /console/{name:path}": PUBLIC,
     # Oneself: anyone signed in.
     f"DELETE {V1}/sessions/current": EVERYONE,
     f"GET {V1}/users/me": EVERYONE,
+    f"GET {V1}/users/me/permissions": EVERYONE,
+    f"GET {V1}/task-id": EVERYONE,
     f"POST {V1}/users/me/password": EVERYONE,
     # One's own tokens: every role has the token permission.
     f"GET {V1}/personal-access-tokens": EVERYONE,
@@ -275,11 +281,20 @@ async def call_for(w: World, endpoint: str, role: str) -> Call:
     if path == f"{V1}/users/me/password":
         password = w.passwords.get(role, "not-a-password")
         return path, {"json": {"current_password": password, "new_password": password}}
+    if path.startswith("/console"):
+        return path.replace("{name:path}", "app.js"), {"follow_redirects": True}
+    if path == f"{V1}/task-id":
+        return path, {"params": {"url": "http://127.0.0.1:9/file"}}
     if path.startswith("/oapi/v1/jobs"):
         if method == "POST":
             return path, {"json": {"type": "preheat", "args": {"type": "file", "url": "http://127.0.0.1:9/file"}}}
         return path.replace("{row_id}", str(await _target(w, "jobs", role))), {}
-    if not path.startswith(V1 + "/") or path in (f"{V1}/openapi.json", f"{V1}/users/me", f"{V1}/sessions/current"):
+    if not path.startswith(V1 + "/") or path in (
+        f"{V1}/openapi.json",
+        f"{V1}/users/me",
+        f"{V1}/users/me/permissions",
+        f"{V1}/sessions/current",
+    ):
         return path, {}
     resource = path[len(V1) + 1 :].split("/")[0]
     if "{row_id}" in path:

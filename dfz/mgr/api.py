@@ -20,7 +20,7 @@ from sqlmodel import col, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from . import audit, crud, oapi
+from . import audit, console, crud, oapi
 from .auth import Principal, client_ip, requires, signed_in, unauthorized
 from .db import Database
 from .models import DaemonToken, Job, PersonalAccessToken, User, UserSession, utcnow
@@ -33,11 +33,14 @@ from .schemas import (
     DaemonTokenRead,
     DaemonTokenUpdate,
     JobRead,
+    MyPermissions,
     Page,
     PasswordChange,
     Problem,
     SignedIn,
     SignIn,
+    TaskIdQuery,
+    TaskIdRead,
     TokenCreate,
     TokenCreated,
     TokenFilter,
@@ -47,6 +50,7 @@ from .schemas import (
 )
 from .security import (
     DAEMON_TOKEN_PREFIX,
+    PERMISSION_GROUPS,
     SESSION_COOKIE,
     TOKEN_PREFIX,
     covers,
@@ -108,8 +112,9 @@ async def _nothing() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(db: Database, settings: ApiSettings | None = None) -> FastAPI:
-    """The ASGI application over ``db`` (already migrated)."""
+def create_app(db: Database, settings: ApiSettings | None = None, *, swarm_source: console.SwarmSource | None = None) -> FastAPI:
+    """The ASGI application over ``db`` (already migrated). ``swarm_source`` feeds the console's live swarm
+    view (``swarm.py``); without one the websocket says there is none."""
     settings = settings or ApiSettings()
     app = FastAPI(
         title="dfz manager",
@@ -123,6 +128,7 @@ def create_app(db: Database, settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.db = db
     app.state.settings = settings
+    app.state.swarm_source = swarm_source
 
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
@@ -140,8 +146,10 @@ def create_app(db: Database, settings: ApiSettings | None = None) -> FastAPI:
     for spec in RESOURCES:
         v1.include_router(crud.router(spec))
     v1.include_router(_job_actions())
+    v1.include_router(_task_ids())
     app.include_router(v1)
     app.include_router(oapi.router())
+    console.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body)
     return app
 
@@ -232,6 +240,25 @@ def _me() -> APIRouter:
         with crud.database(request).reading() as session:
             return crud.to_read(session, USERS, [crud.get_or_404(session, USERS, principal.user_id)])[0]
 
+    @api.get(
+        "/permissions",
+        response_model=MyPermissions,
+        summary="What the signed-in user (or the token) may do",
+        responses=crud.ERRORS,
+    )
+    def my_permissions(principal: Annotated[Principal, Depends(signed_in)]) -> MyPermissions:
+        return MyPermissions(
+            user_id=principal.user_id,
+            name=principal.name,
+            role=principal.role,
+            permissions=list(principal.permissions),
+            scopes=None if principal.scopes is None else list(principal.scopes),
+            tenant_id=principal.tenant_id,
+            confined=principal.confined,
+            via=principal.via,
+            groups=PERMISSION_GROUPS,
+        )
+
     @api.post(
         "/password",
         status_code=status.HTTP_204_NO_CONTENT,
@@ -251,6 +278,27 @@ def _me() -> APIRouter:
             user.updated_at = utcnow()
             audit.record(session, principal.actor, "update", "user", user.id, {"password": {"from": "***", "to": "***"}})
         return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return api
+
+
+# --- task ids ------------------------------------------------------------------------------------------------
+
+
+def _task_ids() -> APIRouter:
+    api = APIRouter(prefix="/task-id", tags=["jobs"])
+
+    @api.get(
+        "",
+        response_model=TaskIdRead,
+        summary="The task id of a URL",
+        description="Computed as a daemon computes it (`dfz/tasks.py`, `protocol.md` §13): the URL with the "
+        "filtered query parameters left out, the tag, the application and a fixed piece length, as a "
+        "`get_task` or `delete_task` job computes it from the same arguments.",
+        responses={**crud.ERRORS, 422: {"model": Problem}},
+    )
+    def task_id_of(query: Annotated[TaskIdQuery, Query()], principal: Annotated[Principal, Depends(signed_in)]) -> TaskIdRead:
+        return TaskIdRead(task_id=query.args().the_task_id(), url=str(query.url))
 
     return api
 

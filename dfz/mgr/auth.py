@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
 from sqlmodel import col, select
+from starlette.requests import HTTPConnection
 
 from .audit import Actor
 from .db import Database
@@ -74,11 +75,24 @@ class Principal:
         return Actor(user_id=self.user_id, name=self.name, via=self.via, token_id=self.token_id, ip=self.ip)
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def same_origin(request: HTTPConnection) -> bool:
+    """Whether the request's ``Origin`` (browsers send it; other programs mostly do not) is this server's own,
+    or absent."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return bool(host) and origin in (f"http://{host}", f"https://{host}")
+
+
 def unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def client_ip(request: Request) -> str:
+def client_ip(request: HTTPConnection) -> str:
     return request.client.host if request.client is not None else ""
 
 
@@ -99,9 +113,11 @@ def _principal(user: User, role: Role, via: str, ip: str, token: PersonalAccessT
     )
 
 
-def authenticate(db: Database, request: Request) -> Principal:
-    """The :class:`Principal` of ``request``; 401 when it has no valid credentials. A bearer token wins
-    over a session cookie."""
+def authenticate(db: Database, request: HTTPConnection) -> Principal:
+    """The :class:`Principal` of ``request`` (an HTTP request or a websocket's handshake); 401 when it has no
+    valid credentials. A bearer token wins over a session cookie. A request that changes something, made with
+    the session cookie and an ``Origin`` header of another site, is refused (403): the cookie is
+    ``SameSite=Strict`` already, this is the second lock of the door (cross-site request forgery)."""
     header = request.headers.get("authorization")
     ip = client_ip(request)
     now = utcnow()
@@ -134,6 +150,8 @@ def authenticate(db: Database, request: Request) -> Principal:
         return principal
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
+        if request.scope["type"] == "http" and request.scope.get("method") not in SAFE_METHODS and not same_origin(request):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "a request with the session cookie must come from this site's pages")
         with db.reading() as session:
             row = session.exec(
                 select(UserSession, User, Role)

@@ -550,6 +550,22 @@ class SignedIn(BaseModel):
     expires_at: dt.datetime
 
 
+class MyPermissions(BaseModel):
+    """What the caller may do: its role's permissions and, through a token, the token's scopes (both must
+    allow an action). The console shows what these allow; the API enforces them on every request."""
+
+    user_id: int
+    name: str
+    role: str
+    permissions: list[str]
+    scopes: list[str] | None
+    tenant_id: int | None
+    confined: bool
+    via: str
+    groups: dict[str, str]
+    """Every permission group and what it covers (for choosing a token's scopes)."""
+
+
 TOKEN_MAX_DAYS = 366
 TokenState = Literal["active", "expired", "revoked"]
 
@@ -807,6 +823,24 @@ class TaskArgs(Strict):
             piece_length=self.piece_length,
             filtered_query_params=names[:64] or DEFAULT_FILTERED_QUERY_PARAMS,  # as a preheat's (jobs._filters)
         )
+
+
+class TaskIdQuery(Strict):
+    """A URL and what identifies a task with it, for ``GET /api/v1/task-id``."""
+
+    url: HttpUrl
+    tag: Annotated[str, StringConstraints(max_length=1024)] = ""
+    application: Annotated[str, StringConstraints(max_length=1024)] = ""
+    filtered_query_params: Annotated[str, StringConstraints(max_length=4096)] = ""
+    piece_length: int | None = Field(default=None, ge=65536, le=64 * 1024 * 1024)
+
+    def args(self) -> TaskArgs:
+        return TaskArgs.model_validate(self.model_dump(mode="json", exclude_defaults=True))
+
+
+class TaskIdRead(BaseModel):
+    task_id: str
+    url: str
 
 
 JOB_ARGS: dict[str, type[Strict]] = {"preheat": PreheatArgs, "get_task": TaskArgs, "delete_task": TaskArgs}

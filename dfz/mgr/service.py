@@ -49,6 +49,7 @@ from .jobs import JobRunner, JobSettings
 from .models import Role, User
 from .sealing import KEY_FILE, Sealer, load_key
 from .security import hash_password, new_password
+from .swarm import SwarmInspector
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -360,7 +361,12 @@ class Manager:
                 self.root_password = await trio.to_thread.run_sync(ensure_root, db, self.environ)
                 fabric.attach(db)
                 self.jobs = await nursery.start(JobRunner(db, fabric, self.config.job_settings()).run)
-                app = create_app(db, ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure))
+                inspector = await nursery.start(SwarmInspector(fabric).run)
+                app = create_app(
+                    db,
+                    ApiSettings(session_ttl=self.config.session_ttl, cookie_secure=self.config.cookie_secure),
+                    swarm_source=inspector,
+                )
                 if self.config.metrics_listen:
                     metrics = self.metrics = Metrics("mgr")
                     metrics.collector(self._collect_metrics)
