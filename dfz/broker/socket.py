@@ -62,7 +62,18 @@ class Socket:
     receiver gets all frames of one message or nothing.
     """
 
-    __slots__ = ("_closed", "_events", "_fd", "_fresh", "_lots", "_owner_flag", "_owner_woken", "_z", "socket_type")
+    __slots__ = (
+        "_closed",
+        "_events",
+        "_fd",
+        "_fresh",
+        "_lots",
+        "_owner_flag",
+        "_owner_woken",
+        "_parked",
+        "_z",
+        "socket_type",
+    )
 
     def __init__(self, zsock: zmq.Socket[Any]) -> None:
         self._z = zsock
@@ -73,6 +84,7 @@ class Socket:
         }
         self._owner_flag = 0
         self._owner_woken = False
+        self._parked = 0  # tasks in either lot, or woken from one and not yet running: 0 => both lots empty
         self._closed = False
         self._events = 0  # EVENTS as last read by _refresh
         self._fresh = False  # no libzmq call on the socket since that read: a change since shows on the fd
@@ -135,16 +147,21 @@ class Socket:
         """Re-read EVENTS (which may consume the fd's edge) and wake whoever can now proceed."""
         ev = self._events = int(self._z.getsockopt(_EVENTS))
         self._fresh = True
+        owner = self._owner_flag
+        if not self._parked:  # the usual case, one task per direction: only the owner can need waking
+            if owner and ev & owner:
+                self._wake_owner()
+            return ev
         woke = False
         for flag in (_POLLIN, _POLLOUT):
             if ev & flag:
-                if self._owner_flag == flag:
+                if owner == flag:
                     self._wake_owner()
                     woke = True
                 elif self._lots[flag]:
                     self._lots[flag].unpark()
                     woke = True
-        if promote and not woke and self._owner_flag == 0:
+        if promote and not woke and owner == 0:
             # Nobody watches the fd and nobody was woken: promote a parked task to watch it.
             self._handoff()
         return ev
@@ -194,7 +211,11 @@ class Socket:
             # Leaving to make a call: that call's _refresh promotes a parked task if nobody watches.
             self._owner_flag = 0
         else:
-            await self._lots[flag].park()
+            self._parked += 1
+            try:
+                await self._lots[flag].park()
+            finally:
+                self._parked -= 1
         self._check_open()
 
     def _check_open(self) -> None:
