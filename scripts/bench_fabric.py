@@ -9,7 +9,12 @@ launch to the next, so medians of interleaved trials are reported):
   payload frame (a preallocated immutable ``bytes``, sent zero-copy); a :class:`dfz.broker.Client` in this
   process fetches with ``--in-flight`` concurrent tasks. pyzmq: the same with a blocking ROUTER in a
   subprocess and a blocking DEALER here (``copy=False``, same sizes, same number in flight).
-* **Round trips**: small request/reply round trips per second, one request at a time.
+* **Round trips**: small request/reply round trips per second, one request at a time. A dfz server and a
+  pyzmq server run side by side, and one client process alternates blocks of ``--rtt-block`` round trips
+  with each (dfz first in one block pair, pyzmq first in the next): both see the same moments of a
+  machine whose load comes and goes, which separate runs seconds apart did not (blocking pyzmq's round
+  trips get ~2x faster when the cores are kept busy by other work, as idle vCPUs wake slowly). Reported:
+  the median block rate of each and the median of the per-pair ratios.
 
 Each server is a fresh subprocess (this script with the hidden ``--serve`` mode) that prints
 ``READY <endpoint> <blake3 of its piece>``; the client checks the byte count, every piece index once, and
@@ -17,7 +22,7 @@ the content of the first and last piece. Progress goes to stderr, a table to std
 stdout is one JSON object with the figures (GB/s = 1e9 bytes/s).
 
     python scripts/bench_fabric.py [--quick] [--size-mib N] [--piece-mib 4] [--in-flight 4]
-                                   [--rtt-count N] [--transport tcp|ipc] [--trials N]
+                                   [--rtt-count N] [--rtt-block N] [--transport tcp|ipc] [--trials N]
 """
 
 from __future__ import annotations
@@ -193,10 +198,9 @@ class ServerProcess:
 
 @dataclass
 class Trial:
-    """One bulk transfer and one round-trip series against one server launch."""
+    """One bulk transfer against one server launch."""
 
     gbps: float
-    rtt_per_s: float
     client_cpu_s_per_gb: float
     server_cpu_s_per_gb: float
 
@@ -306,30 +310,16 @@ def dfz_trial(server: ServerProcess, args: argparse.Namespace, progress: Any, la
         gb = count * piece_bytes / 1e9
         result.update(gbps=gb / seconds, ccpu=(c1 - c0) / gb, scpu=(s1 - s0) / gb)
 
-    async def rtt(client: Client) -> None:
-        ticker = Ticker(progress, f"{label} dfz round trips", args.rtt_count)
-        for i in range(min(200, args.rtt_count)):  # warm-up
-            await client.request(BenchPing(n=i))
-        t0 = time.perf_counter()
-        for i in range(args.rtt_count):
-            reply = await client.request(BenchPing(n=i))
-            if reply.expect(BenchPong).n != i:
-                raise AssertionError("pong out of order")
-            ticker.advance(1)
-        result["rtt"] = args.rtt_count / (time.perf_counter() - t0)
-        ticker.close()
-
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             client: Client = await nursery.start(Client(catalogue, server.endpoint, name="bench", config=config).run)
             await client.wait_connected()
             await client.request(BenchPing(n=0))
             await bulk(client)
-            await rtt(client)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    return Trial(result["gbps"], result["rtt"], result["ccpu"], result["scpu"])
+    return Trial(result["gbps"], result["ccpu"], result["scpu"])
 
 
 def pyzmq_trial(server: ServerProcess, args: argparse.Namespace, progress: Any, label: str) -> Trial:
@@ -368,23 +358,79 @@ def pyzmq_trial(server: ServerProcess, args: argparse.Namespace, progress: Any, 
 
         seconds, ccpu, scpu = measure(server, bulk, count * piece_bytes)
 
-        ticker = Ticker(progress, f"{label} pyzmq round trips", args.rtt_count)
-        for i in range(min(200, args.rtt_count)):  # warm-up
-            sock.send(_REQ.pack(_PING, i))
-            sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return Trial(count * piece_bytes / 1e9 / seconds, ccpu, scpu)
+
+
+@dataclass
+class RoundTrips:
+    """Round trips per second of each block, dfz and pyzmq in alternating blocks of one run."""
+
+    dfz: list[float] = field(default_factory=list)
+    pyzmq: list[float] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.dfz, self.pyzmq, strict=True)]
+
+
+def round_trips(args: argparse.Namespace, endpoints: dict[str, str], progress: Any) -> RoundTrips:
+    """``args.rtt_count * args.trials`` round trips with each, in alternating blocks of ``args.rtt_block``."""
+    result = RoundTrips()
+    blocks = max(1, args.rtt_count * args.trials // args.rtt_block)
+    catalogue = bench_catalogue(args.piece_bytes)
+    ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.connect(endpoints["pyzmq"])
+    ticker = Ticker(progress, "round trips, dfz and pyzmq alternating", 2 * blocks * args.rtt_block)
+
+    def pyzmq_block(n: int) -> float:
         t0 = time.perf_counter()
-        for i in range(args.rtt_count):
+        for i in range(n):
             sock.send(_REQ.pack(_PING, i))
             (answer,) = sock.recv_multipart()
             if _REQ.unpack(answer)[1] != i:
                 raise AssertionError("pong out of order")
-            ticker.advance(1)
-        rtt = args.rtt_count / (time.perf_counter() - t0)
-        ticker.close()
+        return n / (time.perf_counter() - t0)
+
+    async def dfz_block(client: Client, n: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            reply = await client.request(BenchPing(n=i))
+            if reply.expect(BenchPong).n != i:
+                raise AssertionError("pong out of order")
+        return n / (time.perf_counter() - t0)
+
+    async def main() -> None:
+        config = ClientConfig(timeout=60.0)
+        async with trio.open_nursery() as nursery:
+            client: Client = await nursery.start(Client(catalogue, endpoints["dfz"], name="bench", config=config).run)
+            await client.wait_connected()
+            # Warm-up: connections, caches, the allocator.
+            pyzmq_block(min(200, args.rtt_block))
+            await dfz_block(client, min(200, args.rtt_block))
+            for b in range(blocks):
+                # The pyzmq calls block this trio loop for a block (tens of ms): nothing else runs meanwhile.
+                if b % 2 == 0:
+                    result.dfz.append(await dfz_block(client, args.rtt_block))
+                    result.pyzmq.append(pyzmq_block(args.rtt_block))
+                else:
+                    result.pyzmq.append(pyzmq_block(args.rtt_block))
+                    result.dfz.append(await dfz_block(client, args.rtt_block))
+                ticker.advance(2 * args.rtt_block)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
     finally:
+        ticker.close()
         sock.close(linger=0)
         ctx.term()
-    return Trial(count * piece_bytes / 1e9 / seconds, rtt, ccpu, scpu)
+    return result
 
 
 # --- orchestration --------------------------------------------------------------------------------------
@@ -414,17 +460,22 @@ def med(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def report(args: argparse.Namespace, runs: Runs) -> dict[str, Any]:
+def spread(values: Sequence[float]) -> str:
+    """min / median / max of many block figures."""
+    return f"{min(values):,.0f} / {med(values):,.0f} / {max(values):,.0f} (min/med/max of {len(values)})"
+
+
+def report(args: argparse.Namespace, runs: Runs, rtts: RoundTrips) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
     d, p = runs.dfz, runs.pyzmq
     gbps_dfz, gbps_pyzmq = med([t.gbps for t in d]), med([t.gbps for t in p])
-    rtt_dfz, rtt_pyzmq = med([t.rtt_per_s for t in d]), med([t.rtt_per_s for t in p])
+    rtt_dfz, rtt_pyzmq = med(rtts.dfz), med(rtts.pyzmq)
     ratio = gbps_dfz / gbps_pyzmq
     rtt_ratio = rtt_dfz / rtt_pyzmq
     paired = med([a.gbps / b.gbps for a, b in zip(d, p, strict=True)])
-    rtt_paired = med([a.rtt_per_s / b.rtt_per_s for a, b in zip(d, p, strict=True)])
+    rtt_paired = med(rtts.ratios())
     throughput_met = ratio >= GOAL_THROUGHPUT_RATIO
     rtt_met = rtt_ratio >= GOAL_RTT_RATIO
 
@@ -432,7 +483,8 @@ def report(args: argparse.Namespace, runs: Runs) -> dict[str, Any]:
     table = Table(
         title=(
             f"dfz fabric vs blocking pyzmq: {args.size_mib} MiB in {args.piece_mib:g} MiB pieces, "
-            f"{args.in_flight} in flight, {args.transport}, {args.trials} trials (medians)"
+            f"{args.in_flight} in flight, {args.transport}, {args.trials} trials (medians; round trips in "
+            f"alternating blocks of {args.rtt_block})"
         )
     )
     for col in ("measure", "dfz", "pyzmq", "ratio (paired)", "goal", "met", "dfz runs", "pyzmq runs"):
@@ -458,8 +510,8 @@ def report(args: argparse.Namespace, runs: Runs) -> dict[str, Any]:
         f"{rtt_ratio:.2f} ({rtt_paired:.2f})",
         f"≥ {GOAL_RTT_RATIO}",
         "yes" if rtt_met else "NO",
-        runs_of(d, lambda t: t.rtt_per_s, ".0f"),
-        runs_of(p, lambda t: t.rtt_per_s, ".0f"),
+        spread(rtts.dfz),
+        spread(rtts.pyzmq),
     )
 
     def client_cpu_of(t: Trial) -> float:
@@ -497,6 +549,9 @@ def report(args: argparse.Namespace, runs: Runs) -> dict[str, Any]:
         "transport": args.transport,
         "trials": args.trials,
         "rtt_count": args.rtt_count,
+        "rtt_block": args.rtt_block,
+        "rtt_blocks": len(rtts.dfz),
+        "rtt_pair_ratio_min_max": [round(min(rtts.ratios()), 4), round(max(rtts.ratios()), 4)],
         "runs": {"dfz": [rounded(t) for t in d], "pyzmq": [rounded(t) for t in p]},
     }
 
@@ -518,7 +573,7 @@ def bench(args: argparse.Namespace) -> int:
     err.print(
         f"[bold]bench_fabric[/]: {args.trials} trials x (dfz, pyzmq) alternating; each moves "
         f"{args.pieces * args.piece_bytes / MIB:,.0f} MiB in {args.piece_mib:g} MiB pieces ({args.in_flight} in flight) "
-        f"and makes {args.rtt_count:,} round trips over {args.transport}"
+        f"over {args.transport}; then {args.rtt_count * args.trials:,} round trips with each, in alternating blocks"
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -539,13 +594,26 @@ def bench(args: argparse.Namespace) -> int:
                     trial = run_trial(kind, args, endpoint, progress, label)
                     getattr(runs, kind).append(trial)
                     progress.console.print(
-                        f"{label} {kind:>5}: {trial.gbps:5.2f} GB/s, {trial.rtt_per_s:7,.0f} round trips/s, "
+                        f"{label} {kind:>5}: {trial.gbps:5.2f} GB/s, "
                         f"CPU s/GB client {trial.client_cpu_s_per_gb:.2f} server {trial.server_cpu_s_per_gb:.2f} "
                         f"[{time.perf_counter() - started:5.1f}s]"
                     )
+            servers = {
+                kind: ServerProcess(kind, f"ipc://{tmp}/{kind}-rtt" if args.transport == "ipc" else "tcp://127.0.0.1:0", args)
+                for kind in ("dfz", "pyzmq")
+            }
+            try:
+                rtts = round_trips(args, {kind: server.endpoint for kind, server in servers.items()}, progress)
+            finally:
+                for server in servers.values():
+                    server.stop()
+            progress.console.print(
+                f"round trips/s: dfz {med(rtts.dfz):,.0f}, pyzmq {med(rtts.pyzmq):,.0f} (medians of "
+                f"{len(rtts.dfz)} blocks of {args.rtt_block}) [{time.perf_counter() - started:5.1f}s]"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = report(args, runs)
+    summary = report(args, runs, rtts)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after
     summary["versions"] = {
@@ -565,7 +633,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size-mib", type=int, default=None, help="MiB per bulk transfer (default 2048; 512 quick)")
     ap.add_argument("--piece-mib", type=float, default=4.0, help="piece size in MiB (default 4)")
     ap.add_argument("--in-flight", type=int, default=4, help="requests in flight (default 4)")
-    ap.add_argument("--rtt-count", type=int, default=None, help="round trips per trial (default 5000; 2000 quick)")
+    ap.add_argument("--rtt-count", type=int, default=None, help="round trips per trial and side (default 5000; 2000 quick)")
+    ap.add_argument("--rtt-block", type=int, default=250, help="round trips per block, alternating sides (250)")
     ap.add_argument("--trials", type=int, default=None, help="trials per side, alternating (default 7; 5 quick)")
     ap.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     ap.add_argument("--serve", choices=("dfz", "pyzmq"), help=argparse.SUPPRESS)
@@ -581,7 +650,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.trials is None:
         args.trials = 5 if args.quick else 7
     args.piece_bytes = round(args.piece_mib * MIB)
-    if args.piece_bytes < 1 or args.in_flight < 1 or args.trials < 1 or args.rtt_count < 1:
+    if args.piece_bytes < 1 or args.in_flight < 1 or args.trials < 1 or args.rtt_count < 1 or args.rtt_block < 1:
         ap.error("sizes and counts must be positive")
     args.pieces = max(1, args.size_mib * MIB // args.piece_bytes)
     return args
