@@ -141,6 +141,7 @@ from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
 from .upload import PieceServer, PieceServerConfig
+from .wanted import WantedPieces, check_byte_range
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -291,6 +292,9 @@ class _Download:
         """The scheduler knows this peer ended (it failed it, or was told): no ``peer_left`` needed."""
         self.interest = 0
         """Callers of :meth:`Daemon.download` following this download."""
+        self.wanted = WantedPieces()
+        """The byte ranges its callers need first (``DownloadRequest.priority_range``), as pieces once the
+        layout is known: the downloader and the origin fetch take them first."""
         self.pinned = False
         """Kept running with no caller (a seed trigger)."""
 
@@ -464,6 +468,8 @@ class _Download:
         if digest is not None:
             self.digest = digest
             self.digest_known.set()
+        if (layout := self._layout()) is not None:
+            self.wanted.set_layout(layout)
         fresh = {k: d for k, d in digests if k not in self.digests}
         self.digests.update(fresh)
         if fresh and self._downloader is not None:
@@ -653,7 +659,11 @@ class _Download:
         )
         self._downloader = downloader
         self._report_resumed()
-        await downloader.run()
+        unwatch = self.wanted.watch(downloader.set_wanted)
+        try:
+            await downloader.run()
+        finally:
+            unwatch()
         self.deliver("downloaded")
 
     async def _finish(self, peer_id: str) -> None:
@@ -722,6 +732,7 @@ class _Download:
                 on_metadata=on_metadata,
                 on_piece=on_piece,
                 tenant=self.tenant,
+                wanted=self.wanted,
             )
         except (OriginError, SourceError) as e:
             err = e if isinstance(e, OriginError) else origin_error_of(e)
@@ -1848,6 +1859,11 @@ class Daemon:
                 self._start(download)
         last: Progress | None = None
         download.interest += 1
+        wanted: int | None = None
+        if request.priority_range is not None:
+            wanted = download.wanted.add(request.priority_range)
+            start, end = request.priority_range
+            event(log, logging.DEBUG, "daemon.wanted_range", task=tid[:16], start=start, end="" if end is None else end)
         try:
             while not download.finished.is_set():
                 changed = download.changed
@@ -1868,6 +1884,8 @@ class Daemon:
         finally:
             # The last caller gone (timeout, cancel, closed iterator): stop; the pieces stay for a resume.
             download.interest -= 1
+            if wanted is not None:
+                download.wanted.remove(wanted)
             if download.interest == 0 and not download.pinned and not download.finished.is_set():
                 download.cancel()
         final = download.progress()
@@ -2015,6 +2033,8 @@ def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
     if request.timeout is not None and not request.timeout > 0:
         raise ValueError(f"timeout {request.timeout!r} must be a positive number of seconds")
     expected = Digest.parse(request.digest) if request.digest else None
+    if request.priority_range is not None:
+        check_byte_range(request.priority_range)
     if request.piece_length is not None:
         try:
             validate_piece_length(request.piece_length)
