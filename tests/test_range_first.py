@@ -152,3 +152,46 @@ async def test_a_range_through_the_swarm_takes_its_pieces_first(tmp_path: Path) 
             assert LAST in b_kept and len(b_kept) <= 4, b_kept
             assert origin.served[PATH] == len(BLOB)  # only the seed went to the origin
             nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_range_readers_are_all_served_first(tmp_path: Path) -> None:
+    """Three readers of one blob at once (its start, its middle, its end) on one daemon that fetches from the
+    rate-limited origin: the union of their ranges is read first, so all three 206s are complete before
+    the origin served half the file."""
+    ranges = [(0, 99), (8 * LAYOUT.piece_length + 5, 8 * LAYOUT.piece_length + 4004), (len(BLOB) - 1000, len(BLOB) - 1)]
+    with serve_origin({PATH: Route(BLOB, rate=8 * MiB)}) as origin, trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            sched = await nursery.start(SchedulerService(ServiceConfig(listen=("tcp://127.0.0.1:0",))).run)
+            config = mirror_config(tmp_path, "d", sched.endpoints[0], origin.url, origin_concurrency=4)
+            daemon = await nursery.start(Daemon(config).run)
+            answers: dict[int, httpx.Response] = {}
+
+            async def read(i: int) -> None:
+                start, last = ranges[i]
+                answers[i] = await http_get(daemon.proxy_url + PATH, {"Range": f"bytes={start}-{last}"})
+
+            async with trio.open_nursery() as readers:
+                for i in range(len(ranges)):
+                    readers.start_soon(read, i)
+            served = origin.served.get(PATH, 0)
+            for i, (start, last) in enumerate(ranges):
+                assert answers[i].status_code == 206 and answers[i].content == BLOB[start : last + 1]
+            assert served <= 8 * LAYOUT.piece_length, f"{served} bytes of {len(BLOB)} before the three 206s"
+            await until(idle(daemon))  # all three served, nobody else: the download stops
+            kept = stored_pieces(daemon)
+            assert {0, 8, LAST} <= set(kept) and len(kept) < LAYOUT.count
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_malformed_wanted_range_is_a_bad_request(tmp_path: Path) -> None:
+    with serve_origin({PATH: Route(BLOB)}) as origin, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            sched = await nursery.start(SchedulerService(ServiceConfig(listen=("tcp://127.0.0.1:0",))).run)
+            daemon = await nursery.start(Daemon(DaemonConfig(data_dir=tmp_path / "d", scheduler=sched.endpoints[0])).run)
+            for bad in [(10, 10), (10, 3), (-5, 100)]:
+                request = DownloadRequest(url=origin.url + PATH, output=None, priority_range=bad)
+                results = [p async for p in daemon.download(request)]
+                assert len(results) == 1 and results[0].state is DownloadState.FAILED
+                assert results[0].error_kind == "bad_request", results[0]
+            assert origin.requests.get(PATH, 0) == 0
+            nursery.cancel_scope.cancel()
