@@ -195,3 +195,34 @@ async def test_a_malformed_wanted_range_is_a_bad_request(tmp_path: Path) -> None
                 assert results[0].error_kind == "bad_request", results[0]
             assert origin.requests.get(PATH, 0) == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_range_reader_beside_a_whole_reader_comes_first_and_the_download_goes_on(tmp_path: Path) -> None:
+    """A whole GET and a Range of the last bytes of one blob at once: the range's piece is read first (its
+    206 is complete after a few pieces), and its reader leaving does not stop the download, which the whole
+    reader still follows to the end (the origin serves the blob once)."""
+    with serve_origin({PATH: Route(BLOB, rate=8 * MiB)}) as origin, trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            sched = await nursery.start(SchedulerService(ServiceConfig(listen=("tcp://127.0.0.1:0",))).run)
+            config = mirror_config(tmp_path, "d", sched.endpoints[0], origin.url, origin_concurrency=4)
+            daemon = await nursery.start(Daemon(config).run)
+            url = daemon.proxy_url + PATH
+            whole: list[httpx.Response] = []
+            served_at_206: list[int] = []
+
+            async def read_whole() -> None:
+                whole.append(await http_get(url))
+
+            async def read_tail() -> None:
+                r = await http_get(url, {"Range": TAIL})
+                served_at_206.append(origin.served.get(PATH, 0))
+                assert r.status_code == 206 and r.content == BLOB[-1000:]
+
+            async with trio.open_nursery() as readers:
+                readers.start_soon(read_whole)
+                readers.start_soon(read_tail)
+            assert served_at_206[0] <= 8 * LAYOUT.piece_length, f"{served_at_206[0]} bytes of {len(BLOB)} before the 206"
+            assert whole[0].status_code == 200 and whole[0].content == BLOB
+            assert origin.served[PATH] == len(BLOB)
+            assert stored_pieces(daemon) == list(range(LAYOUT.count))
+            nursery.cancel_scope.cancel()
