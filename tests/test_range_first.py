@@ -226,3 +226,33 @@ async def test_a_range_reader_beside_a_whole_reader_comes_first_and_the_download
             assert origin.served[PATH] == len(BLOB)
             assert stored_pieces(daemon) == list(range(LAYOUT.count))
             nursery.cancel_scope.cancel()
+
+
+async def test_a_seed_sent_to_the_origin_reads_the_range_first(tmp_path: Path) -> None:
+    """With a seed host, the seed fetches the blob from the (rate-limited) origin for the swarm: the range's
+    bytes travel with the daemon's registration to the seed's trigger (``sched.register_peer`` and
+    ``sched.seed`` ``wanted``), so the seed reads the last piece among its first ranges and the daemon's 206
+    is complete long before the origin served the file; the seed goes on to the end (it fetches for the
+    swarm)."""
+    with serve_origin({PATH: Route(BLOB, rate=8 * MiB)}) as origin, trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            sched = await nursery.start(SchedulerService(ServiceConfig(listen=("tcp://127.0.0.1:0",))).run)
+            endpoint = sched.endpoints[0]
+            seed = await nursery.start(
+                Daemon(
+                    DaemonConfig(
+                        data_dir=tmp_path / "seed", scheduler=endpoint, seed=True, report_interval=0.02, origin_concurrency=4
+                    )
+                ).run
+            )
+            daemon = await nursery.start(Daemon(mirror_config(tmp_path, "d", endpoint, origin.url)).run)
+            await until(lambda: len(sched.core.hosts) == 2)
+            r = await http_get(daemon.proxy_url + PATH, {"Range": TAIL})
+            served_at_206 = origin.served.get(PATH, 0)
+            assert r.status_code == 206 and r.content == BLOB[-1000:]
+            assert served_at_206 <= 6 * LAYOUT.piece_length, f"{served_at_206} bytes of {len(BLOB)} before the 206"
+            assert daemon.totals.bytes_from_origin == 0  # from the seed, not the origin
+            await until(lambda: not seed._downloads)  # the seed's download is pinned: it finishes the blob
+            assert stored_pieces(seed) == list(range(LAYOUT.count))
+            assert origin.served[PATH] == len(BLOB)
+            nursery.cancel_scope.cancel()

@@ -65,7 +65,7 @@ import socket
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -85,6 +85,7 @@ from ..sched.messages import (
     MAX_DIGESTS_PER_MESSAGE,
     MAX_FAILED_PER_REPORT,
     MAX_FINISHED_PER_REPORT,
+    MAX_WANTED_RANGES,
     SCHED_CATALOGUE,
     FailedPiece,
     FinishedPiece,
@@ -421,22 +422,25 @@ class _Download:
 
     async def _register(self, peer_id: str) -> SchedPeerRegistered:
         daemon = self.daemon
-        msg = SchedRegisterPeer(
-            peer_id=peer_id,
-            task_id=self.task_id,
-            url=self.url,
-            tag=self.tag,
-            application=self.application,
-            piece_length=self.fixed_piece_length,
-            back_to_source=self.back_to_source_allowed,
-            headers=list(self.headers),
-        )
         endpoint = ""
         for _ in range(5):
             # The task's scheduler now: a try that fails because it went down goes to the next on the ring.
             link = self.link = await daemon._wait_for_link(self.task_id, self.home)
             endpoint = link.endpoint
             daemon._peer_links[peer_id] = link
+            welcome = link.client.welcome
+            wants = welcome is not None and welcome.types.get(SchedRegisterPeer.wire_name(), 1) >= 2
+            msg = SchedRegisterPeer(
+                peer_id=peer_id,
+                task_id=self.task_id,
+                url=self.url,
+                tag=self.tag,
+                application=self.application,
+                piece_length=self.fixed_piece_length,
+                back_to_source=self.back_to_source_allowed,
+                headers=list(self.headers),
+                wanted=self.wanted.ranges[-MAX_WANTED_RANGES:] if wants else [],  # a 1.12 scheduler knows no `wanted`
+            )
             try:
                 reply = await link.client.request(msg, timeout=daemon.config.register_timeout)
                 return reply.expect(SchedPeerRegistered)
@@ -1708,9 +1712,15 @@ class Daemon:
 
     def _on_seed(self, msg: SchedSeed, link: _SchedLink) -> None:
         """A seed trigger: fetch the task for the swarm (unless it is being fetched already), registering
-        with the scheduler that asked while it is up, whatever the ring says."""
-        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id, scheduler=link.endpoint)
-        if msg.task_id in self._downloads or self._nursery is None:
+        with the scheduler that asked while it is up, whatever the ring says. Its ``wanted`` byte ranges (the
+        peers' callers need them first) are added to the download, new or running: their pieces are read
+        from the origin first."""
+        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id, scheduler=link.endpoint, wanted=len(msg.wanted))
+        if self._nursery is None:
+            return
+        running = self._downloads.get(msg.task_id)
+        if running is not None:
+            _add_wanted(running, msg.wanted)
             return
         download = _Download(
             self,
@@ -1724,6 +1734,7 @@ class Daemon:
         )
         download.pinned = True
         download.home = link
+        _add_wanted(download, msg.wanted)
         self._start(download)
 
     def _on_delete_push(self, msg: SchedDeleteTask, link: _SchedLink) -> None:
@@ -2022,6 +2033,13 @@ def _from_hosts_text(counts: Counter[str]) -> str:
             break
         shown[source] = nbytes
     return json.dumps(shown, separators=(",", ":"))
+
+
+def _add_wanted(download: _Download, ranges: Iterable[tuple[int, int | None]]) -> None:
+    """Add a seed trigger's wanted byte ranges to ``download`` (kept until it ends; malformed ones left out)."""
+    for byte_range in ranges:
+        with suppress(ValueError):
+            download.wanted.add(byte_range)
 
 
 def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
