@@ -6,8 +6,9 @@ port, a lazy image pull, a model loader reading one tensor). Every caller of one
 task's :class:`WantedPieces` while it follows the download, and takes it out when it leaves; once the
 layout (piece length, content length) is known, the ranges become piece indices, and whoever fetches the
 pieces (the swarm's :class:`~dfz.peer.download.PiecePicker`, the back-to-source
-:class:`~dfz.peer.origin.OriginOrder`) watches the set and takes those pieces first. Sans-I/O: no trio, no
-clock.
+:class:`~dfz.peer.origin.OriginOrder`) watches the set and takes those pieces first. The ranges also travel
+with the daemon's registration (``sched.register_peer`` ``wanted``) to the seed that fetches the task from
+the origin (``sched.seed`` ``wanted``), which adds them to its own download. Sans-I/O: no trio, no clock.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ the whole content's digest, which a part cannot be checked against (a registry c
 assembles; a small range of a large file, such as a model file's header, is not held up by the rest). The
 range goes to the download as the request's ``priority_range`` (:func:`wanted_range`): the pieces it
 covers are fetched before the others (from parents, rarest first among them; from the origin, when this
-daemon fetches it, by index), whichever other callers of the task ask; once the range is sent and nobody
+daemon fetches it, by index; the seed that fetches it for the swarm is told the range through the
+scheduler when this daemon registers), whatever other callers of the task ask; once the range is sent and nobody
 else waits for the task, the download stops and the pieces stored so far stay in the cache for the next
 request, which resumes from them. A range
 that starts at or after the end is ``416`` (``Content-Range: bytes */LENGTH``). Several ranges, or an
