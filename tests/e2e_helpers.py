@@ -1,7 +1,7 @@
 """Helpers shared by the end-to-end tests (``test_daemon.py``, ``test_up.py``, ``test_e2e_failures.py``).
 
-* :func:`serve_origin`: an HTTP origin (``http.server`` in a thread) that serves byte ranges, counts the
-  body bytes it served per path, and plays the faults a test asks for (:class:`Route`).
+* :func:`serve_origin`: an HTTP origin (``http.server`` in a thread) that serves byte ranges (and ``HEAD``),
+  counts the body bytes it served per path, and plays the faults a test asks for (:class:`Route`).
 * :class:`Procs` and friends: real ``dfz`` processes (``sys.executable -m dfz.cli ...``), their ready
   lines, and a cleanup that stops whatever still runs.
 """
@@ -61,6 +61,8 @@ class Origin:
     requests: dict[str, int] = field(default_factory=dict)
     headers: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """Path -> the headers of the last request for it, as received."""
+    active: int = 0
+    """GET answers being written now (one whose client went away ends at its next write)."""
 
     def count(self, path: str, nbytes: int, probe: bool) -> None:
         with self.lock:
@@ -92,16 +94,32 @@ def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def do_HEAD(self) -> None:
-            """The status and length a GET would have, without a body."""
+            """The length of what a GET serves (as a registry answers a HEAD of a blob), no body."""
             origin.request(self.path)
             origin.headers[self.path] = list(self.headers.items())
             route = origin.routes.get(self.path)
-            ok = route is not None and route.status == 200 and not route.chunked
-            self.send_response(200 if ok else 404 if route is None else route.status)
-            self.send_header("Content-Length", str(len(route.data) if route is not None and ok else 0))
+            if route is None or route.status != 200:
+                self.send_response(404 if route is None else route.status)
+                self.send_header("Content-Length", "0")
+            elif route.chunked:
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(route.data)))
+                self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
 
         def do_GET(self) -> None:
+            with origin.lock:
+                origin.active += 1
+            try:
+                self._get()
+            finally:
+                with origin.lock:
+                    origin.active -= 1
+
+        def _get(self) -> None:
             path = self.path
             origin.request(path)
             origin.headers[path] = list(self.headers.items())

@@ -291,14 +291,17 @@ def test_an_empty_task_is_done_at_once() -> None:
 @pytest.mark.parametrize("strategy", [RarestFirst, InOrder])
 def test_random_histories_keep_the_invariants(strategy: type[RarestFirst] | type[InOrder]) -> None:
     """Random events; after each: assignments respect holdings and windows, no piece is fetched twice
-    outside the endgame, stored pieces are never assigned, and the download completes."""
+    outside the endgame, stored pieces are never assigned, a parent is given another piece only when it has
+    no wanted candidate left, and the download completes."""
     rng = random.Random(11)
     n = 40
     p = PiecePicker(n, window=3, strategy=strategy(), rng=random.Random(3), endgame=False)
     holdings: dict[str, set[int]] = {}
     for step in range(2000):
         roll = rng.random()
-        if roll < 0.1 and len(holdings) < 4:
+        if roll < 0.03:
+            p.set_wanted(rng.sample(range(n), rng.randrange(6)))
+        elif roll < 0.1 and len(holdings) < 4:
             name = f"p{step}"
             if p.add_parent(name):
                 holdings[name] = set()
@@ -322,10 +325,14 @@ def test_random_histories_keep_the_invariants(strategy: type[RarestFirst] | type
                 if kind is FailureKind.BAD:
                     del holdings[name]
         else:
-            for parent, piece in p.next_assignments():
+            batch = p.next_assignments()
+            for parent, piece in batch:
                 assert piece in holdings[parent]
                 assert not p.is_stored(piece)
                 assert len(p.in_flight(parent)) <= p.window_of(parent)
+                if piece not in p.wanted:
+                    left = [w for w in p.wanted if w in holdings[parent] and not p.is_stored(w) and not p.fetchers(w)]
+                    assert not left, f"{parent} was given {piece} before the wanted {left}"
             everywhere = [piece for name in holdings for piece in p.in_flight(name)]
             assert len(everywhere) == len(set(everywhere))
             for name in list(holdings):
@@ -360,3 +367,81 @@ def test_a_large_task_is_picked_quickly() -> None:
             p.add_parent(parent)
             p.parent_has_all(parent)
         assert len(drain(p)) == 2**15 and p.done
+
+
+# --- wanted pieces first ---------------------------------------------------------------------------------
+
+
+def test_wanted_pieces_come_first_from_a_full_parent() -> None:
+    p = picker(64, window=4)
+    p.add_parent("seed")
+    p.parent_has_all("seed")
+    p.set_wanted([62, 63])
+    first = [piece for _, piece in p.next_assignments()]
+    assert len(first) == 4 and set(first[:2]) == {62, 63} and not {62, 63} & set(first[2:])
+    assert p.wanted == {62, 63}
+
+
+def test_rarest_first_among_wanted_pieces_then_the_rest() -> None:
+    p = picker(10, window=1)
+    for parent in "abc":
+        p.add_parent(parent)
+        p.parent_has(parent, range(10))
+    p.parent_lacks("b", 0)
+    p.parent_lacks("c", 0)  # piece 0: only "a", the rarest of all, but not wanted
+    p.parent_lacks("c", 7)  # piece 7: "a" and "b"; 8 and 9: everyone
+    p.set_wanted([7, 8, 9])
+    got = dict(p.next_assignments())
+    assert got["a"] == 7 or got["b"] == 7  # the rarest wanted piece goes first to one who has it
+    assert set(got.values()) <= {7, 8, 9}  # window 1 each: wanted pieces only, piece 0 waits
+    for parent, piece in got.items():
+        p.piece_done(parent, piece)
+    assert [piece for _, piece in p.next_assignments() if piece == 0] == [0]  # then rarest first as before
+
+
+def test_wanted_pieces_a_parent_lacks_do_not_hold_it_up() -> None:
+    p = picker(8, window=2)
+    p.add_parent("a")
+    p.parent_has("a", [0, 1, 2])
+    p.set_wanted([6, 7])  # nobody has them yet
+    assert sorted(piece for _, piece in p.next_assignments()) in ([0, 1], [0, 2], [1, 2])
+    p.add_parent("b")
+    p.parent_has("b", [7])
+    assert p.next_assignments() == [("b", 7)]
+
+
+def test_changing_the_wanted_set_moves_candidates_and_keeps_flights() -> None:
+    p = picker(20, window=2, strategy=InOrder())
+    p.add_parent("a")
+    p.parent_has_all("a")
+    p.set_wanted([10, 11, 12])
+    assert p.next_assignments() == [("a", 10), ("a", 11)]
+    p.set_wanted([15])  # another caller's range replaces the union: 12 is an ordinary candidate again
+    p.piece_done("a", 10)
+    assert p.next_assignments() == [("a", 15)]
+    p.piece_done("a", 11)
+    p.set_wanted([])
+    assert p.next_assignments() == [("a", 0)]  # in order from the start, as without wanted pieces
+    with pytest.raises(IndexError):
+        p.set_wanted([20])
+
+
+def test_stored_wanted_pieces_are_not_fetched_and_drain_completes() -> None:
+    p = picker(12, window=3, stored=[11], wanted=[10, 11])
+    p.add_parent("a")
+    p.parent_has_all("a")
+    got = drain(p)
+    assert got[0] == ("a", 10) and sorted(piece for _, piece in got) == list(range(11))
+    assert p.done
+
+
+def test_endgame_doubles_wanted_pieces_first() -> None:
+    p = picker(4, window=4)
+    p.add_parent("slow")
+    p.parent_has_all("slow")
+    assert len(p.next_assignments()) == 4  # everything in flight from "slow"
+    p.set_wanted([3])
+    p.add_parent("fast")
+    p.parent_has_all("fast")
+    p.set_window("fast", 1)
+    assert p.next_assignments() == [("fast", 3)]

@@ -33,6 +33,7 @@ class Landing:
         self.gates = [trio.Event() for _ in range(4)]
         self.finish = trio.Event()
         self.final = DownloadState.SUCCEEDED
+        self.requests: list[DownloadRequest] = []
 
     def progress(self, state: DownloadState, done: int) -> Progress:
         failed = state is DownloadState.FAILED
@@ -47,6 +48,7 @@ class Landing:
         )
 
     async def download(self, request: DownloadRequest) -> AsyncIterator[Progress]:
+        self.requests.append(request)
         yield self.progress(DownloadState.PENDING, 0)  # no length yet
         task = await trio.to_thread.run_sync(
             lambda: self.storage.get_or_create(TID, url=request.url, piece_length=PIECE, content_length=len(DATA))
@@ -124,6 +126,32 @@ async def test_a_range_is_sent_when_its_pieces_are_stored(tmp_path: Path) -> Non
         assert await read_until(stream, body, 20)  # without the rest of the task, and before the final state
         assert bytes(body) == DATA[PIECE - 10 : PIECE + 10]
         assert not landing.finish.is_set()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("extra", "wanted"),
+    [
+        (f"Range: bytes={PIECE - 10}-{PIECE + 9}\r\n", (PIECE - 10, PIECE + 10)),
+        ("Range: bytes=-1000\r\n", (-1000, None)),
+        (f"Range: bytes={3 * PIECE}-\r\n", (3 * PIECE, None)),
+        ("", None),
+        ("Range: bytes=0-1,5-6\r\n", None),  # several ranges: the whole content
+        ('Range: bytes=0-9\r\nIf-Range: "other"\r\n', None),  # an If-Range that does not match: the whole
+    ],
+)
+async def test_the_range_goes_to_the_download_as_its_wanted_range(
+    tmp_path: Path, extra: str, wanted: tuple[int, int | None] | None
+) -> None:
+    async with trio.open_nursery() as nursery:
+        landing, server = await start(tmp_path, nursery)
+        for gate in landing.gates:
+            gate.set()
+        landing.finish.set()
+        stream, _, _ = await request(server, extra)
+        assert [r.priority_range for r in landing.requests] == [wanted]
+        assert landing.requests[0].url == "http://o/f"  # the rest of the request as the mirror made it
+        await stream.aclose()
         nursery.cancel_scope.cancel()
 
 

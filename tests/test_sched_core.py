@@ -404,6 +404,32 @@ def test_a_seed_that_does_not_answer_is_replaced_by_another_then_by_the_origin()
     assert only(again.register("p1", "a"), TriggerSeed).host_id == first
 
 
+def test_wanted_ranges_go_to_the_seed_with_its_trigger_and_later_to_the_seed_fetching() -> None:
+    h = Harness()
+    h.host("seed", seed=True, slots=8)
+    h.host("a")
+    h.host("b")
+    h.host("c")
+    trigger = only(h.register("p1", "a", wanted=((-1000, None),)), TriggerSeed)
+    assert (trigger.host_id, trigger.wanted, trigger.again) == ("seed", ((-1000, None),), False)
+    # Triggered, not registered yet: a new peer's range goes to the seed host at once.
+    again = only(h.register("p2", "b", wanted=((0, 100), (-1000, None))), TriggerSeed)
+    assert (again.host_id, again.wanted, again.again) == ("seed", ((0, 100),), True)  # only what is new
+    assert summary(h.register("s1", "seed"))[0] == ("source", "s1")
+    # The seed fetches from the origin: a third peer's range is sent to it; a peer without one sends nothing.
+    third = only(h.register("p3", "c", wanted=((4096, 8192),)), TriggerSeed)
+    assert (third.host_id, third.wanted, third.again) == ("seed", ((4096, 8192),), True)
+    assert not [a for a in h.register("p4", "c") if isinstance(a, TriggerSeed)]
+    assert h.core.tasks["t"].wanted == [(-1000, None), (0, 100), (4096, 8192)]
+
+
+def test_wanted_ranges_are_not_sent_to_a_normal_host_fetching_from_the_origin() -> None:
+    h = no_seed_swarm()
+    assert h.peer("p1").state is PeerState.BACK_TO_SOURCE
+    h.host("d")
+    assert not [a for a in h.register("p9", "d", wanted=((0, 10),)) if isinstance(a, TriggerSeed)]
+
+
 def test_an_unschedulable_peer_goes_back_to_source_after_n_attempts() -> None:
     h = Harness(retry_limit=3, retry_interval=1.0)
     h.host("a", slots=0)  # p1's host cannot serve anybody

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,7 +45,7 @@ from dfz.broker import (
     Welcome,
     default_context,
 )
-from dfz.broker.messages import MAX_HEADER_BYTES
+from dfz.broker.messages import MAX_HEADER_BYTES, Catalogue
 from dfz.cli import main as cli_main
 from dfz.sched import (
     SCHED_CATALOGUE,
@@ -132,13 +133,14 @@ class Daemon:
         port: int = 4000,
         slots: int = 4,
         curve: CurveClient | None = None,
+        catalogue: Catalogue = SCHED_CATALOGUE,
     ) -> None:
         self.host_id = host_id
         self.seed = seed
         self.port = port
         self.slots = slots
         config = ClientConfig(heartbeat=HB, liveness=LIVENESS, reconnect_max=0.5, timeout=5)
-        self.client = Client(SCHED_CATALOGUE, endpoint, name=host_id, config=config, curve=curve)
+        self.client = Client(catalogue, endpoint, name=host_id, config=config, curve=curve)
         self.pushes: list[Message] = []
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
@@ -275,6 +277,54 @@ async def seed_with_pieces(seed: Daemon, pieces: range, *, content_length: int |
 
 
 # -- the swarm's life through the service -----------------------------------------------------------------
+
+
+class _Catalogue112(Catalogue):
+    """The sched.* catalogue as a 1.12 daemon's hello lists it: ``sched.seed`` at revision 1."""
+
+    def versions(self) -> dict[str, int]:
+        return {**super().versions(), SchedSeed.wire_name(): 1}
+
+
+async def test_wanted_ranges_reach_a_seed_that_speaks_them_and_not_an_older_one() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service: SchedulerService = await nursery.start(SchedulerService(service_config()).run)
+            endpoint = service.endpoints[0]
+            seed = await Daemon(endpoint, "seed", seed=True, port=4001).start(nursery)
+            a = await Daemon(endpoint, "host-a", port=4002).start(nursery)
+            b = await Daemon(endpoint, "host-b", port=4003).start(nursery)
+            for daemon in (seed, a, b):
+                await daemon.announce()
+            # Malformed ranges are left out; the seed's trigger carries the others.
+            assert (await a.register("a-1", wanted=[(-1000, None), (7, 3), (-5, 9)])).assignment == "wait"
+            trigger = await seed.expect(SchedSeed)
+            assert trigger.wanted == [(-1000, None)]
+            # While the seed fetches the task from the origin, a new peer's new range is sent to it again.
+            assert (await seed.register("seed-1")).assignment == "back_to_source"
+            await b.register("b-1", wanted=[(0, 100), (-1000, None)])
+            again = await seed.expect(SchedSeed)
+            assert (again.task_id, again.wanted) == (TASK, [(0, 100)])
+
+            old_seed = await Daemon(
+                endpoint, "old-seed", seed=True, port=4004, catalogue=_Catalogue112(SCHED_CATALOGUE.types.values())
+            ).start(nursery)
+            await old_seed.announce()
+            # Tasks the scheduler triggers the old seed for (rendezvous hashing over the seed hosts).
+            other, third = [t for t in (f"{i:064x}" for i in range(100)) if _seed_for(t) == "old-seed"][:2]
+            await a.register("a-2", task=other, wanted=[(-1000, None)])
+            old_trigger = await old_seed.expect(SchedSeed, lambda m: m.task_id == other)
+            assert old_trigger.wanted == []  # a 1.12 seed knows no `wanted`
+            await b.register("b-2", task=other, wanted=[(0, 100)])
+            await a.register("a-3", task=third)
+            await old_seed.expect(SchedSeed, lambda m: m.task_id == third)  # pushes to a host keep their order
+            assert not [m for m in old_seed.pushes if isinstance(m, SchedSeed)]  # no repeat for `other`
+            nursery.cancel_scope.cancel()
+
+
+def _seed_for(task_id: str) -> str:
+    """The seed host of ``seed`` and ``old-seed`` that the scheduler triggers first for ``task_id``."""
+    return max(("seed", "old-seed"), key=lambda h: (zlib.crc32(f"{task_id}\n{h}".encode()), h))
 
 
 async def test_a_registration_triggers_the_seed_and_waiting_peers_get_parents_and_digests() -> None:

@@ -65,7 +65,7 @@ import socket
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -85,6 +85,7 @@ from ..sched.messages import (
     MAX_DIGESTS_PER_MESSAGE,
     MAX_FAILED_PER_REPORT,
     MAX_FINISHED_PER_REPORT,
+    MAX_WANTED_RANGES,
     SCHED_CATALOGUE,
     FailedPiece,
     FinishedPiece,
@@ -145,6 +146,7 @@ from .source.s3 import S3Backend, S3Options
 from .storage import ExportError, LayoutConflict, Storage, StorageError, StoredTask, TaskIncomplete
 from .storage import TaskState as StoredState
 from .upload import PieceServer, PieceServerConfig
+from .wanted import WantedPieces, check_byte_range
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -295,6 +297,9 @@ class _Download:
         """The scheduler knows this peer ended (it failed it, or was told): no ``peer_left`` needed."""
         self.interest = 0
         """Callers of :meth:`Daemon.download` following this download."""
+        self.wanted = WantedPieces()
+        """The byte ranges its callers need first (``DownloadRequest.priority_range``), as pieces once the
+        layout is known: the downloader and the origin fetch take them first."""
         self.pinned = False
         """Kept running with no caller (a seed trigger)."""
 
@@ -421,22 +426,25 @@ class _Download:
 
     async def _register(self, peer_id: str) -> SchedPeerRegistered:
         daemon = self.daemon
-        msg = SchedRegisterPeer(
-            peer_id=peer_id,
-            task_id=self.task_id,
-            url=self.url,
-            tag=self.tag,
-            application=self.application,
-            piece_length=self.fixed_piece_length,
-            back_to_source=self.back_to_source_allowed,
-            headers=list(self.headers),
-        )
         endpoint = ""
         for _ in range(5):
             # The task's scheduler now: a try that fails because it went down goes to the next on the ring.
             link = self.link = await daemon._wait_for_link(self.task_id, self.home)
             endpoint = link.endpoint
             daemon._peer_links[peer_id] = link
+            welcome = link.client.welcome
+            wants = welcome is not None and welcome.types.get(SchedRegisterPeer.wire_name(), 1) >= 2
+            msg = SchedRegisterPeer(
+                peer_id=peer_id,
+                task_id=self.task_id,
+                url=self.url,
+                tag=self.tag,
+                application=self.application,
+                piece_length=self.fixed_piece_length,
+                back_to_source=self.back_to_source_allowed,
+                headers=list(self.headers),
+                wanted=self.wanted.ranges[-MAX_WANTED_RANGES:] if wants else [],  # a 1.12 scheduler knows no `wanted`
+            )
             try:
                 reply = await link.client.request(msg, timeout=daemon.config.register_timeout)
                 return reply.expect(SchedPeerRegistered)
@@ -468,6 +476,8 @@ class _Download:
         if digest is not None:
             self.digest = digest
             self.digest_known.set()
+        if (layout := self._layout()) is not None:
+            self.wanted.set_layout(layout)
         fresh = {k: d for k, d in digests if k not in self.digests}
         self.digests.update(fresh)
         if fresh and self._downloader is not None:
@@ -657,7 +667,11 @@ class _Download:
         )
         self._downloader = downloader
         self._report_resumed()
-        await downloader.run()
+        unwatch = self.wanted.watch(downloader.set_wanted)
+        try:
+            await downloader.run()
+        finally:
+            unwatch()
         self.deliver("downloaded")
 
     async def _finish(self, peer_id: str) -> None:
@@ -726,6 +740,7 @@ class _Download:
                 on_metadata=on_metadata,
                 on_piece=on_piece,
                 tenant=self.tenant,
+                wanted=self.wanted,
             )
         except (OriginError, SourceError) as e:
             err = e if isinstance(e, OriginError) else origin_error_of(e)
@@ -1715,9 +1730,15 @@ class Daemon:
 
     def _on_seed(self, msg: SchedSeed, link: _SchedLink) -> None:
         """A seed trigger: fetch the task for the swarm (unless it is being fetched already), registering
-        with the scheduler that asked while it is up, whatever the ring says."""
-        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id, scheduler=link.endpoint)
-        if msg.task_id in self._downloads or self._nursery is None:
+        with the scheduler that asked while it is up, whatever the ring says. Its ``wanted`` byte ranges (the
+        peers' callers need them first) are added to the download, new or running: their pieces are read
+        from the origin first."""
+        event(log, logging.INFO, "daemon.seed_trigger", task=msg.task_id, scheduler=link.endpoint, wanted=len(msg.wanted))
+        if self._nursery is None:
+            return
+        running = self._downloads.get(msg.task_id)
+        if running is not None:
+            _add_wanted(running, msg.wanted)
             return
         download = _Download(
             self,
@@ -1731,6 +1752,7 @@ class Daemon:
         )
         download.pinned = True
         download.home = link
+        _add_wanted(download, msg.wanted)
         self._start(download)
 
     def _on_delete_push(self, msg: SchedDeleteTask, link: _SchedLink) -> None:
@@ -1866,6 +1888,11 @@ class Daemon:
                 self._start(download)
         last: Progress | None = None
         download.interest += 1
+        wanted: int | None = None
+        if request.priority_range is not None:
+            wanted = download.wanted.add(request.priority_range)
+            start, end = request.priority_range
+            event(log, logging.DEBUG, "daemon.wanted_range", task=tid[:16], start=start, end="" if end is None else end)
         try:
             while not download.finished.is_set():
                 changed = download.changed
@@ -1886,6 +1913,8 @@ class Daemon:
         finally:
             # The last caller gone (timeout, cancel, closed iterator): stop; the pieces stay for a resume.
             download.interest -= 1
+            if wanted is not None:
+                download.wanted.remove(wanted)
             if download.interest == 0 and not download.pinned and not download.finished.is_set():
                 download.cancel()
         final = download.progress()
@@ -2024,6 +2053,13 @@ def _from_hosts_text(counts: Counter[str]) -> str:
     return json.dumps(shown, separators=(",", ":"))
 
 
+def _add_wanted(download: _Download, ranges: Iterable[tuple[int, int | None]]) -> None:
+    """Add a seed trigger's wanted byte ranges to ``download`` (kept until it ends; malformed ones left out)."""
+    for byte_range in ranges:
+        with suppress(ValueError):
+            download.wanted.add(byte_range)
+
+
 def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
     """The task id and the expected digest of a request; ``ValueError`` says what is wrong with it."""
     if not request.url:
@@ -2033,6 +2069,8 @@ def _check_request(request: DownloadRequest) -> tuple[str, Digest | None]:
     if request.timeout is not None and not request.timeout > 0:
         raise ValueError(f"timeout {request.timeout!r} must be a positive number of seconds")
     expected = Digest.parse(request.digest) if request.digest else None
+    if request.priority_range is not None:
+        check_byte_range(request.priority_range)
     if request.piece_length is not None:
         try:
             validate_piece_length(request.piece_length)

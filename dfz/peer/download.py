@@ -11,6 +11,10 @@ Part 1, :class:`PiecePicker`, decides which piece to ask of which parent. Its ru
   a bad piece is blocked: it is removed and never accepted again.
 * Which of the candidate pieces comes first is a strategy (:class:`RarestFirst`, the default, or
   :class:`InOrder`), a small object that only keeps the candidates in order.
+* Wanted pieces first: the pieces the download's callers need before the rest (their byte ranges,
+  :class:`dfz.peer.wanted.WantedPieces`, given with :meth:`PiecePicker.set_wanted`) are candidates of a
+  strategy of their own, of the same kind; a parent is given the wanted pieces it has first (rarest first
+  among them), then the others as usual.
 
 Theory of operation. The picker counts, for each piece, how many parents have it (its availability).
 The candidates (ready, missing, not in flight) live in the strategy. :meth:`PiecePicker.next_assignments`
@@ -278,6 +282,7 @@ class PiecePicker:
         strategy: PickStrategy | None = None,
         endgame: bool = True,
         rng: random.Random | None = None,
+        wanted: Iterable[int] = (),
     ) -> None:
         if piece_count < 0 or window < 1:
             raise ValueError("piece_count must be >= 0 and window >= 1")
@@ -286,6 +291,14 @@ class PiecePicker:
         self.endgame = endgame
         self.rng = rng or random.Random()
         self.strategy: PickStrategy = strategy if strategy is not None else RarestFirst(self.rng)
+        # The wanted candidates, in a strategy of the same kind (picked from before self.strategy).
+        self.first: PickStrategy = InOrder() if isinstance(self.strategy, InOrder) else RarestFirst(self.rng)
+        self._wanted = bytearray(piece_count)
+        self._wanted_set: set[int] = set()
+        for piece in wanted:
+            self._check(piece)
+            self._wanted[piece] = 1
+            self._wanted_set.add(piece)
         self.blocked: set[ParentId] = set()
         self._parents: dict[ParentId, _Parent] = {}
         self._stored = bytearray(piece_count)
@@ -352,6 +365,11 @@ class PiecePicker:
     def window_of(self, parent: ParentId) -> int:
         return self._parents[parent].window
 
+    @property
+    def wanted(self) -> frozenset[int]:
+        """The pieces to fetch before the others (see :meth:`set_wanted`)."""
+        return frozenset(self._wanted_set)
+
     # -- internals --
 
     def _check(self, piece: int) -> None:
@@ -361,6 +379,9 @@ class PiecePicker:
     def _held_candidate(self, piece: int) -> bool:
         return bool(self._candidate[piece]) and self._avail[piece] > 0
 
+    def _strategy_of(self, piece: int) -> PickStrategy:
+        return self.first if self._wanted[piece] else self.strategy
+
     def _update(self, piece: int) -> None:
         """Put the piece in the strategy or take it out, as its state now says."""
         want = not self._stored[piece] and self._ready[piece] and piece not in self._in_flight
@@ -368,9 +389,9 @@ class PiecePicker:
             return
         before = self._held_candidate(piece)
         if want:
-            self.strategy.add(piece, self._avail[piece])
+            self._strategy_of(piece).add(piece, self._avail[piece])
         else:
-            self.strategy.remove(piece, self._avail[piece])
+            self._strategy_of(piece).remove(piece, self._avail[piece])
         self._candidate[piece] = want
         self._held_candidates += self._held_candidate(piece) - before
 
@@ -379,7 +400,7 @@ class PiecePicker:
         before = self._held_candidate(piece)
         self._avail[piece] = value
         if self._candidate[piece]:
-            self.strategy.move(piece, old, value)
+            self._strategy_of(piece).move(piece, old, value)
         self._held_candidates += self._held_candidate(piece) - before
 
     def _shuffled(self, pieces: Iterable[int]) -> list[int]:
@@ -485,6 +506,21 @@ class PiecePicker:
                 self._ready[piece] = 1
                 self._update(piece)
 
+    def set_wanted(self, pieces: Iterable[int]) -> None:
+        """Fetch these pieces before the others (the union of the callers' ranges; it replaces the
+        previous set). Pieces stored or in flight stay as they are."""
+        new = set(pieces)
+        for piece in new:
+            self._check(piece)
+        for piece in self._shuffled(new ^ self._wanted_set):
+            avail = self._avail[piece]
+            if self._candidate[piece]:
+                self._strategy_of(piece).remove(piece, avail)
+            self._wanted[piece] = piece in new
+            if self._candidate[piece]:
+                self._strategy_of(piece).add(piece, avail)
+        self._wanted_set = new
+
     def next_assignments(self) -> list[tuple[ParentId, int]]:
         """Fill every parent's window; return the new ``(parent, piece)`` fetches (now in flight)."""
         out: list[tuple[ParentId, int]] = []
@@ -497,7 +533,13 @@ class PiecePicker:
             free = p.window - len(p.in_flight)
             if free <= 0:
                 continue
-            picks = self.strategy.pick(None if p.has_all else p.has, free) if self._held_candidates else []
+            picks: list[int] = []
+            if self._held_candidates:
+                holds = None if p.has_all else p.has
+                if self._wanted_set:
+                    picks = self.first.pick(holds, free)
+                if len(picks) < free:
+                    picks += self.strategy.pick(holds, free - len(picks))
             self._start(p, picks, out)
             free -= len(picks)
             if free > 0 and self.endgame and self._missing == len(self._in_flight):
@@ -513,7 +555,11 @@ class PiecePicker:
 
     def _endgame_picks(self, p: _Parent, n: int) -> list[int]:
         picks: list[int] = []
-        for piece, fetchers in self._in_flight.items():  # the longest in flight first
+        # the longest in flight first; wanted pieces before the others
+        flights: Iterable[tuple[int, set[ParentId]]] = self._in_flight.items()
+        if self._wanted_set:
+            flights = sorted(flights, key=lambda item: not self._wanted[item[0]])
+        for piece, fetchers in flights:
             if len(fetchers) < MAX_FETCHES_PER_PIECE and p.id not in fetchers and p.holds(piece):
                 picks.append(piece)
                 if len(picks) >= n:
@@ -1032,6 +1078,13 @@ class Downloader:
             if known != digest:
                 raise ValueError(f"piece {piece} already has trusted digest {known}, not {digest}")
         self.picker.set_ready(digests)
+        self._pump()
+
+    def set_wanted(self, pieces: Iterable[int]) -> None:
+        """Fetch these pieces before the others (the callers' ranges: :class:`dfz.peer.wanted.WantedPieces`);
+        indices beyond the layout are ignored."""
+        count = self.layout.count
+        self.picker.set_wanted(p for p in pieces if 0 <= p < count)
         self._pump()
 
     def add_parent(self, parent: ParentId) -> bool:

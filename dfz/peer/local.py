@@ -43,6 +43,12 @@ class DownloadRequest:
     """Seconds for the whole download; None for no limit."""
     back_to_source: bool = True
     """Whether this daemon may fetch from the origin itself when the scheduler says so."""
+    priority_range: tuple[int, int | None] | None = None
+    """Bytes this caller needs before the rest (:data:`dfz.peer.wanted.ByteRange`: ``(start, end)`` for
+    ``[start, end)``, ``end`` None to the end, ``(-N, None)`` for the last N bytes), turned into pieces once
+    the layout is known. The pieces of every caller's range of the task are fetched first, from parents and
+    from the origin; the download still fetches the whole task for as long as a caller follows it. Set by
+    the proxy port for a ``Range`` request; not on the local API's wire."""
     by_digest: bool = False
     """Name the task by :attr:`digest` (required then) instead of the URL (dfz/tasks.py,
     :func:`~dfz.tasks.digest_task_id`): the same content reached through other URLs is the same task. The

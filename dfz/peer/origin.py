@@ -9,8 +9,10 @@ The peer the scheduler sends to the origin (normally a seed) calls :func:`fetch_
    servable to children *before* it reports the metadata, so that no child asks for an unknown task;
 3. fetches the missing pieces: with a known length and working ranges, ``origin_concurrency`` range
    requests in flight, each into its own page-aligned piece buffer (:func:`~dfz.peer.storage.piece_buffer`,
-   which the storage writes with ``O_DIRECT`` without a copy); otherwise one stream, cut into pieces in
-   order (the length of a stream without Content-Length is known when it ends);
+   which the storage writes with ``O_DIRECT`` without a copy), in the order of :class:`OriginOrder`: the
+   pieces the callers want first (their byte ranges, ``wanted``, which may grow while the fetch runs), then
+   the rest by index; otherwise one stream, cut into pieces in order (the length of a stream without
+   Content-Length is known when it ends; wanted pieces cannot go first there);
 4. writes each piece with :meth:`StoredTask.write_piece` (in a worker thread; it computes the piece's
    BLAKE3, which is what the scheduler forwards to children) and hands ``(index, digest, size, cost)`` to
    the caller, who announces it to children and reports it. With ranges, a piece is stored by a task of
@@ -25,8 +27,9 @@ scheduler then fails every peer waiting on it) rather than the request being unu
 from __future__ import annotations
 
 import functools
+import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -50,6 +53,7 @@ from .source import (
     UnsupportedScheme,
 )
 from .storage import LayoutConflict, Storage, StoredTask, piece_buffer
+from .wanted import WantedPieces
 
 
 class OriginError(Exception):
@@ -84,6 +88,41 @@ def origin_error_of(e: SourceError) -> OriginError:
     return OriginError("origin_error", str(e))
 
 
+class OriginOrder:
+    """The order in which the missing pieces are read from the origin: the wanted ones first (by index),
+    then the others by index. Each piece is taken once. Sans-I/O."""
+
+    def __init__(self, missing: Iterable[int], wanted: Iterable[int] = ()) -> None:
+        self._todo = sorted(set(missing))
+        self._left = set(self._todo)
+        self._cursor = 0
+        self._first: list[int] = []
+        self.set_wanted(wanted)
+
+    def __len__(self) -> int:
+        """Pieces not taken yet."""
+        return len(self._left)
+
+    def set_wanted(self, pieces: Iterable[int]) -> None:
+        """The wanted pieces now (it replaces the previous set; pieces taken already stay taken)."""
+        self._first = sorted(p for p in set(pieces) if p in self._left)  # a sorted list is a heap
+
+    def take(self) -> int | None:
+        """The next piece to read; None when every piece was taken."""
+        while self._first:
+            piece = heapq.heappop(self._first)
+            if piece in self._left:
+                self._left.discard(piece)
+                return piece
+        while self._cursor < len(self._todo):
+            piece = self._todo[self._cursor]
+            self._cursor += 1
+            if piece in self._left:
+                self._left.discard(piece)
+                return piece
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class OriginPiece:
     """A piece stored from the origin, or found stored already (``fetched`` False, ``cost`` 0)."""
@@ -108,13 +147,15 @@ async def fetch_from_origin(
     on_metadata: Callable[[int, int | None], None],
     on_piece: Callable[[OriginPiece], None],
     tenant: str = "",
+    wanted: WantedPieces | None = None,
 ) -> StoredTask:
     """Store every piece of ``url`` in ``storage`` as task ``task_id`` (of ``tenant``); return the task (not finished:
     the caller finishes it, which computes the whole-file digest).
 
     Callbacks, synchronous, on the trio thread, in this order: ``on_task(task)`` once the task is open,
     ``on_metadata(piece_length, content_length)`` (again with the length when a stream of unknown length
-    ends), ``on_piece(OriginPiece)`` for each piece (those stored already first). Raises
+    ends), ``on_piece(OriginPiece)`` for each piece (those stored already first). ``wanted``: the pieces the
+    callers need first (read first when ranges work; watched while the fetch runs). Raises
     :class:`OriginError`; ``trio.Cancelled`` leaves the pieces stored so far for a later resume.
     """
     try:
@@ -135,7 +176,11 @@ async def fetch_from_origin(
                 size = layout.size(index) if (layout := task.layout()) is not None else piece_length
                 on_piece(OriginPiece(index, digest, size, 0.0, fetched=False))
         if info.content_length is not None and info.supports_ranges:
-            await _fetch_ranges(backend, url, headers, info=info, task=task, concurrency=concurrency, on_piece=on_piece)
+            if wanted is not None:
+                wanted.set_layout(PieceLayout(info.content_length, piece_length))
+            await _fetch_ranges(
+                backend, url, headers, info=info, task=task, concurrency=concurrency, on_piece=on_piece, wanted=wanted
+            )
         else:
             await _fetch_stream(backend, url, headers, info=info, task=task, on_metadata=on_metadata, on_piece=on_piece)
         return task
@@ -168,14 +213,13 @@ async def _fetch_ranges(
     task: StoredTask,
     concurrency: int,
     on_piece: Callable[[OriginPiece], None],
+    wanted: WantedPieces | None = None,
 ) -> None:
     layout = task.layout()
     assert layout is not None
     missing = await trio.to_thread.run_sync(task.missing_pieces)
-    send, receive = trio.open_memory_channel[int](len(missing) or 1)
-    for index in missing:
-        send.send_nowait(index)
-    send.close()
+    order = OriginOrder(missing)
+    unwatch = wanted.watch(order.set_wanted) if wanted is not None else None
 
     # Pieces read and not yet stored, at most: a reader hands its piece to a task of its own to be hashed and
     # written and starts its next range at once, so that ``concurrency`` ranges stay in flight while the
@@ -191,7 +235,7 @@ async def _fetch_ranges(
         on_piece(OriginPiece(index, digest, len(buffer), time.monotonic() - began))
 
     async def worker(nursery: trio.Nursery) -> None:
-        async for index in receive:
+        while (index := order.take()) is not None:
             start, end = layout.span(index)
             began = time.monotonic()
             buffer = await _buffer(end - start)
@@ -213,6 +257,9 @@ async def _fetch_ranges(
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from None
+    finally:
+        if unwatch is not None:
+            unwatch()
 
 
 async def _fetch_stream(

@@ -46,6 +46,10 @@ class TriggerSeed:
     application: str
     piece_length: int | None
     headers: tuple[tuple[str, str], ...]
+    wanted: tuple[tuple[int, int | None], ...] = ()
+    """Byte ranges peers of the task need first (read from the origin first)."""
+    again: bool = False
+    """Only new ``wanted`` ranges for a seed that fetches the task already (nothing to start)."""
 
 
 @dataclass(frozen=True, slots=True)

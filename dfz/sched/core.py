@@ -124,6 +124,9 @@ from .state import (
     next_task_state,
 )
 
+MAX_WANTED_RANGES = 16
+"""Wanted byte ranges a task remembers for its seed (as many as ``sched.register_peer`` carries)."""
+
 Clock = Callable[[], float]
 
 TOP_UPS_PER_EVENT = 4
@@ -405,6 +408,8 @@ class SchedulerCore:
         if task.seed_host == host.id:
             task.seed_host = None  # the triggered seed answered
         self._send_known(peer)
+        if ev.wanted:
+            self._want(task, ev.wanted)
         if task.sources == 0:
             self._ensure_source(task)
             if peer.state is not PeerState.PENDING:
@@ -962,6 +967,31 @@ class SchedulerCore:
             )
         self._fail(peer, f"no parent found for task {task.id} after {n} attempts, {why}; try again later")
 
+    def _want(self, task: Task, wanted: tuple[tuple[int, int | None], ...]) -> None:
+        """A peer's callers need these byte ranges first: remember them for a seed triggered later, and tell
+        the seed host fetching the task from the origin now (or triggered and not registered yet)."""
+        fresh = [r for r in wanted if r not in task.wanted]
+        task.wanted = (task.wanted + fresh)[-MAX_WANTED_RANGES:]
+        if not fresh:
+            return
+        hosts = {p.host.id for p in task.peers.values() if p.state is PeerState.BACK_TO_SOURCE and p.host.is_seed}
+        if task.seed_host is not None:
+            hosts.add(task.seed_host)
+        for host_id in sorted(hosts):
+            self._out.append(
+                TriggerSeed(
+                    host_id,
+                    task.id,
+                    task.url,
+                    task.tag,
+                    task.application,
+                    task.piece_length,
+                    task.headers,
+                    wanted=tuple(fresh),
+                    again=True,
+                )
+            )
+
     def _may_back_to_source(self, peer: Peer) -> bool:
         return peer.back_to_source_allowed and peer.task.counts[PeerState.BACK_TO_SOURCE] < self.config.back_to_source_limit
 
@@ -993,7 +1023,18 @@ class SchedulerCore:
             task.seed_host = seed.id
             task.seed_deadline = self._now + self.config.seed_trigger_timeout
             task.tried_seed_hosts.add(seed.id)
-            self._out.append(TriggerSeed(seed.id, task.id, task.url, task.tag, task.application, task.piece_length, task.headers))
+            self._out.append(
+                TriggerSeed(
+                    seed.id,
+                    task.id,
+                    task.url,
+                    task.tag,
+                    task.application,
+                    task.piece_length,
+                    task.headers,
+                    wanted=tuple(task.wanted),
+                )
+            )
             return
         allowed = [p for p in downloaders if self._may_back_to_source(p)]
         if allowed:

@@ -76,6 +76,8 @@ class RegisterPeer:
     back_to_source_allowed: bool = True
     headers: tuple[tuple[str, str], ...] = ()
     """Request headers for the origin; handed to a seed host triggered for this task."""
+    wanted: tuple[tuple[int, int | None], ...] = ()
+    """Byte ranges the download needs first; handed to the seed host that fetches the task."""
 
 
 @dataclass(frozen=True, slots=True)

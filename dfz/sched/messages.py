@@ -45,6 +45,11 @@ PieceSize = Annotated[int, Meta(ge=0, le=MAX_PIECE_LENGTH)]
 ShortText = Annotated[str, Meta(max_length=256)]
 HeaderName = Annotated[str, Meta(min_length=1, max_length=256)]
 Headers = Annotated[list[tuple[HeaderName, Text]], Meta(max_length=64)]
+ByteStart = Annotated[int, Meta(ge=-(1 << 62), le=1 << 62)]
+MAX_WANTED_RANGES = 16
+WantedRanges = Annotated[list[tuple[ByteStart, U63 | None]], Meta(max_length=MAX_WANTED_RANGES)]
+"""Byte ranges a peer's callers need first (:data:`dfz.peer.wanted.ByteRange`): ``[start, end]`` for bytes
+``[start, end)``, ``end`` nil to the end, ``[-N, nil]`` for the last N bytes."""
 """Request headers for the origin, as ``[name, value]`` pairs in order (a name may repeat)."""
 
 MAX_PARENTS = 16
@@ -161,6 +166,7 @@ class SchedRegisterPeer(Message, tag="sched.register_peer"):
     """
 
     KIND: ClassVar[Kind] = Kind.REQUEST
+    VERSION: ClassVar[int] = 2
     peer_id: Id
     task_id: Hex64
     url: Url
@@ -171,6 +177,9 @@ class SchedRegisterPeer(Message, tag="sched.register_peer"):
     back_to_source: bool = True
     """Whether this download may fetch from the origin."""
     headers: Headers = []
+    wanted: WantedRanges = []
+    """(revision 2) Byte ranges this download's callers need first: a seed fetching the task from the origin
+    for the swarm is told them (:class:`SchedSeed`) and reads their pieces first."""
 
 
 Assignment = Literal["parents", "back_to_source", "wait", "failed"]
@@ -318,15 +327,21 @@ class SchedParents(Message, tag="sched.parents"):
 
 class SchedSeed(Message, tag="sched.seed"):
     """To a seed host: fetch this task from the origin. The seed daemon answers by registering a peer of
-    its own for ``task_id`` (with these values), which the scheduler sends back to source."""
+    its own for ``task_id`` (with these values), which the scheduler sends back to source.
+
+    ``wanted`` (revision 2): byte ranges peers of the task need first; the seed reads their pieces from the
+    origin first. Sent again, with a new peer's ranges, while the seed fetches the task: the seed adds them
+    to its download (a trigger for a task it is downloading starts nothing else)."""
 
     KIND: ClassVar[Kind] = Kind.SERVER_PUSH
+    VERSION: ClassVar[int] = 2
     task_id: Hex64
     url: Url
     tag: Name = ""
     application: Name = ""
     piece_length: PieceLength | None = None
     headers: Headers = []
+    wanted: WantedRanges = []
 
 
 class SchedBackToSource(Message, tag="sched.back_to_source"):

@@ -168,6 +168,8 @@ class Task:
     headers: tuple[tuple[str, str], ...] = field(repr=False)
     """Request headers for the origin, from the first registration (handed to a triggered seed)."""
     created_at: float
+    wanted: list[tuple[int, int | None]] = field(default_factory=list, repr=False)
+    """Byte ranges registering peers need first, the latest 16 (handed to a triggered seed)."""
     piece_length: int | None = None
     content_length: int | None = None
     """``None`` until the peer fetching from the origin knows it (a chunked origin tells it at the end)."""

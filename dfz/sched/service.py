@@ -1030,6 +1030,7 @@ class SchedulerService:
                     piece_length=msg.piece_length,
                     back_to_source_allowed=msg.back_to_source,
                     headers=tuple((name, value) for name, value in msg.headers),
+                    wanted=tuple((start, end) for start, end in msg.wanted if _wanted_range_ok(start, end)),
                 )
             )
         except _Refused as e:
@@ -1136,6 +1137,9 @@ class SchedulerService:
                     parents = [_parent(c) for c in action.parents]
                     self._to_peer(action.peer_id, SchedParents(peer_id=action.peer_id, task_id=action.task_id, parents=parents))
                 case TriggerSeed():
+                    wants = self._speaks(action.host_id, SchedSeed) >= 2  # older seeds know no `wanted`
+                    if action.again and not wants:
+                        continue
                     self._to_host(
                         action.host_id,
                         SchedSeed(
@@ -1145,6 +1149,7 @@ class SchedulerService:
                             application=action.application,
                             piece_length=action.piece_length,
                             headers=[(name, value) for name, value in action.headers],
+                            wanted=[(start, end) for start, end in action.wanted] if wants else [],
                         ),
                     )
                 case BackToSource():
@@ -1196,6 +1201,12 @@ class SchedulerService:
             self.stats.undeliverable += 1
             return
         self._to_host(peer.host.id, msg)
+
+    def _speaks(self, host_id: str, kind: type[Message]) -> int:
+        """The revision of ``kind`` the host's session said it speaks (0: none, or no session)."""
+        binding = self._hosts.get(host_id)
+        session = self.server.peers.get(binding.rid) if binding is not None else None
+        return session.types.get(kind.wire_name(), 0) if session is not None else 0
 
     def _to_host(self, host_id: str, msg: Message) -> None:
         binding = self._hosts.get(host_id)
@@ -1374,6 +1385,11 @@ def _fold_registration(
 
 def _parent(candidate: ParentCandidate) -> SchedParent:
     return SchedParent(peer_id=candidate.peer_id, host_id=candidate.host_id, ip=candidate.ip, port=candidate.port)
+
+
+def _wanted_range_ok(start: int, end: int | None) -> bool:
+    """A wanted byte range of ``sched.register_peer`` in one of its forms (others are left out)."""
+    return end is None if start < 0 else end is None or end > start
 
 
 def _check_piece_length(piece_length: int) -> None:

@@ -13,9 +13,12 @@ Range requests (``Range: bytes=A-B``, ``bytes=A-``, ``bytes=-N``; one range) are
 ``Content-Range`` as soon as the pieces covering the range are stored (each verified), without waiting for
 the whole content's digest, which a part cannot be checked against (a registry client checks the blob it
 assembles; a small range of a large file, such as a model file's header, is not held up by the rest). The
-daemon cannot fetch a range alone: it downloads the task's pieces in the swarm's order (rarest first), so
-the range waits for the pieces it covers, which may come late; once the range is sent and nobody else waits
-for the task, the download stops and the pieces stored so far stay in the cache for the next request. A range
+range goes to the download as the request's ``priority_range`` (:func:`wanted_range`): the pieces it
+covers are fetched before the others (from parents, rarest first among them; from the origin, when this
+daemon fetches it, by index; the seed that fetches it for the swarm is told the range through the
+scheduler when this daemon registers), whatever other callers of the task ask; once the range is sent and nobody
+else waits for the task, the download stops and the pieces stored so far stay in the cache for the next
+request, which resumes from them. A range
 that starts at or after the end is ``416`` (``Content-Range: bytes */LENGTH``). Several ranges, or an
 ``If-Range`` that does not match the ETag given, get the whole content (``200``), as RFC 9110 allows.
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
@@ -38,7 +41,7 @@ from ..local import DownloadRequest, DownloadService, DownloadState, Progress
 from ..storage import StorageError, StoredTask
 from .server import ErrorSource, Exchange
 
-__all__ = ["TaskStore", "parse_range", "serve_task", "status_of"]
+__all__ = ["TaskStore", "parse_range", "serve_task", "status_of", "wanted_range"]
 
 log = get_logger("peer.proxy")
 
@@ -95,6 +98,28 @@ def parse_range(value: str | None, length: int) -> tuple[int, int] | bool | None
     return start, min(end, length)
 
 
+def wanted_range(value: str | None) -> tuple[int, int | None] | None:
+    """The byte range a ``Range`` header asks for, before the length is known, as a download's
+    ``priority_range`` (:data:`dfz.peer.wanted.ByteRange`); None when :func:`parse_range` would serve the
+    whole content whatever the length (no header, several ranges, unparsable or invalid ones)."""
+    if value is None:
+        return None
+    match = _RANGE.fullmatch(value.strip().replace(" ", ""))
+    if match is None:
+        return None
+    first, last = match[1], match[2]
+    if not first and not last:
+        return None
+    if not first:
+        n = int(last)
+        return (-n, None) if n > 0 else None
+    start = int(first)
+    if not last:
+        return start, None
+    end = int(last) + 1
+    return (start, end) if end > start else None
+
+
 @dataclass
 class _Follower:
     """The latest progress of a download, and an event that fires when it changes."""
@@ -144,6 +169,11 @@ async def serve_task(
     connection). A HEAD waits only for the content's length.
     """
     follower = _Follower()
+    if_range = exchange.header("if-range")
+    if exchange.method == "GET" and (if_range is None or if_range == etag):
+        priority = wanted_range(exchange.header("range"))
+        if priority is not None:
+            request = replace(request, priority_range=priority)
 
     async def follow() -> None:
         progress = service.download(request)
