@@ -22,7 +22,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The Debian packages of the tests' testbeds (registry, browser, containerd, nginx, ...), installed once
+# before the tests rather than inside a test's time limit (scripts/testbeds.py; quick when all are there).
 pytest: $(STAMP)
+	$(BIN)/python scripts/testbeds.py
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
