@@ -34,6 +34,8 @@ NAMESPACE = "dfz"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds: from a scheduling decision (sub-millisecond) to a piece from a slow parent (seconds)."""
+PROXY_BUCKETS = (*LATENCY_BUCKETS, 30.0, 60.0, 300.0)
+"""Seconds of a proxy request: a cached manifest (milliseconds) to a large blob downloaded for it (minutes)."""
 
 
 class ListenError(Exception):
@@ -99,6 +101,26 @@ def fabric_metrics(stats: Any, sessions: int) -> Iterable[Metric]:
     bad = {(code,): n for code, n in stats.bad_frames.items()} or {("none",): 0}
     yield counter("fabric_bad_frames", "Malformed or refused frames, by kind.", bad, ["kind"])
     yield gauge("fabric_sessions", "Client sessions the fabric server holds.", sessions)
+
+
+def proxy_metrics(stats: Any) -> Iterable[Metric]:
+    """The proxy port's counters (``dfz.peer.proxy.server.ProxyStats``). Label values are bounded: routes,
+    status classes, body and error sources are fixed sets (never a URL or a host)."""
+    requests = {key: n for key, n in stats.requests.items()} or {("other", "none"): 0}
+    yield counter("proxy_requests", "Requests the proxy port served, by route and status class.", requests, ["route", "status"])
+    sent = {key: n for key, n in stats.body_bytes.items()} or {("other", "proxy"): 0}
+    yield counter(
+        "proxy_response_bytes",
+        "Response body bytes the proxy port sent, by route and source (p2p: a dfz task; passthrough: the origin; "
+        "proxy: its own error messages).",
+        sent,
+        ["route", "source"],
+    )
+    errors = {(source,): stats.errors.get(source, 0) for source in ("origin", "proxy", "daemon")}
+    yield counter("proxy_errors", "Error responses of the proxy port, by X-Dfz-Error-Source.", errors, ["source"])
+    yield counter("proxy_tunnel_bytes", "Bytes closed CONNECT tunnels carried, both ways (not intercepted).", stats.tunnel_bytes)
+    yield gauge("proxy_connections", "Client connections to the proxy port open now.", stats.connections)
+    yield gauge("proxy_tunnels", "CONNECT tunnels open now (intercepted ones included).", stats.tunnels)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -276,3 +276,86 @@ def test_a_proxy_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         )
     assert done.returncode == 1, done.stderr
     assert f"cannot listen on proxy_listen 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_stats_count_routes_statuses_bytes_errors_and_open_connections() -> None:
+    """What :class:`ProxyStats` counts: each request by the route its handler marks and its status class,
+    body bytes by route and source, error responses by source, open connections and tunnels; ``observe``
+    gets each request's route and duration."""
+    observed: list[tuple[str, float]] = []
+    entered, release = trio.Event(), trio.Event()
+
+    async def mirror(exchange: Exchange) -> None:
+        if exchange.target.startswith("/v2/blob"):
+            exchange.mark("mirror_blob", "p2p")
+            await exchange.respond(200, body=b"b" * 1000)
+        elif exchange.target == "/v2/refused":
+            await exchange.error(401, ErrorSource.ORIGIN, "upstream says no", body=b"denied")
+        else:
+            exchange.source("passthrough")  # the route left as the server set it: mirror_passthrough
+            await exchange.respond(200, body=b"manifest")
+
+    async def held_tunnel(exchange: Exchange) -> None:
+        stream, _ = await exchange.tunnel()
+        entered.set()
+        await release.wait()
+        await stream.send_all(b"bye")
+
+    async with server(mirror=mirror, forward=broken, connect=held_tunnel, observe=lambda r, t: observed.append((r, t))) as s:
+        stats = s.stats
+        c = Client(await trio.open_tcp_stream("127.0.0.1", s.port))
+        for target in ("/v2/blob", "/v2/blob", "/v2/x/manifests/1", "/v2/refused", "/nothing"):
+            await c.request("GET", target)
+        assert stats.connections == 1
+        r, _ = await c.request("GET", "http://example.com/")  # a handler that raises: 500 from the daemon, closed
+        assert r.status_code == 500
+        # garbage: refused by the server itself (400, route other)
+        garbage = await trio.open_tcp_stream("127.0.0.1", s.port)
+        await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        refused = await read_all(garbage)
+        tunnel_stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+        await tunnel_stream.send_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        await entered.wait()
+        assert (stats.tunnels, stats.connections) == (1, 1)  # the 500 and the refusal closed the others
+        release.set()
+        assert (await read_all(tunnel_stream)).endswith(b"bye")
+        await trio.testing.wait_all_tasks_blocked()  # the server's side of the connection ends
+        assert (stats.tunnels, stats.connections) == (0, 0)
+        # inside an intercepted tunnel every request is "intercepted", whatever its handler marks
+        client_side, server_side = trio.testing.memory_stream_pair()
+
+        async def inner(exchange: Exchange) -> None:
+            exchange.mark("forward_p2p", "p2p")
+            await exchange.respond(206, body=b"12345")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.serve_stream, server_side, "example.com:443 (intercepted)", inner)
+            r, body = await Client(client_side).request("GET", "/file")  # type: ignore[arg-type]
+            assert (r.status_code, body) == (206, b"12345")
+            await client_side.aclose()
+
+    assert dict(stats.requests) == {
+        ("mirror_blob", "2xx"): 2,
+        ("mirror_passthrough", "2xx"): 1,
+        ("mirror_passthrough", "4xx"): 1,
+        ("other", "4xx"): 2,  # the 404 and the refused garbage
+        ("forward_passthrough", "5xx"): 1,
+        ("connect", "2xx"): 1,
+        ("intercepted", "2xx"): 1,
+    }
+    error_body = len(b"no route for GET /nothing\n") + len(b"internal error: ValueError\n")
+    refused_body = len(refused.partition(b"\r\n\r\n")[2])
+    assert dict(stats.body_bytes) == {
+        ("mirror_blob", "p2p"): 2000,
+        ("mirror_passthrough", "passthrough"): len(b"manifest") + len(b"denied"),
+        ("other", "proxy"): error_body - len(b"internal error: ValueError\n") + refused_body,
+        ("forward_passthrough", "proxy"): len(b"internal error: ValueError\n"),
+        ("intercepted", "p2p"): 5,
+    }
+    assert dict(stats.errors) == {"origin": 1, "proxy": 2, "daemon": 1}
+    # every request that got an exchange (the refused garbage did not: no request was read)
+    routes = "connect forward_passthrough intercepted mirror_blob mirror_blob mirror_passthrough mirror_passthrough other"
+    assert sorted(r for r, _ in observed) == routes.split()
+    assert all(0 <= t < 10 for _, t in observed)
+    with pytest.raises(ValueError, match="unknown route"):
+        Exchange.mark(Exchange.__new__(Exchange), "https://example.com/")

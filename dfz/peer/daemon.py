@@ -76,7 +76,7 @@ import zmq
 from ..broker import ClientConfig, ConnectionLost, Message, RemoteError, RequestTimeout
 from ..broker.client import Client
 from ..log import event, get_logger
-from ..metrics import Metrics, counter, fabric_metrics, gauge
+from ..metrics import PROXY_BUCKETS, Metrics, counter, fabric_metrics, gauge, proxy_metrics
 from ..metrics import serve as serve_metrics
 from ..mgr.agent import ManagerAgent, host_labels, local_hostname
 from ..mgr.messages import MgrListSchedulers, MgrPreheat, MgrRegister, MgrSchedulers, MgrTaskReport
@@ -984,12 +984,20 @@ class Daemon:
         """The proxy port (registry mirror), when ``proxy_listen`` is set; ``proxy_url`` where it listens."""
         self.proxy_url = ""
         self.piece_seconds: Histogram | None = None
+        self.proxy_seconds: Histogram | None = None
         if config.metrics_listen:
             self.metrics = Metrics("daemon")
             self.metrics.collector(self._collect_metrics)
             self.piece_seconds = self.metrics.histogram(
                 "piece_fetch_seconds", "Time from asking a parent for a piece to having it verified and stored."
             )
+            if config.proxy_listen:
+                self.proxy_seconds = self.metrics.histogram(
+                    "proxy_request_seconds",
+                    "Time from a proxy request's head to its response's end (a CONNECT: to its 200), by route.",
+                    ["route"],
+                    buckets=PROXY_BUCKETS,
+                )
         self._peers: dict[str, _Download] = {}
         self._peer_links: dict[str, _SchedLink] = {}
         """Peer id -> the scheduler it is registered with (until it leaves, fails, or that scheduler
@@ -1106,7 +1114,13 @@ class Daemon:
             origin_tls=origin_ssl_context(cfg.http_ca_bundle, cfg.http_insecure),
             ca=ca,
         )
-        server = ProxyServer(cfg.proxy_listen, mirror=mirror, forward=forward.forward, connect=forward.connect)
+        observe: Callable[[str, float], None] | None = None
+        if (histogram := self.proxy_seconds) is not None:
+
+            def observe(route: str, seconds: float) -> None:
+                histogram.labels(route).observe(seconds)
+
+        server = ProxyServer(cfg.proxy_listen, mirror=mirror, forward=forward.forward, connect=forward.connect, observe=observe)
         forward.serve_stream = server.serve_stream
         return server
 
@@ -1126,6 +1140,8 @@ class Daemon:
         ended = {key: n for key, n in totals.downloads.items()} or {("succeeded", ""): 0}
         yield counter("downloads_ended", "Downloads ended, by state and error kind.", ended, ["state", "kind"])
         yield counter("back_to_source", "Downloads the scheduler sent to the origin.", totals.back_to_source)
+        if self.proxy is not None:
+            yield from proxy_metrics(self.proxy.stats)
 
     async def _open_link(self, nursery: trio.Nursery, endpoint: str) -> None:
         """Start the session with one scheduler: its client, announcer and reporter."""

@@ -155,6 +155,7 @@ class ForwardProxy:
         if route is Route.P2P and self.tasks is not None:
             task_headers = p2p_headers(raw)
             if fits_a_task(task_headers):
+                exchange.mark("forward_p2p")
                 await self.tasks(exchange, DownloadRequest(url=url, output=None, headers=task_headers))
                 return
             event(log, logging.INFO, "proxy.p2p_headers_too_large", url=url, headers=len(task_headers))
@@ -206,6 +207,7 @@ class ForwardProxy:
                     f"the origin answered {response.status_code} {_visible(response.reason)}",
                 ),
             ]
+        exchange.mark("forward_passthrough", "passthrough")
         await exchange.start(response.status_code, out, content_length=content_length)
         async for chunk in origin.body():
             await exchange.send(chunk)
@@ -243,6 +245,7 @@ class ForwardProxy:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             moved = await splice(client, remote)
+            exchange.tunnel_closed(moved)
         event(log, logging.DEBUG, "proxy.tunnel_closed", target=f"{host}:{port}", bytes=moved)
 
     async def _intercept(self, exchange: Exchange, host: str, port: int) -> None:

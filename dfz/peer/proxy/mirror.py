@@ -198,6 +198,7 @@ class RegistryMirror:
             await exchange.start(answer.status, headers, content_length=n)
             await exchange.end()
             return
+        exchange.source("passthrough")
         await exchange.respond(answer.status, headers, answer.body)
 
     async def _pass_through(self, exchange: Exchange, url: str) -> None:
@@ -208,6 +209,7 @@ class RegistryMirror:
 
     async def _blob(self, exchange: Exchange, url: str, digest: str) -> None:
         assert DIGEST.fullmatch(digest)
+        exchange.mark("mirror_blob")
         auth = {k: v for k, v in self._client_headers(exchange).items() if k == "Authorization"}
         answer = await self._request(exchange, url, "HEAD", auth)
         if answer is None:

@@ -36,10 +36,19 @@ Rules
       An error status relayed unchanged from an origin (a 401 with its ``WWW-Authenticate``, a 404) carries
       ``X-Dfz-Error-Source: origin`` too.
 
+Metrics
+    The server counts what it serves in :class:`ProxyStats` (:attr:`ProxyServer.stats`; the daemon's
+    Prometheus collector reads it at scrape time): requests by route and status class, response body
+    bytes by route and by where they came from, error responses by their ``X-Dfz-Error-Source``, the
+    connections and tunnels open now. Each request's route (:data:`ROUTES`) is set by the server from the
+    request's form and refined by the handler (:meth:`Exchange.mark`); the body's source
+    (:data:`BODY_SOURCES`) by the handler that sends it. ``observe(route, seconds)``, when given, gets
+    each request's duration: from its head read to its response ended (a tunnel: to its ``200``).
+
 Public API (kept small and stable: the forward proxy builds on it)
     :class:`ProxyServer` (``await nursery.start(server.run)`` returns it; :attr:`ProxyServer.url`),
     :class:`ProxyListenError`, :class:`ProxyLimits`, :class:`Exchange`, :data:`Handler`, :class:`ErrorSource`,
-    :data:`ERROR_SOURCE_HEADER`, :data:`ERROR_HEADER`.
+    :data:`ERROR_SOURCE_HEADER`, :data:`ERROR_HEADER`, :class:`ProxyStats`, :data:`ROUTES`, :data:`BODY_SOURCES`.
 """
 
 from __future__ import annotations
@@ -47,8 +56,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from http import HTTPStatus
 from typing import cast
@@ -59,14 +69,17 @@ import trio
 from ...log import event, get_logger
 
 __all__ = [
+    "BODY_SOURCES",
     "ERROR_HEADER",
     "ERROR_SOURCE_HEADER",
+    "ROUTES",
     "ErrorSource",
     "Exchange",
     "Handler",
     "ProxyLimits",
     "ProxyListenError",
     "ProxyServer",
+    "ProxyStats",
     "parse_listen",
 ]
 
@@ -77,6 +90,14 @@ ERROR_SOURCE_HEADER = "X-Dfz-Error-Source"
 ERROR_HEADER = "X-Dfz-Error"
 """On every error response: a short message (one line, visible ASCII, at most 300 characters)."""
 SERVER_NAME = "dfz-proxy"
+
+ROUTES = ("mirror_blob", "mirror_passthrough", "forward_p2p", "forward_passthrough", "connect", "intercepted", "other")
+"""The routes a request can take, the ``route`` label of the proxy's metrics: a registry blob served by a task,
+another registry request passed through, an absolute-form request served by a task or passed through, a
+``CONNECT``, a request inside an intercepted tunnel, anything else (404s, malformed requests)."""
+BODY_SOURCES = ("p2p", "passthrough", "proxy")
+"""Where a response body came from: a dfz task, the origin (or upstream registry), the proxy itself (its
+error messages)."""
 
 _ERROR_LENGTH = 300
 _CHUNK = 256 * 1024
@@ -89,6 +110,9 @@ class ErrorSource(StrEnum):
     """The proxy refused the request (malformed, not allowed, no such route)."""
     DAEMON = "daemon"
     """The daemon failed: its P2P download, its scheduler, its storage, or a bug."""
+
+
+_ERROR_SOURCES = frozenset(e.value for e in ErrorSource)
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,29 @@ class ProxyLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass
+class ProxyStats:
+    """What the proxy port served since it started (read by the daemon's metrics collector)."""
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Requests by (route, status class: ``2xx``... or ``none`` when no response could be sent)."""
+    body_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Response body bytes sent, by (route, source: one of :data:`BODY_SOURCES`)."""
+    errors: Counter[str] = field(default_factory=Counter)
+    """Error responses by their ``X-Dfz-Error-Source`` (:class:`ErrorSource` values)."""
+    tunnel_bytes: int = 0
+    """Bytes carried by CONNECT tunnels that were not intercepted (both ways), counted when they close."""
+    connections: int = 0
+    """Client connections open now."""
+    tunnels: int = 0
+    """CONNECT tunnels open now (intercepted ones included)."""
+
+
+def status_class(status: int | None) -> str:
+    """``2xx`` for 200..299 and so on; ``none`` when no response was sent."""
+    return f"{status // 100}xx" if status is not None and 100 <= status < 600 else "none"
 
 
 class ProxyListenError(OSError):
@@ -165,6 +212,29 @@ class Exchange:
         self.body_done = False
         self.ended = False
         self.tunnelled = False
+        self.route = "intercepted" if conn.handler is not None else "other"
+        """The route taken (one of :data:`ROUTES`): set by the server, refined by the handler (:meth:`mark`)."""
+        self.body_source = "proxy"
+        """Where the body being sent comes from (one of :data:`BODY_SOURCES`): set by the handler."""
+        self.started_at = trio.current_time()
+        self.finished_at: float | None = None
+        """When the response ended (a tunnel: its ``200`` was sent); None while it has not."""
+
+    def mark(self, route: str, body_source: str | None = None) -> None:
+        """Say which route this request took (a request inside an intercepted tunnel stays ``intercepted``)
+        and, optionally, where its body comes from."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}")
+        if self.route != "intercepted":
+            self.route = route
+        if body_source is not None:
+            self.source(body_source)
+
+    def source(self, body_source: str) -> None:
+        """Say where the body about to be sent comes from."""
+        if body_source not in BODY_SOURCES:
+            raise ValueError(f"unknown body source {body_source!r}")
+        self.body_source = body_source
 
     # -- the request --
 
@@ -221,6 +291,9 @@ class Exchange:
             out.append(("Content-Length", str(content_length)))
         if not any(n.lower() == "server" for n, _ in out):
             out.append(("Server", SERVER_NAME))
+        said = next((v for n, v in out if n.lower() == ERROR_SOURCE_HEADER.lower()), None)
+        if said is not None:
+            self._conn.stats.errors[said if said in _ERROR_SOURCES else ErrorSource.PROXY.value] += 1
         self.status = status
         raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in out]
         await self._conn.send(h11.Response(status_code=status, headers=raw, reason=_reason(status)))
@@ -231,13 +304,16 @@ class Exchange:
             return
         view = memoryview(data)
         for start in range(0, len(view), _CHUNK):
-            await self._conn.send(h11.Data(data=cast(bytes, view[start : start + _CHUNK])))
+            part = view[start : start + _CHUNK]
+            await self._conn.send(h11.Data(data=cast(bytes, part)))
+            self._conn.stats.body_bytes[self.route, self.body_source] += len(part)
 
     async def end(self) -> None:
         """Finish the response."""
         if not self.ended:
             self.ended = True
             await self._conn.send(h11.EndOfMessage())
+            self.finished_at = trio.current_time()
 
     async def respond(self, status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"") -> None:
         """A whole response at once."""
@@ -252,6 +328,7 @@ class Exchange:
         body is ``body`` as given (a relayed origin answer) or the message and a newline (text/plain)."""
         text = _clean(message)
         out = [(n, v) for n, v in headers if n.lower() not in (ERROR_SOURCE_HEADER.lower(), ERROR_HEADER.lower())]
+        self.source("passthrough" if body is not None and source is ErrorSource.ORIGIN else "proxy")
         if body is None:
             body = f"{text}\n".encode()
             out = [(n, v) for n, v in out if n.lower() != "content-type"] + [("Content-Type", "text/plain; charset=utf-8")]
@@ -267,15 +344,31 @@ class Exchange:
         await self.start(200, headers)
         self.tunnelled = True
         self.ended = True
+        self.finished_at = trio.current_time()
+        self._conn.stats.tunnels += 1
         return self._conn.stream, bytes(self._conn.h11.trailing_data[0])
+
+    def tunnel_closed(self, moved: int) -> None:
+        """Count the bytes a tunnel (not intercepted) carried, both ways, once it closed."""
+        if moved > 0:
+            self._conn.stats.tunnel_bytes += moved
 
 
 class _Connection:
     """One client connection: the h11 state machine and its stream."""
 
-    def __init__(self, stream: trio.abc.Stream, limits: ProxyLimits, *, peer: str = "", handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        limits: ProxyLimits,
+        *,
+        peer: str = "",
+        handler: Handler | None = None,
+        stats: ProxyStats | None = None,
+    ) -> None:
         self.stream = stream
         self.limits = limits
+        self.stats = stats if stats is not None else ProxyStats()
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.handler = handler
         """Every request of this connection goes to it (inside an intercepted tunnel); None: dispatch by form."""
@@ -345,7 +438,8 @@ class ProxyServer:
     ``connect`` are the :data:`Handler` of each request form (see the module docstring); None: 501.
 
     ``await nursery.start(server.run)`` returns the server once it listens (:attr:`url` is then its
-    ``http://HOST:PORT``); cancel to stop (connections in progress are closed).
+    ``http://HOST:PORT``); cancel to stop (connections in progress are closed). :attr:`stats` counts what
+    it served; ``observe(route, seconds)`` gets each request's duration (see the module docstring).
     """
 
     def __init__(
@@ -356,12 +450,15 @@ class ProxyServer:
         forward: Handler | None = None,
         connect: Handler | None = None,
         limits: ProxyLimits | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.host, self.port = parse_listen(listen)
         self.mirror = mirror
         self.forward = forward
         self.connect = connect
         self.limits = limits or ProxyLimits()
+        self.stats = ProxyStats()
+        self.observe = observe
         self.url = ""
         self._slots = trio.Semaphore(self.limits.max_connections)
 
@@ -393,12 +490,14 @@ class ProxyServer:
                 nursery.start_soon(self._serve, stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        self.stats.connections += 1
         try:
             async with stream:
-                await self._connection(_Connection(stream, self.limits))
+                await self._connection(_Connection(stream, self.limits, stats=self.stats))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
+            self.stats.connections -= 1
             self._slots.release()
 
     async def serve_stream(self, stream: trio.abc.Stream, peer: str, handler: Handler) -> None:
@@ -406,7 +505,7 @@ class ProxyServer:
         with this server's limits and error handling, every request handed to ``handler``; returns when the
         connection ends. The caller closes the stream."""
         try:
-            await self._connection(_Connection(stream, self.limits, peer=peer, handler=handler))
+            await self._connection(_Connection(stream, self.limits, peer=peer, handler=handler, stats=self.stats))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -436,12 +535,25 @@ class ProxyServer:
                 await self._refuse(conn, 431, f"the request head is over {self.limits.max_header_bytes} bytes")
                 return
             exchange = Exchange(conn, ev)
-            if not await self._dispatch(exchange):
+            try:
+                keep = await self._dispatch(exchange)
+            finally:
+                self._count(exchange)
+            if not keep:
                 return
             if exchange.tunnelled:
                 return
             if not await self._finish_cycle(conn, exchange):
                 return
+
+    def _count(self, exchange: Exchange) -> None:
+        """Count a request that was served (or failed): its route and status class, its duration."""
+        if exchange.tunnelled:
+            self.stats.tunnels -= 1
+        self.stats.requests[exchange.route, status_class(exchange.status)] += 1
+        if self.observe is not None:
+            ended = exchange.finished_at if exchange.finished_at is not None else trio.current_time()
+            self.observe(exchange.route, max(0.0, ended - exchange.started_at))
 
     async def _dispatch(self, exchange: Exchange) -> bool:
         """Run the handler of ``exchange``; False when the connection must close."""
@@ -483,12 +595,16 @@ class ProxyServer:
             await self._error_safely(exchange, 500, ErrorSource.DAEMON, f"internal error: {type(e).__name__}")
 
     def _handler_for(self, exchange: Exchange) -> tuple[Handler | None, str]:
+        """The handler of ``exchange``'s form and its name; sets the route the handler may refine."""
         target = exchange.target
         if exchange.method == "CONNECT":
+            exchange.mark("connect")
             return self.connect, "CONNECT"
         if re.match(r"(?i)https?://", target):
+            exchange.mark("forward_passthrough")
             return self.forward, "forward-proxy (absolute-form)"
         if target == "/v2" or target.startswith(("/v2/", "/v2?")):
+            exchange.mark("mirror_passthrough")
             return self.mirror, "registry mirror"
         return None, "none"
 
@@ -542,5 +658,10 @@ class ProxyServer:
             data += writer.send(h11.EndOfMessage()) or b""
             with trio.move_on_after(5):
                 await conn.stream.send_all(data)
+                # Counted once sent: a client that reset its connection between requests asked nothing.
+                route = "intercepted" if conn.handler is not None else "other"
+                self.stats.requests[route, status_class(status)] += 1
+                self.stats.errors[ErrorSource.PROXY.value] += 1
+                self.stats.body_bytes[route, "proxy"] += len(body)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
             pass

@@ -168,6 +168,7 @@ async def serve_task(
     a download that fails after the response started leaves it unfinished (the server closes the
     connection). A HEAD waits only for the content's length.
     """
+    exchange.source("p2p")
     follower = _Follower()
     if_range = exchange.header("if-range")
     if exchange.method == "GET" and (if_range is None or if_range == etag):
