@@ -23,6 +23,7 @@ from dfz.peer.local import DownloadRequest
 from dfz.peer.proxy.forward import BadTarget, ForwardProxy, parse_target
 from dfz.peer.proxy.intercept import CAError, CertificateAuthority
 from dfz.peer.proxy.rules import (
+    DEFAULT_CONNECT_ALLOW,
     ProxyPolicy,
     ProxyRule,
     Route,
@@ -107,6 +108,7 @@ def test_config_of_connect_and_interception(tmp_path: Path) -> None:
     good = DaemonConfig.from_mapping(
         {
             **base,
+            "proxy_listen": "127.0.0.1:0",
             "proxy_rules": [{"regex": r"\.whl$"}],
             "proxy_intercept": "files",
             "proxy_ca_cert": str(ca.cert),
@@ -122,7 +124,7 @@ def test_config_of_connect_and_interception(tmp_path: Path) -> None:
 def test_rules_from_a_toml_file_and_flags_replacing_them(tmp_path: Path) -> None:
     path = tmp_path / "daemon.toml"
     path.write_text(
-        'data_dir = "d"\nproxy_connect_allow = "pypi\\\\.org:443"\n'
+        'data_dir = "d"\nproxy_listen = "127.0.0.1:0"\nproxy_connect_allow = "pypi\\\\.org:443"\n'
         '[[proxy_rules]]\nregex = "/simple/"\ndirect = true\n'
         '[[proxy_rules]]\nregex = "\\\\.whl$"\n'
     )
@@ -402,6 +404,47 @@ def test_leaf_certificates_name_the_host_and_chain_to_the_ca(tmp_path: Path) -> 
     assert [str(a) for a in addresses] == ["::1"]
     assert ip.not_valid_after_utc <= ca.cert.not_valid_after_utc
     assert ca.server_context("files.example") is ca.server_context("files.example")  # minted once
+
+
+def test_proxy_settings_without_the_proxy_port_are_refused(tmp_path: Path) -> None:
+    """Each setting of the proxy port, from a mapping (a config file) or flags, without ``proxy_listen``: a
+    configuration error that names the setting; with ``proxy_listen`` the same settings are taken."""
+    ca = make_ca(tmp_path / "ca", "operator")
+    settings: dict[str, object] = {
+        "mirror_upstream": "http://127.0.0.1:5000",
+        "proxy_rules": [r"\.whl$"],
+        "proxy_connect_allow": r"pypi\.org:443",
+        "proxy_intercept": ["files"],
+        "proxy_ca_cert": str(ca.cert),
+        "proxy_ca_key": str(ca.key),
+    }
+    base = {"data_dir": str(tmp_path)}
+    ca_pair = {"proxy_ca_cert": str(ca.cert), "proxy_ca_key": str(ca.key)}
+    for key, given in settings.items():
+        mapping = {**base, key: given}
+        if key in ("proxy_intercept", "proxy_ca_cert", "proxy_ca_key"):
+            mapping |= ca_pair  # interception needs the CA, and its files go together
+        with pytest.raises(ConfigError, match=rf"{key}.*settings of the proxy port.*set proxy_listen") as err:
+            DaemonConfig.from_mapping(mapping)
+        assert "--proxy-listen" in str(err.value)
+        assert DaemonConfig.from_mapping({**mapping, "proxy_listen": "127.0.0.1:0"}).proxy_listen == "127.0.0.1:0"
+    with pytest.raises(ConfigError, match="mirror_upstream, proxy_rules, proxy_connect_allow, proxy_intercept, proxy_ca_cert"):
+        DaemonConfig.from_mapping({**base, **settings})
+    everything = DaemonConfig.from_mapping({**base, **settings, "proxy_listen": "127.0.0.1:0"})
+    assert everything.proxy_rules == (ProxyRule(r"\.whl$"),) and everything.mirror_upstream == "http://127.0.0.1:5000"
+    # The default connect rule, given explicitly, is not a proxy setting of its own.
+    assert DaemonConfig.from_mapping({**base, "proxy_connect_allow": DEFAULT_CONNECT_ALLOW}).proxy_listen == ""
+
+
+def test_a_proxy_flag_without_proxy_listen_stops_the_daemon(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "dfz.cli", "daemon", "--data-dir", str(tmp_path / "d"), "--scheduler", "tcp://127.0.0.1:1"]
+    for flags in (["--proxy-rule", r"\.whl$"], ["--mirror-upstream", "http://127.0.0.1:5000"]):
+        done = subprocess.run([*argv, *flags], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode != 0
+        assert "settings of the proxy port, which is off: set proxy_listen (--proxy-listen" in done.stderr, done.stderr
 
 
 def test_bad_proxy_flags_stop_the_daemon_with_the_reason(tmp_path: Path) -> None:

@@ -235,6 +235,26 @@ class DaemonConfig:
                 CertificateAuthority.load(self.proxy_ca_cert, self.proxy_ca_key)
             except CAError as e:
                 raise ConfigError(str(e)) from None
+        if not self.proxy_listen:
+            # Settings of the proxy port without the port are a mistake (a flag forgotten, a key misplaced):
+            # said at start rather than ignored, as tenant_token without manager is.
+            unused = [
+                key
+                for key, given in (
+                    ("mirror_upstream", bool(self.mirror_upstream)),
+                    ("proxy_rules", bool(self.proxy_rules)),
+                    ("proxy_connect_allow", self.proxy_connect_allow != DEFAULT_CONNECT_ALLOW),
+                    ("proxy_intercept", bool(self.proxy_intercept)),
+                    ("proxy_ca_cert", bool(self.proxy_ca_cert)),
+                    ("proxy_ca_key", bool(self.proxy_ca_key)),
+                )
+                if given
+            ]
+            if unused:
+                raise ConfigError(
+                    f"{', '.join(unused)}: settings of the proxy port, which is off: set proxy_listen (--proxy-listen "
+                    "HOST:PORT) too, or remove them"
+                )
         if self.host_id and (len(self.host_id) > 100 or not all(0x21 <= ord(c) <= 0x7E for c in self.host_id)):
             raise ConfigError(f"host_id: 1 to 100 visible ASCII characters without spaces, got {self.host_id!r}")
 
