@@ -143,7 +143,11 @@ def test_every_process_serves_metrics_that_promtool_accepts(procs: Procs, tmp_pa
         assert value(scrapes["daemon"], "dfz_proxy_connections") == 0
 
         proxied = exercise_proxy(proxy_url, origin.url, data, urls["daemon"])
-        text = eventually(urls["daemon"], lambda t: value(t, "dfz_proxy_tunnel_bytes_total") > 0)
+        # The tunnel is counted once it closed, and the connection it was after that.
+        closed = ("dfz_proxy_tunnels", "dfz_proxy_connections")
+        text = eventually(
+            urls["daemon"], lambda t: value(t, "dfz_proxy_tunnel_bytes_total") > 0 and not any(value(t, m) for m in closed)
+        )
         promtool_check(promtool, text)
         requests = {
             ("forward_p2p", "2xx"): 1,

@@ -11,6 +11,7 @@ from typing import cast
 
 import pytest
 import trio
+import trio.testing
 
 from dfz.peer.local import DownloadRequest, DownloadService, DownloadState, Progress
 from dfz.peer.proxy.server import Exchange, ProxyServer
@@ -114,6 +115,11 @@ async def test_body_streams_as_pieces_land_and_the_end_waits_for_success(tmp_pat
             assert whole and bytes(body) == DATA
         else:
             assert not whole and bytes(body) == DATA[: 3 * PIECE]  # closed before the end
+        await trio.testing.wait_all_tasks_blocked()
+        # The proxy's metrics: the body bytes sent came from a task (this test's handler leaves the route as
+        # the server set it for a /v2/ path), and no error answer was sent.
+        assert dict(server.stats.body_bytes) == {("mirror_passthrough", "p2p"): len(body)}
+        assert not server.stats.errors
         nursery.cancel_scope.cancel()
 
 
@@ -170,4 +176,8 @@ async def test_a_failure_before_the_length_is_an_error_answer(tmp_path: Path) ->
         stream, body, _ = await request(server)
         await read_until(stream, body, len(b"registry said 404\n"))
         assert bytes(body) == b"registry said 404\n"
+        await trio.testing.wait_all_tasks_blocked()
+        assert dict(server.stats.errors) == {"origin": 1}
+        assert dict(server.stats.requests) == {("mirror_passthrough", "4xx"): 1}
+        assert dict(server.stats.body_bytes) == {("mirror_passthrough", "proxy"): len(body)}
         nursery.cancel_scope.cancel()
