@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from e2e_helpers import Procs, dfz_cmd, read_line
+from prometheus_client.parser import text_string_to_metric_families
 
 from dfz.config import ConfigError
 from dfz.peer.config import DaemonConfig
@@ -114,6 +116,8 @@ class Cluster:
     """The logs of the seed and the two daemons."""
     data_dirs: list[Path]
     """The data directories of the seed and the two daemons."""
+    metrics: list[str]
+    """The metrics URLs of the two daemons."""
 
     def mirrored(self, n: int, digest: str) -> bool:
         """Daemon ``n``'s mirror served a GET of blob ``digest``."""
@@ -153,7 +157,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 dfz_cmd("sched", "--listen", "tcp://127.0.0.1:0", "-v"), stdout=subprocess.PIPE, stderr=log
             )  # -v: host_announced
         scheduler = read_line(sched, "listening")
-        mirrors, logs, data_dirs = [], [], []
+        mirrors, logs, data_dirs, metrics = [], [], [], []
         for name, seed in (("seed", True), ("d1", False), ("d2", False)):
             argv = dfz_cmd(
                 "seed" if seed else "daemon",
@@ -167,6 +171,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "127.0.0.1:0",
                 "--mirror-upstream",
                 registry.url,
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "-v",  # info events: the mirror logs each blob it serves (mirror.blob)
             )
             log_path = tmp / f"{name}.log"
@@ -175,17 +181,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             with log_path.open("ab") as log:
                 proc = procs.start(argv, stdout=subprocess.PIPE, stderr=log)
             try:
+                metrics_url = read_line(proc, "metrics ")
                 url = read_line(proc, "proxy ")
             except AssertionError:
                 raise AssertionError(f"{name} did not start: {log_path.read_text()}") from None
             if not seed:
                 mirrors.append(url)
+                metrics.append(metrics_url)
         # Every host announced to the scheduler (its -v log says so): the seed is there from the first request.
         deadline = time.monotonic() + 20
         while (tmp / "sched.log").read_text().count("host_announced") < 3:
             assert time.monotonic() < deadline, (tmp / "sched.log").read_text()
             time.sleep(0.05)
-        yield Cluster(registry, images, mirrors, logs, data_dirs)
+        yield Cluster(registry, images, mirrors, logs, data_dirs, metrics)
     finally:
         procs.kill_all()
         registry.stop()
@@ -204,6 +212,17 @@ def blob_bytes(registry: Any, name: str, *, probes: bool = False) -> dict[str, i
     return out
 
 
+def proxy_samples(url: str) -> Counter[tuple[str, ...]]:
+    """The ``dfz_proxy_*`` counters of a daemon's metrics: (name, label values in label order) -> value."""
+    out: Counter[tuple[str, ...]] = Counter()
+    text = httpx.get(url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("dfz_proxy_") and sample.name.endswith("_total"):
+                out[(sample.name, *sample.labels.values())] = int(sample.value)
+    return out
+
+
 # --- HTTP through the mirror ------------------------------------------------------------------------------
 
 
@@ -213,9 +232,11 @@ def test_mirror_http_blobs_manifests_ranges_and_errors(cluster: Cluster) -> None
     big = next(d for d, size in image.blobs.items() if size > 1 << 20)
     size = image.blobs[big]
     m1, m2 = cluster.mirrors
+    before = proxy_samples(cluster.metrics[0])
     with httpx.Client(base_url=m1, timeout=30) as c:
         # The API probe without a login: the registry's own challenge, unchanged, marked as the origin's.
         r = c.get("/v2/")
+        challenge = len(r.content)
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic realm=")
         assert r.headers[ERROR_SOURCE_HEADER] == "origin"
         # A blob without a login is refused by the registry too, even when it is cached (checked below).
@@ -223,6 +244,7 @@ def test_mirror_http_blobs_manifests_ranges_and_errors(cluster: Cluster) -> None
         accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
         h = c.head("/v2/x/img/manifests/v1", auth=AUTH, headers=accept)
         r = c.get("/v2/x/img/manifests/v1", auth=AUTH, headers=accept)
+        manifest = len(r.content)
         assert r.status_code == 200 and int(h.headers["content-length"]) == len(r.content) > 0
         assert json.loads(r.content)["layers"]
         # HEAD of a blob: its real length and digest, nothing downloaded.
@@ -254,6 +276,22 @@ def test_mirror_http_blobs_manifests_ranges_and_errors(cluster: Cluster) -> None
         assert r.status_code == 400 and r.headers[ERROR_SOURCE_HEADER] == "proxy"
     served = blob_bytes(cluster.registry, "x/img").get(big, 0)
     assert served == size, f"the registry served {served} bytes of a {size}-byte blob"
+    # The daemon's proxy metrics moved by these requests: blobs (HEAD, range, whole; 416, 401, 404) by route
+    # mirror_blob, the rest (/v2/, HEAD and GET of the manifest; 405, 502, 400) by mirror_passthrough.
+    moved = proxy_samples(cluster.metrics[0])
+    moved.subtract(before)
+    requests = "dfz_proxy_requests_total"
+    assert {k: v for k, v in moved.items() if k[0] == requests and v} == {
+        (requests, "mirror_blob", "2xx"): 3,
+        (requests, "mirror_blob", "4xx"): 3,
+        (requests, "mirror_passthrough", "2xx"): 2,
+        (requests, "mirror_passthrough", "4xx"): 3,
+        (requests, "mirror_passthrough", "5xx"): 1,
+    }
+    assert moved["dfz_proxy_response_bytes_total", "mirror_blob", "p2p"] == 2000 + size
+    assert moved["dfz_proxy_response_bytes_total", "mirror_passthrough", "passthrough"] == challenge + manifest
+    errors = "dfz_proxy_errors_total"
+    assert (moved[errors, "origin"], moved[errors, "proxy"], moved[errors, "daemon"]) == (4, 3, 0)
     # The other daemon, asked through containerd's ?ns= form: from peers, not from the registry.
     host = cluster.registry.url.split("://", 1)[1]
     with httpx.Client(base_url=m2, timeout=30) as c:
