@@ -384,3 +384,82 @@ def test_image_preheat_then_a_pull_through_a_mirror_takes_no_blob_byte_from_the_
         oapi.close()
     finally:
         registry.stop()
+
+
+def test_image_preheat_in_a_tenant_serves_that_tenants_mirror_pulls_only(procs: Procs, tmp_path: Path) -> None:
+    """A seed peer in a tenant preheats an image's blobs as the tasks named by their digests in its tenant
+    (§13, §17.10): a daemon of that tenant pulls them through its mirror from the seed (the registry serves
+    nothing more), a daemon of another tenant does not see them (its task ids differ: the registry serves
+    each blob once more, to it)."""
+    s = Stack(procs, tmp_path, f"sqlite:///{tmp_path / 'm.db'}", f"tcp://127.0.0.1:{free_port()}")
+    s.start_mgr()
+    assert s.api is not None
+    tenants: dict[str, int] = {}
+    tokens: dict[str, str] = {}
+    for name in ("acme", "globex"):
+        made = s.api.post("/api/v1/tenants", json={"name": name})
+        assert made.status_code == 201, made.text
+        tenants[name] = made.json()["id"]
+        made = s.api.post("/api/v1/daemon-tokens", json={"name": f"{name}-hosts", "tenant_id": tenants[name]})
+        assert made.status_code == 201, made.text
+        tokens[name] = made.json()["token"]
+    s.start("sched", "--manager", s.fabric, "--listen", "tcp://127.0.0.1:0", name="sched")
+    with (tmp_path / "seed.log").open("ab") as err:
+        seed = procs.start(
+            dfz_cmd("seed", "--data-dir", str(tmp_path / "seed"), "--manager", s.fabric, "-v"),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env={**os.environ, "DFZ_TENANT_TOKEN": tokens["acme"]},
+        )
+    read_line(seed, "api")
+    wait_for(lambda: s.active("seed-peers") and s.active("schedulers"), 10, "scheduler and seed peer active")
+    rt, registry = _registry(tmp_path)
+    try:
+        rt.build_image(tmp_path / "layout", {"a.bin": os.urandom(2 << 20), "b.bin": os.urandom(1 << 20)})
+        rt.push_image(tmp_path / "layout", registry.url, "t/img")
+        token = s.token(["job"])
+        oapi = httpx.Client(base_url=s.url, timeout=10, headers={"Authorization": f"Bearer {token}"})
+        args = {"type": "image", "url": f"{registry.url}/v2/t/img/manifests/v1", "username": rt.USER, "password": rt.PASSWORD}
+        made = oapi.post("/oapi/v1/jobs", json={"type": "preheat", "args": args})
+        assert made.status_code == 200, made.text
+        job = job_done(oapi, made.json()["id"])
+        assert job["state"] == "SUCCESS", job
+        digests = job["result"]["image"]["digests"]
+        sizes = {t["digest"]: t["content_length"] for t in job["result"]["tasks"]}
+        assert set(sizes) == set(digests) and len(digests) == 3
+        # The seed's tasks are its tenant's: the ids the mirror of a daemon of that tenant computes.
+        acme = str(tenants["acme"])
+        assert [t["task_id"] for t in job["result"]["tasks"]] == [digest_task_id(d, tenant=acme) for d in digests]
+        assert _blob_bytes(registry) == sizes
+        oapi.close()
+
+        login = (rt.USER, rt.PASSWORD)
+        for name, expected in (("acme", sizes), ("globex", {d: 2 * n for d, n in sizes.items()})):
+            with (tmp_path / f"{name}.log").open("ab") as err:
+                proc = procs.start(
+                    dfz_cmd(
+                        "daemon",
+                        "--data-dir",
+                        str(tmp_path / name),
+                        "--manager",
+                        s.fabric,
+                        "--proxy-listen",
+                        "127.0.0.1:0",
+                        "--mirror-upstream",
+                        registry.url,
+                        "-v",
+                    ),
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env={**os.environ, "DFZ_TENANT_TOKEN": tokens[name]},
+                )
+            proxy = read_line(proc, "proxy ")
+            with httpx.Client(base_url=proxy, timeout=30, auth=login) as client:
+                for digest, size in sizes.items():
+                    got = client.get(f"/v2/t/img/blobs/{digest}")
+                    assert got.status_code == 200, (name, got.status_code, got.text[:300])
+                    assert "sha256:" + hashlib.sha256(got.content).hexdigest() == digest and len(got.content) == size
+            # acme's daemon took every blob from its tenant's seed; globex's could not, and went to the registry.
+            assert _blob_bytes(registry) == expected, name
+    finally:
+        registry.stop()

@@ -12,11 +12,11 @@ Theory of operation:
 * **A preheat is planned, then run.** Planning makes the job's URLs (a file: ``url``/``urls``; an image: the
   layer and config blobs of its manifest for the platform, ``oci.py``, each with its digest), the scheduler
   clusters (the job's, or all) and, per cluster, the peers by ``scope``: ``single_seed_peer`` one seed peer
-  (chosen by the URL's hash, so a URL keeps going to the same one), ``all_seed_peers`` every seed peer,
-  ``all_peers`` every seed peer and every daemon session of the cluster, each narrowed by ``ips``, ``count``
-  or ``percentage``. The seed peers of a cluster are the active seed peers of the seed-peer clusters linked to
-  it that hold a fabric session with this manager; the runner waits up to ``seed_wait`` for one to appear
-  (after a restart they register again). A task is one URL on one peer.
+  (chosen by the URL's hash, or the blob's digest's, so a URL or a blob keeps going to the same one),
+  ``all_seed_peers`` every seed peer, ``all_peers`` every seed peer and every daemon session of the cluster,
+  each narrowed by ``ips``, ``count`` or ``percentage``. The seed peers of a cluster are the active seed peers
+  of the seed-peer clusters linked to it that hold a fabric session with this manager; the runner waits up to
+  ``seed_wait`` for one to appear (after a restart they register again). A task is one URL on one peer.
 * **A task is a push and reports.** The runner pushes ``mgr.preheat`` to the peer's session; the peer
   downloads into its cache through its schedulers (``Daemon.download``) and answers with ``mgr.task_report``
   requests. An image's blob with a ``sha256:`` digest goes with that ``digest`` (to a peer that lists
@@ -412,7 +412,9 @@ class JobRunner:
                     plan.append(Task(len(plan), url, cid, Peer("", "", "", ""), "failed", error=why, error_kind="no_seed_peer"))
                 continue
             for url in urls:
-                chosen = [_by_hash(peers, url)] if args.scope == "single_seed_peer" else peers
+                # A blob named by its digest goes to the seed peer of its digest: one copy of a layer that
+                # several images (repositories, registries) share.
+                chosen = [_by_hash(peers, digests.get(url, url))] if args.scope == "single_seed_peer" else peers
                 for peer in chosen:
                     if (url, peer.key) in seen:
                         continue
@@ -784,9 +786,10 @@ def _filters(text: str) -> list[str] | None:
     return names[:64] or None
 
 
-def _by_hash(peers: list[Peer], url: str) -> Peer:
-    """The peer a URL goes to with ``single_seed_peer``: highest random weight, stable for the URL."""
-    return max(peers, key=lambda p: hashlib.sha256(f"{p.key}\0{url}".encode()).digest())
+def _by_hash(peers: list[Peer], name: str) -> Peer:
+    """The peer a URL (or a blob's digest) goes to with ``single_seed_peer``: highest random weight, stable
+    for the name."""
+    return max(peers, key=lambda p: hashlib.sha256(f"{p.key}\0{name}".encode()).digest())
 
 
 def _result(running: _Running, state: str | None) -> dict[str, Any]:
