@@ -12,7 +12,8 @@ that counts the bytes it serves.
 * an image preheat (a real registry with htpasswd auth, ``scripts/registry_testbed.py``) names each blob's
   task by its digest, as the registry mirror does: ``skopeo copy`` through a fresh daemon's mirror then takes
   every blob from the seed (the registry's log: each blob's bytes served once in total, by the preheat),
-  and a ``get_task`` job by digest finds the blob's task.
+  and ``get_task`` / ``delete_task`` jobs by digest find and delete the blob's task; a seed peer in a tenant
+  preheats its tenant's tasks: a daemon of that tenant pulls from it, one of another tenant from the registry.
 """
 
 from __future__ import annotations
@@ -370,6 +371,15 @@ def test_image_preheat_then_a_pull_through_a_mirror_takes_no_blob_byte_from_the_
         for bad in ({"digest": "sha256:abc"}, {"digest": layer, "url": image["blobs"][0]}, {"digest": "md5:" + "0" * 32}):
             answer = oapi.post("/oapi/v1/jobs", json={"type": "get_task", "args": bad})
             assert answer.status_code == 422, (bad, answer.text)
+        # A delete_task job by digest removes it from both caches.
+        made = oapi.post("/oapi/v1/jobs", json={"type": "delete_task", "args": {"digest": layer}})
+        job = job_done(oapi, made.json()["id"])
+        assert job["state"] == "SUCCESS", job
+        deleted = job["result"]["job_states"][0]["results"][0]["success_tasks"]
+        assert sorted((t["host_type"], t["held"], t["task_id"]) for t in deleted) == [
+            ("normal", True, digest_task_id(layer)),
+            ("seed", True, digest_task_id(layer)),
+        ], deleted
 
         # The other platform: its own layer; a platform the index lacks fails the job, saying so.
         made = oapi.post(
