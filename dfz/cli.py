@@ -869,7 +869,12 @@ class PreheatExit(IntEnum):
 
 @main.command(epilog=PREHEAT_EXIT_CODES)
 @click.argument("url")
-@click.option("--image", is_flag=True, help="URL is an image manifest (https://HOST/v2/NAME/manifests/TAG): preheat its layers.")
+@click.option(
+    "--image",
+    is_flag=True,
+    help="URL is an image manifest (https://HOST/v2/NAME/manifests/TAG): preheat its layers and config blob "
+    "(as tasks named by their digests, which a daemon's registry mirror then finds).",
+)
 @click.option(
     "--platform", default="", metavar="OS/ARCH", help="The image's platform in an index, e.g. linux/arm64 [default: linux/amd64]."
 )
@@ -933,7 +938,7 @@ def preheat(  # noqa: PLR0917 - click passes every option as an argument
     wait_timeout: float | None,
     no_progress: bool,
 ) -> None:
-    """Preheat URL (a file, or with --image an image's layers) into the cluster's seed peers through the
+    """Preheat URL (a file, or with --image an image's layers and config blob) into the cluster's seed peers through the
     manager's open API (POST /oapi/v1/jobs), then follow the job until it ends.
 
     Prints `job ID` once the manager took it, a progress bar on stderr (tasks done, bytes fetched), and

@@ -26,7 +26,8 @@ MAX_LAYERS = 1000
 DEFAULT_PLATFORM = "linux/amd64"
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 """The digests dfz accepts in references (the algorithms the OCI spec registers)."""
-_ANY_DIGEST = re.compile(r"[a-z0-9]+:[a-f0-9]{32,128}")
+ANY_DIGEST = re.compile(r"[a-z0-9]+:[a-f0-9]{32,128}")
+"""A digest of any algorithm as an image manifest may give it (`algorithm:hex`)."""
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -119,7 +120,7 @@ def layers(manifest: Mapping[str, object], where: str) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for layer in found:
         d = layer.get("digest") if isinstance(layer, dict) else None
-        if not isinstance(d, str) or not _ANY_DIGEST.fullmatch(d):
+        if not isinstance(d, str) or not ANY_DIGEST.fullmatch(d):
             raise ValueError(f"the manifest has a layer without a valid digest: {layer!r:.200}")
         size = layer.get("size") if isinstance(layer, dict) else None
         out.append((d, size if isinstance(size, int) and not isinstance(size, bool) else -1))

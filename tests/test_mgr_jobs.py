@@ -16,6 +16,7 @@ The whole flow across real processes is in ``test_mgr_task_jobs.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -28,11 +29,12 @@ import pytest
 import trio
 import zmq
 from cryptography.fernet import Fernet
+from e2e_helpers import Route, serve_origin
 from test_mgr_fabric import rest, until
 from test_sched_service import TASK, URL, RawSession, announce_msg, service_config
 
 from dfz.broker import Client, ErrorCode, Hello, Message
-from dfz.broker.messages import MAX_HEADER_BYTES
+from dfz.broker.messages import MAX_HEADER_BYTES, Catalogue
 from dfz.config import ConfigError
 from dfz.mgr.messages import (
     MAX_JOB_RECORDS,
@@ -123,6 +125,12 @@ async def test_job_arguments_are_checked_and_timeouts_are_nanoseconds(nursery: t
         ({"type": "delete_task", "args": {"url": "ftp://x/y"}}, "http"),
         ({"type": "get_task", "args": {"task_id": "ab" * 32, "timeout": 10}}, "nanoseconds"),
         ({"type": "get_task", "args": {"task_id": "ab" * 32, "colour": "red"}}, "colour"),
+        ({"type": "get_task", "args": {"digest": "sha256:" + "ab" * 31}}, "digest"),
+        ({"type": "get_task", "args": {"digest": "sha512:" + "ab" * 64}}, "digest"),
+        ({"type": "get_task", "args": {"digest": "sha256:" + "AB" * 32}}, "digest"),
+        ({"type": "get_task", "args": {"digest": "sha256:" + "ab" * 32, "task_id": "ab" * 32}}, "not both"),
+        ({"type": "delete_task", "args": {"digest": "sha256:" + "ab" * 32, "url": file["url"]}}, "not both"),
+        ({"type": "delete_task", "args": {"digest": "sha256:" + "ab" * 32, "filtered_query_params": "X"}}, "no query"),
     ]
     for body, why in bad:
         answer = await api.post("/jobs", json=body)
@@ -131,6 +139,8 @@ async def test_job_arguments_are_checked_and_timeouts_are_nanoseconds(nursery: t
     assert made.status_code == 201 and made.json()["args"]["timeout"] == 3600 * SECOND, made.text
     made = await api.post("/jobs", json={"type": "get_task", "args": {"url": file["url"], "tag": "t", "timeout": SECOND}})
     assert made.status_code == 201, made.text
+    made = await api.post("/jobs", json={"type": "delete_task", "args": {"digest": "sha256:" + "ef" * 32, "tag": "t"}})
+    assert made.status_code == 201 and made.json()["args"]["digest"] == "sha256:" + "ef" * 32, made.text
 
     # The open API: the same rules, Go's zero value and null as absent, camel-case names, the task job types.
     token = (await api.post("/personal-access-tokens", json={"name": "oapi", "scopes": ["job"]})).json()["token"]
@@ -222,18 +232,27 @@ async def test_registry_password_is_sealed_at_rest(nursery: trio.Nursery, tmp_pa
 # --- cancelling ---------------------------------------------------------------------------------------------
 
 
+class _Catalogue113(Catalogue):
+    """The manager's catalogue as a 1.13 peer lists it: ``mgr.preheat`` at revision 1 (no ``digest``)."""
+
+    def versions(self) -> dict[str, int]:
+        return {**super().versions(), MgrPreheat.wire_name(): 1}
+
+
 class FakeSeed:
     """A seed peer that registers with the manager, keeps the ``mgr.preheat`` pushes it gets and reports
-    what the test tells it to."""
+    what the test tells it to. ``old``: it lists ``mgr.preheat`` at revision 1, as a 1.13 peer does."""
 
-    def __init__(self, endpoint: str) -> None:
-        self.client = Client(MGR_CATALOGUE, endpoint, name="fake-seed")
+    def __init__(self, endpoint: str, hostname: str = "fake-seed", *, old: bool = False) -> None:
+        catalogue = _Catalogue113(MGR_CATALOGUE.types.values(), max_payload=0) if old else MGR_CATALOGUE
+        self.client = Client(catalogue, endpoint, name=hostname)
+        self.hostname = hostname
         self.pushes: list[MgrPreheat] = []
         self.client.on_push(MgrPreheat, lambda msg, _payload: self.pushes.append(msg))
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.client.run)
-        reg = MgrRegister(kind="seed_peer", hostname="fake-seed", ip="127.0.0.1", port=5000)
+        reg = MgrRegister(kind="seed_peer", hostname=self.hostname, ip="127.0.0.1", port=5000)
         (await self.client.request(reg)).expect(MgrRegistered)
 
     async def report(self, push: MgrPreheat, state: str) -> bool:
@@ -295,6 +314,60 @@ async def test_cancel_pending_running_and_ended_jobs(nursery: trio.Nursery, tmp_
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# --- an image's blobs by digest -------------------------------------------------------------------------------
+
+
+async def test_image_preheat_names_sha256_blobs_by_digest_for_peers_that_know_it(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """An image's blobs (layers, then the config blob) go with their ``sha256`` digest to a peer that lists
+    ``mgr.preheat`` revision 2, so it names the task by the digest (§13); a peer at revision 1 gets the push
+    without it (it would not know the field), and a blob of another algorithm always goes by URL."""
+    layer, config = "sha256:" + "1a" * 32, "sha256:" + "2b" * 32
+    other = "sha512:" + "3c" * 64
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 600},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 1000},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": other, "size": 2000},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 1000},  # listed twice
+        ],
+    }
+    manager = await start(nursery, tmp_path, seed_wait=5)
+    api = await rest(manager)
+    (await api.post("/scheduler-clusters", json={"name": "c", "is_default": True})).json()
+    new, old = FakeSeed(manager.fabric_endpoints[0], "seed-new"), FakeSeed(manager.fabric_endpoints[0], "seed-old", old=True)
+    await new.start(nursery)
+    await old.start(nursery)
+    with serve_origin({"/v2/x/img/manifests/v1": Route(json.dumps(manifest).encode())}) as registry:
+        args = {"type": "image", "url": f"{registry.url}/v2/x/img/manifests/v1", "scope": "all_seed_peers"}
+        job = (await api.post("/jobs", json={"type": "preheat", "args": args})).json()
+        # At most 4 tasks run at once per cluster: each push is answered as it comes.
+        got: dict[str, list[MgrPreheat]] = {"new": [], "old": []}
+        with trio.fail_after(30):
+            while len(got["new"]) + len(got["old"]) < 6:
+                for key, seed in (("new", new), ("old", old)):
+                    while seed.pushes:
+                        push = seed.pushes.pop(0)
+                        got[key].append(push)
+                        await seed.report(push, "succeeded")
+                await trio.sleep(0.05)
+        done = await ended(api, job["id"])
+        blob = f"{registry.url}/v2/x/img/blobs/"
+        new_pushes = sorted((p.url, p.digest) for p in got["new"])
+        assert new_pushes == sorted([(blob + layer, layer), (blob + other, ""), (blob + config, config)])
+        assert sorted((p.url, p.digest) for p in got["old"]) == sorted((blob + d, "") for d in (layer, other, config))
+    assert done["state"] == "succeeded", done
+    image = done["result"]["image"]
+    assert image["digests"] == [layer, other, config] and image["blobs"] == [blob + d for d in (layer, other, config)]
+    # The job's own record of each task: the digest it names the task by (whichever peer it went to).
+    assert sorted((t["url"], t["digest"]) for t in done["result"]["tasks"]) == sorted(
+        [(blob + layer, layer), (blob + other, ""), (blob + config, config)] * 2
+    )
+    await api.aclose()
+    manager.stop()
 
 
 # --- malformed messages ------------------------------------------------------------------------------------------

@@ -446,6 +446,11 @@ class ManagerFabric:
         peer = self.server.peers.get(rid)
         return peer is not None and msg_type.wire_name() in peer.types
 
+    def revision(self, rid: bytes, msg_type: type[Message]) -> int:
+        """The revision of ``msg_type`` the client of session ``rid`` listed in its ``hello`` (0: none)."""
+        peer = self.server.peers.get(rid)
+        return 0 if peer is None else int(peer.types.get(msg_type.wire_name(), 0))
+
     async def push_to(self, rid: bytes, msg: Message) -> bool:
         """Push a job's message to a session; False when it is gone."""
         try:

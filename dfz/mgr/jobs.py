@@ -9,30 +9,34 @@ Theory of operation:
   at most ``max_jobs`` at once. At start it first takes the rows left ``running`` by a manager that
   stopped or died: **a job resumes after a restart**, its finished tasks kept, the others sent again
   (a seed peer still downloading one joins its own download: the task id is the same).
-* **A preheat is planned, then run.** Planning makes the job's URLs (a file: ``url``/``urls``; an image:
-  the layer blobs of its manifest for the platform, ``oci.py``), the scheduler clusters (the job's, or all)
-  and, per cluster, the peers by ``scope``: ``single_seed_peer`` one seed peer (chosen by the URL's hash,
-  so a URL keeps going to the same one), ``all_seed_peers`` every seed peer, ``all_peers`` every seed peer
-  and every daemon session of the cluster, each narrowed by ``ips``, ``count`` or ``percentage``. The
-  seed peers of a cluster are the active seed peers of the seed-peer clusters linked to it that hold a
-  fabric session with this manager; the runner waits up to ``seed_wait`` for one to appear (after a
-  restart they register again). A task is one URL on one peer.
+* **A preheat is planned, then run.** Planning makes the job's URLs (a file: ``url``/``urls``; an image: the
+  layer and config blobs of its manifest for the platform, ``oci.py``, each with its digest), the scheduler
+  clusters (the job's, or all) and, per cluster, the peers by ``scope``: ``single_seed_peer`` one seed peer
+  (chosen by the URL's hash, or the blob's digest's, so a URL or a blob keeps going to the same one),
+  ``all_seed_peers`` every seed peer, ``all_peers`` every seed peer and every daemon session of the cluster,
+  each narrowed by ``ips``, ``count`` or ``percentage``. The seed peers of a cluster are the active seed peers
+  of the seed-peer clusters linked to it that hold a fabric session with this manager; the runner waits up to
+  ``seed_wait`` for one to appear (after a restart they register again). A task is one URL on one peer.
 * **A task is a push and reports.** The runner pushes ``mgr.preheat`` to the peer's session; the peer
-  downloads into its cache through its schedulers (``Daemon.download``) and answers with
-  ``mgr.task_report`` requests. A peer whose session ends is waited for (``seed_wait``) and sent the push
-  again on its new session; the job's ``timeout`` (default ``default_timeout``) fails what is left.
+  downloads into its cache through its schedulers (``Daemon.download``) and answers with ``mgr.task_report``
+  requests. An image's blob with a ``sha256:`` digest goes with that ``digest`` (to a peer that lists
+  ``mgr.preheat`` revision 2): the peer downloads it as the task named by the digest, the one its registry
+  mirror makes for the blob (``protocol.md`` §13), so a pull through a mirror finds it. A peer whose session
+  ends is waited for (``seed_wait``) and sent the push again on its new session; the job's ``timeout``
+  (default ``default_timeout``) fails what is left.
 * **Rate limit.** At most ``cluster_concurrency`` tasks run at once per scheduler cluster, across jobs.
 * **The registry password** is sealed in the job's row (``sealing.py``) and opened only here, in memory, when
   the job runs; one that cannot be opened (the manager's key changed) fails the job, saying so.
 * **``get_task`` and ``delete_task``** ask the schedulers instead of the peers: the task's id is given or
-  computed from its URL as a daemon computes it (``TaskArgs.the_task_id``); every active scheduler of each
-  of the job's clusters (all clusters when none is named) that holds a session with this manager is pushed
-  ``mgr.get_task`` (which peers of the task it knows: host, address, state, pieces) or ``mgr.delete_task``
-  (it asks those peers' daemons to delete the task, then forgets it) and answers with ``mgr.task_peers`` /
-  ``mgr.task_deleted`` requests. A scheduler whose session changes is asked again on its new session; the
-  job's ``timeout`` (default ``task_timeout``) fails those that did not answer. A cluster with no connected
-  scheduler (after ``seed_wait``) fails. The result has Dragonfly's shape: per cluster ``peers``
-  (``get_task``) or ``success_tasks`` / ``failure_tasks`` per host (``delete_task``).
+  computed from its URL, or from a blob's digest (a task named by its digest), as a daemon computes it
+  (``TaskArgs.the_task_id``); every active scheduler of each of the job's clusters (all clusters when none is
+  named) that holds a session with this manager is pushed ``mgr.get_task`` (which peers of the task it knows:
+  host, address, state, pieces) or ``mgr.delete_task`` (it asks those peers' daemons to delete the task, then
+  forgets it) and answers with ``mgr.task_peers`` / ``mgr.task_deleted`` requests. A scheduler whose session
+  changes is asked again on its new session; the job's ``timeout`` (default ``task_timeout``) fails those that
+  did not answer. A cluster with no connected scheduler (after ``seed_wait``) fails. The result has
+  Dragonfly's shape: per cluster ``peers`` (``get_task``) or ``success_tasks`` / ``failure_tasks`` per host
+  (``delete_task``).
 * **Cancelling** (``POST /api/v1/jobs/{id}/cancel``) is a write to the job's row (``running`` →
   ``cancelled``); every ``poll`` the runner looks at the rows of the jobs it runs and cancels the trio tasks
   of those no longer ``running``, then records which tasks had finished in the result (the state stays
@@ -41,7 +45,7 @@ Theory of operation:
 * **The result** (JSON, saved at most every ``save_interval`` while it changes) has Dragonfly's shape,
   ``{"state", "job_states": [{"task_name", "state", "error", "results": [{"scheduler_cluster_id",
   "success_tasks", "failure_tasks"}]}]}``, plus dfz's own ``tasks`` (every task's state, bytes and error)
-  and, for an image, ``image`` (its manifest digest and blob URLs). The job ends ``succeeded`` when every
+  and, for an image, ``image`` (its manifest digest, blob URLs and their digests). The job ends ``succeeded`` when every
   task did, ``failed`` otherwise, with ``error`` saying the first reasons.
 """
 
@@ -51,6 +55,7 @@ import datetime as dt
 import hashlib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +84,8 @@ log = get_logger("mgr.jobs")
 
 JOB_TYPES = ("preheat", "get_task", "delete_task")
 """The job types this runner runs (others stay pending for a runner that knows them)."""
+_NAMED = re.compile(r"sha256:[0-9a-f]{64}")
+"""The blob digests a preheat names tasks by: the ones the registry mirror serves (``mirror.py``)."""
 MAX_ANSWER_RECORDS = 10_000
 """Most peers (or hosts) kept from one scheduler's answer; beyond, the answer is marked truncated."""
 
@@ -120,6 +127,8 @@ class Task:
     peer: Peer
     state: str = "pending"
     """``pending``, ``running``, ``succeeded`` or ``failed``."""
+    digest: str = ""
+    """``sha256:<hex>``: an image's blob, downloaded as the task named by this digest (§13); empty: by URL."""
     task_id: str = ""
     content_length: int = -1
     bytes_done: int = 0
@@ -135,6 +144,7 @@ class Task:
         return {
             "index": self.index,
             "url": self.url,
+            "digest": self.digest,
             "scheduler_cluster_id": self.cluster_id,
             "peer": {"key": self.peer.key, "hostname": self.peer.hostname, "ip": self.peer.ip, "kind": self.peer.kind},
             "state": self.state,
@@ -366,6 +376,7 @@ class JobRunner:
         event(log, logging.INFO, "mgr_job_started", job=job.id, kind=args.type, clusters=",".join(map(str, cluster_ids)))
 
         headers = dict(args.headers)
+        digests: dict[str, str] = {}
         if args.type == "image":
             assert args.url is not None
             try:
@@ -378,8 +389,15 @@ class JobRunner:
             except trio.TooSlowError:
                 raise JobFailed("cannot resolve the image: the registry did not answer in time") from None
             urls, headers = image.blobs, image.headers
+            # A blob the mirror would name by its digest (sha256) is preheated as that task (§13).
+            digests = {u: d for u, d in zip(image.blobs, image.digests, strict=True) if _NAMED.fullmatch(d)}
             platform = args.platform or DEFAULT_PLATFORM
-            running.extra["image"] = {"manifest_digest": image.manifest_digest, "platform": platform, "blobs": urls}
+            running.extra["image"] = {
+                "manifest_digest": image.manifest_digest,
+                "platform": platform,
+                "blobs": urls,
+                "digests": image.digests,
+            }
         else:
             urls = [str(args.url)] if args.url is not None else [str(u) for u in args.urls]
 
@@ -394,12 +412,14 @@ class JobRunner:
                     plan.append(Task(len(plan), url, cid, Peer("", "", "", ""), "failed", error=why, error_kind="no_seed_peer"))
                 continue
             for url in urls:
-                chosen = [_by_hash(peers, url)] if args.scope == "single_seed_peer" else peers
+                # A blob named by its digest goes to the seed peer of its digest: one copy of a layer that
+                # several images (repositories, registries) share.
+                chosen = [_by_hash(peers, digests.get(url, url))] if args.scope == "single_seed_peer" else peers
                 for peer in chosen:
                     if (url, peer.key) in seen:
                         continue
                     seen.add((url, peer.key))
-                    task = Task(len(plan), url, cid, peer)
+                    task = Task(len(plan), url, cid, peer, digest=digests.get(url, ""))
                     old = previous.get((url, peer.key))
                     if old is not None and old.get("state") == "succeeded":
                         task.state, task.task_id = "succeeded", str(old.get("task_id", ""))
@@ -480,6 +500,8 @@ class JobRunner:
                 gone_since = None
                 task.rid = rid
                 remaining = deadline - now
+                # The digest only to a peer that knows it (revision 2): an older one would fetch by URL anyway.
+                named = task.digest if self.fabric.revision(rid, MgrPreheat) >= 2 else ""
                 msg = MgrPreheat(
                     job_id=running.job_id,
                     task=task.index,
@@ -490,13 +512,22 @@ class JobRunner:
                     filtered_query_params=_filters(args.filtered_query_params),
                     piece_length=args.piece_length or 0,
                     timeout_ms=0 if math.isinf(remaining) else max(1, min(86_400_000, int(remaining * 1000))),
+                    digest=named,
                 )
                 if not await self.fabric.push_to(rid, msg):
                     task.rid = None
                 else:
                     task.state = "running" if task.state == "pending" else task.state
                     running.changed.set()
-                    event(log, logging.INFO, "mgr_preheat_sent", job=running.job_id, task=task.index, peer=task.peer.key)
+                    event(
+                        log,
+                        logging.INFO,
+                        "mgr_preheat_sent",
+                        job=running.job_id,
+                        task=task.index,
+                        peer=task.peer.key,
+                        digest=named or "-",
+                    )
             with trio.move_on_after(0.5):
                 await task.done.wait()
 
@@ -755,9 +786,10 @@ def _filters(text: str) -> list[str] | None:
     return names[:64] or None
 
 
-def _by_hash(peers: list[Peer], url: str) -> Peer:
-    """The peer a URL goes to with ``single_seed_peer``: highest random weight, stable for the URL."""
-    return max(peers, key=lambda p: hashlib.sha256(f"{p.key}\0{url}".encode()).digest())
+def _by_hash(peers: list[Peer], name: str) -> Peer:
+    """The peer a URL (or a blob's digest) goes to with ``single_seed_peer``: highest random weight, stable
+    for the name."""
+    return max(peers, key=lambda p: hashlib.sha256(f"{p.key}\0{name}".encode()).digest())
 
 
 def _result(running: _Running, state: str | None) -> dict[str, Any]:

@@ -205,8 +205,12 @@ class MgrPreheat(Message, tag="mgr.preheat"):
     schedulers, like ``dfz get`` without an output. The receiver answers with :class:`MgrTaskReport`
     requests about ``(job_id, task)``: ``running`` while it downloads (at most about once a second), then
     ``succeeded`` or ``failed``. A second push for a ``(job_id, task)`` it is already working on (a manager
-    that restarted) is not started twice: the receiver reports its state again."""
+    that restarted) is not started twice: the receiver reports its state again.
 
+    Revision 2 (1.14) adds ``digest``: a registry blob (an image preheat's layer or config) downloaded as the
+    task named by its digest, the registry mirror's task (``protocol.md`` §13, §17.9)."""
+
+    VERSION: ClassVar[int] = 2
     KIND: ClassVar[Kind] = Kind.SERVER_PUSH
     job_id: U63
     task: U32
@@ -221,6 +225,11 @@ class MgrPreheat(Message, tag="mgr.preheat"):
     """0: chosen from the file's length."""
     timeout_ms: Annotated[int, Meta(ge=0, le=86_400_000)] = 0
     """0: no limit."""
+    digest: Annotated[str, Meta(max_length=71, pattern=r"^(sha256:[0-9a-f]{64})?$")] = ""
+    """(revision 2) ``sha256:<hex>``: ``url`` is a registry blob with this digest; the receiver downloads it as
+    the task named by the digest (:func:`dfz.tasks.digest_task_id`, its own tenant, ``tag``,
+    ``application`` and ``piece_length``: the task its registry mirror makes for the blob) and checks the
+    content against it; ``filtered_query_params`` is then unused. Empty: the task is named by the URL."""
 
 
 class MgrTaskReport(Message, tag="mgr.task_report"):

@@ -1,10 +1,11 @@
-"""An image preheat's first step: resolve an image's manifest URL into the URLs of its layer blobs, with the
-headers the registry wants for them.
+"""An image preheat's first step: resolve an image's manifest URL into the URLs of its layer and config
+blobs, with the headers the registry wants for them.
 
 ``https://HOST/v2/NAME/manifests/REFERENCE`` is fetched (accepting OCI and Docker manifests and indexes);
 an index (manifest list) is narrowed to the requested platform (``os/arch[/variant]``, default
-``linux/amd64``) and that manifest fetched by digest. Its layers become
-``https://HOST/v2/NAME/blobs/DIGEST``.
+``linux/amd64``) and that manifest fetched by digest. Its layers, then its config blob, become
+``https://HOST/v2/NAME/blobs/DIGEST``, each with its digest (what the preheat names the task by, as the
+registry mirror does, so that a pull through a daemon's mirror finds the preheated blobs).
 
 Authentication follows the registry's ``WWW-Authenticate`` challenge on a 401: ``Basic`` is answered with
 the username and password; ``Bearer realm=...,service=...,scope=...`` by asking the realm for a token
@@ -22,7 +23,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from dfz.ocispec import DEFAULT_PLATFORM, MANIFEST_TYPES, MAX_MANIFEST, basic_authorization, is_index, layers, media_type
+from dfz.ocispec import (
+    ANY_DIGEST,
+    DEFAULT_PLATFORM,
+    MANIFEST_TYPES,
+    MAX_MANIFEST,
+    basic_authorization,
+    is_index,
+    layers,
+    media_type,
+)
 from dfz.ocispec import choose_platform as _choose_platform
 from dfz.ocispec import parse_challenge as _challenge
 
@@ -52,7 +62,9 @@ class ResolvedImage:
     ref: ImageRef
     manifest_digest: str
     blobs: list[str] = field(default_factory=list)
-    """Layer blob URLs, in the manifest's order."""
+    """Blob URLs: the layers in the manifest's order, then the config blob."""
+    digests: list[str] = field(default_factory=list)
+    """The digest of each blob of :attr:`blobs` (as the manifest gives it)."""
     sizes: list[int] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     """What to send with each blob request (the caller's headers and the registry's Authorization)."""
@@ -158,15 +170,29 @@ async def resolve_image(
             found = layers(manifest, url)
         except ValueError as e:
             raise ImageError(str(e)) from None
+        config = _config_blob(manifest)
         resolved = ResolvedImage(ref, digest)
-        for d, size in found:
+        for d, size in [*found, *([config] if config is not None else [])]:
+            if d in resolved.digests:
+                continue  # a blob listed twice (the same layer twice): one task
             resolved.blobs.append(ref.blob_url(d))
+            resolved.digests.append(d)
             resolved.sizes.append(size)
         blob_headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
         if fetch.authorization:
             blob_headers["Authorization"] = fetch.authorization
         resolved.headers = blob_headers
         return resolved
+
+
+def _config_blob(manifest: dict[str, object]) -> tuple[str, int] | None:
+    """(digest, size or -1) of the manifest's config blob; None when it names none (or not validly)."""
+    config = manifest.get("config")
+    d = config.get("digest") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(d, str) or not ANY_DIGEST.fullmatch(d):
+        return None
+    size = config.get("size")
+    return d, size if isinstance(size, int) and not isinstance(size, bool) else -1
 
 
 def _json(answer: httpx.Response) -> dict[str, object]:

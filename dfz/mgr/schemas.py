@@ -785,11 +785,15 @@ class TaskArgs(Strict):
     """Which task a ``get_task`` or ``delete_task`` job is about (Dragonfly's ``GetTaskArgs`` and
     ``DeleteTaskArgs``): its id, or the URL and what identifies the task with it (tag, application, filtered
     query parameters, a fixed piece length), from which the manager computes the id as a daemon does
-    (``dfz/tasks.py``)."""
+    (``dfz/tasks.py``), or (dfz's own) a registry blob's ``digest``: the task named by it (§13), as the
+    registry mirror and an image preheat download the blob."""
 
     task_id: Annotated[str, StringConstraints(pattern=r"^$|^[0-9a-f]{64}$")] = ""
     """64 lowercase hex digits (``protocol.md`` §13)."""
     url: HttpUrl | None = None
+    digest: Annotated[str, StringConstraints(pattern=r"^$|^sha256:[0-9a-f]{64}$")] = ""
+    """``sha256:<64 lowercase hex>``: the task named by this digest (with ``tag``, ``application`` and
+    ``piece_length``; ``filtered_query_params`` does not apply)."""
     tag: Annotated[str, StringConstraints(max_length=1024)] = ""
     application: Annotated[str, StringConstraints(max_length=1024)] = ""
     filtered_query_params: Annotated[str, StringConstraints(max_length=4096)] = ""
@@ -800,19 +804,25 @@ class TaskArgs(Strict):
 
     @model_validator(mode="after")
     def _target(self) -> TaskArgs:
-        if not self.task_id and self.url is None:
-            raise ValueError("give task_id or url")
-        if self.task_id and self.url is not None:
-            raise ValueError("give task_id or url, not both")
+        given = [name for name in ("task_id", "url", "digest") if getattr(self, name)]
+        if not given:
+            raise ValueError("give task_id or url (or a blob's digest)")
+        if len(given) > 1:
+            raise ValueError(f"give task_id or url (or a blob's digest), not both: {' and '.join(given)} given")
+        if self.digest and self.filtered_query_params:
+            raise ValueError("filtered_query_params is for a url: a task named by its digest has no query")
         if self.piece_length is not None and self.piece_length & (self.piece_length - 1):
             raise ValueError("piece_length must be a power of two")
         return self
 
     def the_task_id(self) -> str:
-        """The task's id: given, or computed from the URL like a daemon computes it."""
+        """The task's id: given, or computed from the URL or the digest like a daemon computes it."""
         if self.task_id:
             return self.task_id
-        from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, task_id
+        from ..tasks import DEFAULT_FILTERED_QUERY_PARAMS, digest_task_id, task_id
+
+        if self.digest:
+            return digest_task_id(self.digest, tag=self.tag, application=self.application, piece_length=self.piece_length)
 
         assert self.url is not None
         names = [n.strip() for n in self.filtered_query_params.split("&") if n.strip()]
@@ -852,7 +862,9 @@ class JobCreate(Strict):
         description="A preheat's: type (file, image), url or urls, scope, ips/count/percentage, headers, username, "
         "password (sealed at rest, shown as ***), platform, tag, application, filtered_query_params, piece_length, "
         "timeout. A get_task's or delete_task's: task_id, or url with tag, application, filtered_query_params and "
-        "piece_length; timeout. timeout is in nanoseconds (Go's time.Duration, as Dragonfly): 1 s to 24 h."
+        "piece_length, or a registry blob's digest (sha256:HEX, the task an image preheat and the registry mirror "
+        "name by it) with tag, application and piece_length; timeout. timeout is in nanoseconds (Go's time.Duration, "
+        "as Dragonfly): 1 s to 24 h."
     )
     bio: Bio = ""
     scheduler_cluster_ids: IdList = []

@@ -1329,8 +1329,10 @@ class Daemon:
 
     def _on_preheat(self, msg: MgrPreheat) -> None:
         """The manager's ``mgr.preheat`` (a preheat job's task): download the URL into the cache, reporting
-        to the manager. A task already being worked on is not started twice (a restarted manager sends it
-        again): its next report reaches the new session."""
+        to the manager. With a ``digest`` (an image's blob), the task is the one named by the digest in this
+        daemon's tenant, the registry mirror's task for the blob, and the content is checked against it. A
+        task already being worked on is not started twice (a restarted manager sends it again): its next
+        report reaches the new session."""
         key = (msg.job_id, msg.task)
         if self._nursery is None or key in self._preheats:
             return
@@ -1347,8 +1349,10 @@ class Daemon:
             filtered_query_params=None if msg.filtered_query_params is None else tuple(msg.filtered_query_params),
             piece_length=msg.piece_length or None,
             timeout=msg.timeout_ms / 1000 if msg.timeout_ms else None,
+            digest=msg.digest or None,
+            by_digest=bool(msg.digest),
         )
-        event(log, logging.INFO, "daemon.preheat", job=msg.job_id, task=msg.task, url=msg.url)
+        event(log, logging.INFO, "daemon.preheat", job=msg.job_id, task=msg.task, url=msg.url, digest=msg.digest or "-")
 
         def report(p: Progress, state: Any) -> MgrTaskReport:
             return MgrTaskReport(
