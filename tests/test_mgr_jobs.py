@@ -16,6 +16,7 @@ The whole flow across real processes is in ``test_mgr_task_jobs.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -33,13 +34,15 @@ from e2e_helpers import Route, serve_origin
 from test_mgr_fabric import rest, until
 from test_sched_service import TASK, URL, RawSession, announce_msg, service_config
 
-from dfz.broker import Client, ErrorCode, Hello, Message
+from dfz.broker import Client, ErrorCode, FabricError, Hello, Message
 from dfz.broker.messages import MAX_HEADER_BYTES, Catalogue
 from dfz.config import ConfigError
 from dfz.mgr.messages import (
     MAX_JOB_RECORDS,
     MGR_CATALOGUE,
+    MgrAlive,
     MgrDeletedHost,
+    MgrKeepalive,
     MgrNoted,
     MgrPreheat,
     MgrRegister,
@@ -254,6 +257,15 @@ class FakeSeed:
         await nursery.start(self.client.run)
         reg = MgrRegister(kind="seed_peer", hostname=self.hostname, ip="127.0.0.1", port=5000)
         (await self.client.request(reg)).expect(MgrRegistered)
+        nursery.start_soon(self._keepalive)
+
+    async def _keepalive(self) -> None:
+        """Keep the registration alive as a real seed does (the tests' manager marks an instance inactive
+        after 3 missed keepalives of 0.2 s: without these, a test slower than that lost its seed)."""
+        while True:
+            await trio.sleep(0.1)
+            with contextlib.suppress(FabricError):
+                (await self.client.request(MgrKeepalive(), timeout=2)).expect(MgrAlive)
 
     async def report(self, push: MgrPreheat, state: str) -> bool:
         msg = MgrTaskReport(job_id=push.job_id, task=push.task, state=state, bytes_done=1)  # type: ignore[arg-type]
